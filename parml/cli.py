@@ -1,0 +1,111 @@
+"""Command line: ``parml train``, ``parml info``.
+
+The same command runs alone, under ``torchrun --nproc_per_node N`` or under ``mpirun -n N``: the
+backend is read from the launcher's environment. User mistakes end with one line on stderr
+(printed by rank 0 only) and exit code 2, before any process group exists where possible.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .config import DTYPES, INTERPOLATIONS, METRICS, OPTIMIZERS, ConfigError, TrainConfig
+
+
+def _rank0() -> bool:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return os.environ[var] == "0"
+    return True
+
+
+def fail(message: str, code: int = 2):
+    """One line on stderr (rank 0 only) and exit: no traceback for user mistakes."""
+    if _rank0():
+        click.echo(f"parml: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="parml")
+def main():
+    """Layer-parallel, multilevel (MG/OPT) training of deep residual networks.
+
+    A ResNet with K blocks is forward Euler on [0, T]: parml splits the blocks across ranks
+    (torchrun or mpirun) and trains with MG/OPT V-cycles on networks coarsened in time.
+    """
+
+
+_D = TrainConfig()
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--dataset", default=_D.dataset, help="circles | regression | mnist | fashion-mnist | cifar10 | digits")
+@click.option("--data-dir", default=None, help="Folder with the dataset's files (IDX / CIFAR binary); nothing downloads.")
+@click.option("--blocks", "-K", type=int, default=_D.blocks, help="Residual blocks (time steps) on the finest level.")
+@click.option("--width", type=int, default=_D.width, help="State width v.")
+@click.option("--T", "T", type=float, default=_D.T, help="Final time; h = T / K.")
+@click.option("--activation", default=_D.activation, help="relu | tanh")
+@click.option("--stepper", default=_D.stepper, help="euler | rk2")
+@click.option("--levels", "-L", type=int, default=_D.levels, help="Levels of the hierarchy; 1 = plain (S)GD.")
+@click.option("--cycle", default=None, help="Steps per level, finest first, e.g. '[(1),1,2,{2}]' "
+              "((n): no post-smoothing; {n}: coarsest). Default: the paper's setup for --levels.")
+@click.option("--optimizer", default=_D.optimizer, type=click.Choice(OPTIMIZERS), help="Level optimizer.")
+@click.option("--lr", type=float, default=_D.lr, help="Learning rate of every level optimizer.")
+@click.option("--beta", type=float, default=_D.beta, help="Tikhonov weight β.")
+@click.option("--metric", default=_D.metric, type=click.Choice(METRICS),
+              help="l2: block steps in the L2(0,T) metric (gradient / h); euclidean: raw parameters.")
+@click.option("--interpolation", default=_D.interpolation, type=click.Choice(INTERPOLATIONS),
+              help="Prolongation in time.")
+@click.option("--batch-size", type=int, default=None, help="Mini-batch size (multilevel SGD); default full batch.")
+@click.option("--seed", type=int, default=_D.seed)
+@click.option("--target-accuracy", type=float, default=_D.target_accuracy, help="Stop at this validation accuracy.")
+@click.option("--max-cycles", type=int, default=_D.max_cycles, help="V-cycle budget.")
+@click.option("--max-epochs", type=int, default=None, help="Epoch budget (mini-batch runs).")
+@click.option("--dtype", default=_D.dtype, type=click.Choice(DTYPES))
+@click.option("--out", default=_D.out, help="Parent folder of the run folder.")
+@click.option("--run-name", default=None, help="Run folder name (default <dataset>-L<levels>-K<blocks>-s<seed>).")
+@click.option("--backend", default=_D.backend, help="auto | torch | mpi | self (auto reads the launcher's variables).")
+@click.option("--device", default=_D.device, help="auto | cpu | cuda")
+@click.option("--schedule", default=_D.schedule, help="Pipeline schedule across ranks: 1f1b | gpipe")
+@click.option("--microbatches", "-M", type=int, default=_D.microbatches, help="Micro-batches per step.")
+@click.option("--nproc", type=int, default=None, help="Expected world size; must match the launcher's.")
+@click.option("--comm-timeout", type=float, default=_D.comm_timeout, help="Seconds before a blocked communication fails.")
+@click.option("--eval-every", type=int, default=_D.eval_every, help="Validate every n cycles.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on rank 0.")
+def train(**options):
+    """Train an ODE ResNet (default: the paper's circles setup, K=2048, 8 levels)."""
+    from .train import run_from_cli
+    cfg = TrainConfig(**options)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        fail(str(e))
+    run_from_cli(cfg, fail)
+
+
+@main.command()
+@click.option("--schedule", default=None, help="Print this schedule's action lists, e.g. 1f1b.")
+@click.option("--stages", "-P", type=int, default=4, show_default=True)
+@click.option("--microbatches", "-M", type=int, default=8, show_default=True)
+def info(schedule, stages, microbatches):
+    """Versions, available backends and devices, and what --backend auto would pick."""
+    from .comm import describe_environment
+    click.echo(json.dumps({"parml": __version__, **describe_environment()}, indent=2, default=str))
+    if schedule:
+        from .parallel.schedule import ScheduleError, dry_run, format_schedule, get_schedule
+        try:
+            acts = get_schedule(schedule).actions(stages, microbatches)
+            steps = dry_run(acts, microbatches)
+        except ScheduleError as e:
+            fail(str(e))
+        click.echo(format_schedule(acts))
+        click.echo(f"{len(steps)} unit time steps (ideal 2(M+P-1) = {2 * (microbatches + stages - 1)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Run configuration: one dataclass, validated in one place; the CLI and files only fill it.
+
+Every check raises ``ConfigError`` whose message is one line naming the option, its value and
+what is allowed; the CLI prints it once (rank 0) and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from .hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
+from .mgopt import CycleError, CycleSetup
+from .model import ACTIVATIONS, STEPPERS, ModelSpec, StageSpec
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message is the one line the user sees."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults: the paper's circles setup (§4)."""
+    dataset: str = "circles"          # circles | regression | mnist | fashion-mnist | cifar10 | digits
+    data_dir: str | None = None       # folder with IDX / CIFAR files (nothing downloads)
+    blocks: int = 2048                # residual blocks (time steps) K on the finest level
+    width: int = 3                    # state width v (3 for circles, 10 for MNIST in the paper)
+    T: float = 1.0                    # final time; h = T / K
+    activation: str = "relu"          # σ in F(y) = σ(W y + b)
+    stepper: str = "euler"            # euler | rk2
+    levels: int = 8                   # L; 1 is plain (S)GD
+    cycle: str | None = None          # paper notation, finest first, e.g. "[(1),1,1,1,2,2,2,{2}]"
+    optimizer: str = "sgd"            # level optimizer: sgd (Algorithm 3) | momentum | adam
+    lr: float = 0.1
+    beta: float = 1e-4                # Tikhonov weight β
+    metric: str = "l2"                # l2: block steps in the L2(0,T) metric; euclidean: raw parameters
+    interpolation: str = "constant"   # prolongation in time: constant (paper) | linear
+    batch_size: int | None = None     # None = full batch (multilevel GD); else multilevel SGD
+    seed: int = 0
+    target_accuracy: float | None = 1.0   # stop at this validation accuracy (None: never)
+    max_cycles: int = 2000            # V-cycles (= steps for L = 1) budget
+    max_epochs: int | None = None     # mini-batch runs: epoch budget
+    dtype: str = "float32"
+    out: str = "runs"                 # parent folder of run folders
+    run_name: str | None = None       # default: <dataset>-L<levels>-K<blocks>-s<seed>
+    backend: str = "auto"             # auto | torch | mpi | self
+    device: str = "auto"              # auto | cpu | cuda
+    schedule: str = "1f1b"            # pipeline schedule across ranks
+    microbatches: int = 1             # M
+    nproc: int | None = None          # expected world size; checked against the launcher's
+    comm_timeout: float = 300.0       # seconds before a blocked communication fails
+    eval_every: int = 1               # validate every n cycles
+    progress: bool = True
+
+    @property
+    def setup(self) -> CycleSetup:
+        return CycleSetup.parse(self.cycle) if self.cycle else CycleSetup.default(self.levels)
+
+    def model_spec(self, in_features: int, out_features: int, task: str) -> ModelSpec:
+        return ModelSpec(in_features, out_features, (StageSpec(self.width, self.blocks),),
+                         self.T, self.activation, self.stepper, task)
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.dataset}-L{self.levels}-K{self.blocks}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Check every option that needs no data and no process group."""
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        def choice(option, value, valid):
+            need(value in valid, f"{option} {value!r} is not one of: {', '.join(valid)}")
+
+        need(self.blocks >= 1, f"--blocks {self.blocks} must be at least 1")
+        need(self.width >= 1, f"--width {self.width} must be at least 1")
+        need(self.T > 0, f"--T {self.T} must be positive")
+        need(self.lr > 0, f"--lr {self.lr} must be positive")
+        need(self.beta >= 0, f"--beta {self.beta} must be >= 0")
+        need(self.max_cycles >= 1, f"--max-cycles {self.max_cycles} must be at least 1")
+        need(self.max_epochs is None or self.max_epochs >= 1, f"--max-epochs {self.max_epochs} must be at least 1")
+        need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
+        need(self.microbatches >= 1, f"--microbatches {self.microbatches} must be at least 1")
+        need(self.eval_every >= 1, f"--eval-every {self.eval_every} must be at least 1")
+        need(self.comm_timeout > 0, f"--comm-timeout {self.comm_timeout} must be positive")
+        need(self.nproc is None or self.nproc >= 1, f"--nproc {self.nproc} must be at least 1")
+        need(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+             f"--target-accuracy {self.target_accuracy} must be in (0, 1]")
+        choice("--activation", self.activation, tuple(ACTIVATIONS))
+        choice("--stepper", self.stepper, tuple(STEPPERS))
+        choice("--optimizer", self.optimizer, OPTIMIZERS)
+        choice("--metric", self.metric, METRICS)
+        choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        choice("--dtype", self.dtype, DTYPES)
+        choice("--backend", self.backend, ("auto", "torch", "mpi", "self"))
+        choice("--device", self.device, ("auto", "cpu", "cuda"))
+        from .parallel.schedule import SCHEDULES
+        choice("--schedule", self.schedule.lower(), tuple(sorted(SCHEDULES)))
+        try:
+            level_specs(self.model_spec(1, 1, "classification"), self.levels)
+            self.setup.check(self.levels)
+        except (HierarchyError, CycleError) as e:
+            raise ConfigError(str(e)) from None
+        parent = os.path.abspath(self.out)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        need(os.access(parent, os.W_OK), f"--out {self.out!r} is not writable")
+        return self

@@ -1,0 +1,222 @@
+"""MG/OPT: the V-cycle of Gaedke-Merzhäuser et al. (Algorithm 1), cycle notation and work units.
+
+Level objective (eq. 9): H^l(θ) = L^l(θ) + <δg^l, θ>, with the first-order coherence term
+δg^l = R ∇H^{l+1}(θ^{l+1}) - ∇L^l(R_θ θ^{l+1}), so that ∇H^l at the restricted point equals the
+restricted fine gradient. The coarse correction e = θ^l - θ^{l,0} is prolongated and added.
+
+A ``Level`` sees only its executor: something that computes the data loss and the gradients of
+the parameters this process holds (serially, or one layer-parallel shard). Every reduction goes
+through the level's communicator, so one V-cycle code runs on one rank or on many.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gradient,
+                        restrict_parameters, step_sizes)
+
+
+class CycleError(ValueError):
+    """A cycle string that cannot be parsed or does not fit the hierarchy."""
+
+
+# --- the paper's list notation ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CycleSetup:
+    """Optimizer steps per level, finest first (paper §4.2 notation, e.g. ``[(1),1,2,{2}]``).
+
+    ``steps[i] = (pre, post)`` for the non-coarsest levels; ``(n)`` is n pre-smoothing steps and no
+    post-smoothing, plain ``n`` is n of each; ``coarsest`` is the ``{n}`` steps on level 1.
+    """
+    steps: tuple[tuple[int, int], ...]
+    coarsest: int
+
+    @property
+    def levels(self) -> int:
+        return len(self.steps) + 1
+
+    @classmethod
+    def parse(cls, text: str) -> "CycleSetup":
+        body = text.strip()
+        if body.startswith("[") and body.endswith("]"):
+            body = body[1:-1]
+        entries = [e.strip() for e in body.split(",")] if body.strip() else []
+        if not entries:
+            raise CycleError(f"--cycle {text!r} is empty; expected e.g. '[(1),1,2,{{2}}]'")
+        last = re.fullmatch(r"\{\{?(\d+)\}?\}", entries[-1])
+        if not last:
+            raise CycleError(f"--cycle {text!r}: the last (coarsest) entry must be {{n}}, got {entries[-1]!r}")
+        steps = []
+        for e in entries[:-1]:
+            m = re.fullmatch(r"\((\d+)\)|(\d+)", e)
+            if not m:
+                raise CycleError(f"--cycle {text!r}: entry {e!r} is not n, (n) or {{n}}")
+            steps.append((int(m[1]), 0) if m[1] is not None else (int(m[2]), int(m[2])))
+        return cls(tuple(steps), int(last[1]))
+
+    @classmethod
+    def default(cls, levels: int) -> "CycleSetup":
+        """The paper's setups: [(1), 1..., 2..., {2}] (Table 1); one GD step for L = 1."""
+        if levels == 1:
+            return cls((), 1)
+        middle = levels - 2
+        inner = [(1, 1)] * ((middle + 1) // 2) + [(2, 2)] * (middle // 2)
+        return cls(((1, 0), *inner), 2)
+
+    def __str__(self):
+        parts = [f"({a})" if b == 0 else (str(a) if a == b else f"{a}/{b}") for a, b in self.steps]
+        return "[" + ",".join(parts + [f"{{{self.coarsest}}}"]) + "]"
+
+    def check(self, levels: int, option: str = "--cycle") -> "CycleSetup":
+        if self.levels != levels:
+            raise CycleError(f"{option} {self} has {self.levels} entries but --levels is {levels}")
+        return self
+
+    def cost(self) -> float:
+        """Work units of one V-cycle by eq. (10): 2^(1-L) μ^1 + Σ_{l=2..L} (μ1+μ2+1) 2^(l-L)."""
+        total = self.coarsest * 2.0 ** (1 - self.levels)
+        for i, (pre, post) in enumerate(self.steps):        # i = 0 is the finest level L
+            total += (pre + post + 1) * 2.0 ** (-i)
+        return total
+
+
+# --- one level as MG/OPT sees it -----------------------------------------------------------------
+
+@dataclass
+class LevelStats:
+    gradients: int = 0
+    work_units: float = 0.0
+    seconds: float = 0.0
+
+
+class Level:
+    """One level: its parameters (local to this rank), loss/gradient oracle and level optimizer.
+
+    ``block_weight`` is the Tikhonov weight w of β(w Σ‖θ_k‖² + ‖θ_shared‖²); ``metric`` "l2" takes
+    block steps in the L2(0,T) metric (gradient divided by h), "euclidean" on the raw parameters.
+    """
+
+    def __init__(self, executor, beta: float, block_weight: float, metric: str, cost: float,
+                 make_optimizer, comm):
+        self.executor, self.comm = executor, comm
+        self.model = executor.model
+        self.params = ordered_parameters(self.model)
+        self.mask = block_mask(self.model)
+        self.scale = [1.0 / h for h in step_sizes(self.model)] if metric == "l2" else None
+        self.beta, self.block_weight, self.cost = beta, block_weight, cost
+        self.optimizer = make_optimizer(self.params)
+        self.stats = LevelStats()
+        self._version = 0
+        self._cache = None
+
+    # parameters as plain tensors
+    def values(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def assign(self, values) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+        self._version += 1
+
+    def add(self, values) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.add_(v)
+        self._version += 1
+
+    def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
+        """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
+        so the δg evaluation doubles as the coarse level's first step (eq. 10 counts it once)."""
+        key = (self._version, batch_id)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        t0 = time.perf_counter()
+        loss = self.executor.forward_backward(*batch)
+        grads, reg = [], 0.0
+        for p, is_block in zip(self.params, self.mask):
+            w = self.beta * (self.block_weight if is_block else 1.0)
+            d = p.detach()
+            grads.append(p.grad.detach() + 2.0 * w * d)
+            reg += w * float(d.square().sum())
+        loss += self.comm.allreduce_scalar(reg)
+        self.stats.gradients += 1
+        self.stats.work_units += self.cost
+        self.stats.seconds += time.perf_counter() - t0
+        self._cache = (key, loss, grads)
+        return loss, grads
+
+    def smooth(self, steps, dg, batch, batch_id) -> float | None:
+        """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD)."""
+        first = None
+        for _ in range(steps):
+            loss, g = self.gradient(batch, batch_id)
+            first = loss if first is None else first
+            t0 = time.perf_counter()
+            if dg is not None:
+                g = [a + b for a, b in zip(g, dg)]
+            if self.scale is not None:
+                g = [a * s for a, s in zip(g, self.scale)]
+            for p, d in zip(self.params, g):
+                p.grad = d
+            self.optimizer.step()
+            self._version += 1
+            self.stats.seconds += time.perf_counter() - t0
+        return first
+
+
+# --- the V-cycle -----------------------------------------------------------------------------------
+
+@dataclass
+class CycleResult:
+    loss: float                      # finest-level objective at the start of the cycle
+    work_units: float                # spent in this cycle
+    level_seconds: list[float] = field(default_factory=list)   # coarsest first
+
+
+class VCycle:
+    """Algorithm 1 over `levels` (coarsest first); one call is one V-cycle on one batch.
+
+    Multilevel SGD (Algorithm 2) is a V-cycle per mini-batch; with one level it is plain GD/SGD.
+    """
+
+    def __init__(self, levels: list[Level], setup: CycleSetup, interpolation: str = "constant"):
+        setup.check(len(levels))
+        self.levels, self.setup, self.interpolation = levels, setup, interpolation
+
+    @property
+    def work_units(self) -> float:
+        return sum(lev.stats.work_units for lev in self.levels)
+
+    def __call__(self, batch, batch_id=0) -> CycleResult:
+        before = self.work_units
+        secs = [lev.stats.seconds for lev in self.levels]
+        loss = self._cycle(len(self.levels) - 1, None, batch, batch_id)
+        return CycleResult(loss, self.work_units - before,
+                           [lev.stats.seconds - s for lev, s in zip(self.levels, secs)])
+
+    def _cycle(self, i, dg, batch, batch_id):
+        lev = self.levels[i]
+        if i == 0:
+            return lev.smooth(self.setup.coarsest, dg, batch, batch_id)
+        pre, post = self.setup.steps[len(self.levels) - 1 - i]
+        first = lev.smooth(pre, dg, batch, batch_id)
+        coarse = self.levels[i - 1]
+        loss, g = lev.gradient(batch, batch_id)
+        first = loss if first is None else first
+        if dg is not None:
+            g = [a + b for a, b in zip(g, dg)]
+        theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
+        coarse.assign(theta0)
+        _, g_coarse = coarse.gradient(batch, batch_id)
+        dg_coarse = [r - c for r, c in zip(restrict_gradient(g, lev.mask, self.interpolation), g_coarse)]
+        self._cycle(i - 1, dg_coarse, batch, batch_id)
+        correction = [a - b for a, b in zip(coarse.values(), theta0)]
+        lev.add(prolongate(correction, coarse.mask, self.interpolation))
+        lev.smooth(post, dg, batch, batch_id)
+        return first

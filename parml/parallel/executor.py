@@ -1,0 +1,127 @@
+"""LayerParallel: an exact pipelined forward/backward of one model over the ranks of a communicator.
+
+The blocks are partitioned (``layout.py``), each rank builds its ``PipelineStage`` and runs its
+action list from the schedule (``schedule.py``). The batch is split into M micro-batches; each
+micro-batch's loss is summed and divided by the full batch size, so the loss and every gradient
+equal the single-process computation up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .layout import Partition, check_microbatches, partition_blocks
+from .schedule import get_schedule
+from .stage import PipelineStage
+
+
+@dataclass
+class StepTimes:
+    """Seconds of the last step on this rank: compute, blocked in communication, and the rest."""
+    step: float = 0.0
+    compute: float = 0.0
+    wait: float = 0.0
+
+    @property
+    def other(self) -> float:
+        return max(self.step - self.compute - self.wait, 0.0)
+
+
+class LayerParallel:
+    """Run `model` (a full ``ODEResNet``, identical on every rank) layer-parallel over `comm`.
+
+    Each rank keeps only its shard (``self.model``): the opening on rank 0, the head on the last
+    rank. ``forward_backward(x, y)`` returns the loss on every rank and leaves each local
+    parameter's exact gradient in ``.grad``.
+    """
+
+    def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
+                 partition: Partition | None = None, device=None):
+        self.comm = comm
+        self.schedule = get_schedule(schedule)
+        self.microbatches = microbatches
+        if microbatches < 1:
+            check_microbatches(1, microbatches)
+        self.partition = partition or partition_blocks(model.spec.total_blocks, comm.size)
+        if self.partition.ranks != comm.size:
+            raise ValueError(f"partition has {self.partition.ranks} ranks but the communicator {comm.size}")
+        start, stop = self.partition.range(comm.rank)
+        self.device = torch.device(device) if device is not None else comm.device
+        self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
+        self.stage = PipelineStage(self.model, comm, self.device)
+        self.times = StepTimes()
+
+    # -- training
+    def forward_backward(self, x, y) -> float:
+        """Loss of the batch (mean over samples) on every rank; local gradients in ``.grad``."""
+        check_microbatches(x.shape[0], self.microbatches)
+        for p in self.model.parameters():
+            p.grad = None
+        t0 = time.perf_counter()
+        c0, w0 = self.stage.compute_seconds, self.stage.wait_seconds
+        x, y = x.to(self.device), y.to(self.device)
+        xs, ys = x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)
+        total = x.shape[0]
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for action in self.schedule.stage_actions(self.comm.rank, self.comm.size, self.microbatches):
+            m = action.microbatch
+            if action.kind == "F":
+                loss_m, _ = self.stage.forward(m, xs[m], ys[m], total)
+                if loss_m is not None:
+                    loss += loss_m.detach()
+            else:
+                self.stage.backward(m)
+        self.stage.finish_sends()
+        value = self._from_last(loss)
+        self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
+                               self.stage.wait_seconds - w0)
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, x, y) -> tuple[float, float]:
+        """(mean loss, accuracy) of the batch, known on every rank; accuracy is nan for regression."""
+        x, y = x.to(self.device), y.to(self.device)
+        total = x.shape[0]
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for m, (x_m, y_m) in enumerate(zip(x.tensor_split(self.microbatches), y.tensor_split(self.microbatches))):
+            loss_m, out = self.stage.forward(m, x_m, y_m, total, train=False)
+            if loss_m is not None:
+                stats[0] += loss_m
+                if self.model.spec.task == "classification":
+                    stats[1] += (out.argmax(1) == y_m).sum()
+        self.stage.finish_sends()
+        if self.comm.size > 1:
+            self.comm.broadcast(stats, self.comm.size - 1)
+        acc = float(stats[1]) / total if self.model.spec.task == "classification" else float("nan")
+        return float(stats[0]), acc
+
+    def _from_last(self, value: torch.Tensor) -> float:
+        if self.comm.size > 1:
+            self.comm.broadcast(value, self.comm.size - 1)
+        return float(value)
+
+    # -- export
+    def gather_state(self) -> dict | None:
+        """The full model's parameters on rank 0 (None elsewhere), e.g. for export."""
+        mine = {"range": self.partition.range(self.comm.rank),
+                "chunks": [(c.stage, c.first, c.weight.detach().cpu(), c.bias.detach().cpu())
+                           for c in self.model.block_chunks()],
+                "shared": {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                           if not n.startswith("chunks.")}}
+        parts = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
+        if self.comm.rank != 0:
+            return None
+        state = {}
+        for part in parts:
+            state.update(part["shared"])
+        stages = {}
+        for part in parts:
+            for stage, first, w, b in part["chunks"]:
+                stages.setdefault(stage, []).append((first, w, b))
+        for stage, pieces in stages.items():
+            pieces.sort(key=lambda t: t[0])
+            state[f"chunks.{stage}.weight"] = torch.cat([w for _, w, _ in pieces])
+            state[f"chunks.{stage}.bias"] = torch.cat([b for _, _, b in pieces])
+        return state

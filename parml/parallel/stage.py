@@ -1,0 +1,76 @@
+"""One rank's slice of the network in a pipeline: receive, compute, send, keep activations.
+
+Forward of micro-batch m: receive y_a (tag 2m) from the previous rank — or read the data on the
+first rank — run the local steps [a, b), send y_b on. Backward: receive the adjoint λ_b (tag 2m+1)
+— or start from the loss on the last rank — backpropagate through the local steps and send λ_a
+back. Buffers are preallocated from the model's shape plan, never inferred from a trial send.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class PipelineStage:
+    """Rank `rank` of `size` holding `shard` (an ``ODEResNet`` shard), talking over `comm`."""
+
+    def __init__(self, shard, comm, device=None):
+        self.shard, self.comm = shard, comm
+        self.rank, self.size = comm.rank, comm.size
+        self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        self.device = device or comm.device
+        self.dtype = next(shard.parameters()).dtype
+        self._held = {}        # micro-batch -> (input, output or loss)
+        self._sends = []
+        self.compute_seconds = 0.0
+        self.wait_seconds = 0.0
+
+    # -- communication helpers
+    def _recv(self, shape, src, tag):
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        t0 = time.perf_counter()
+        self.comm.recv(buf, src, tag)
+        self.wait_seconds += time.perf_counter() - t0
+        return buf
+
+    def _send(self, tensor, dst, tag):
+        self._sends.append(self.comm.isend(tensor.contiguous(), dst, tag))
+
+    def finish_sends(self):
+        t0 = time.perf_counter()
+        for req in self._sends:
+            req.wait()
+        self._sends.clear()
+        self.wait_seconds += time.perf_counter() - t0
+
+    # -- compute
+    def forward(self, m, x_m, y_m, total, train=True):
+        """Forward of micro-batch m; on the last rank returns (summed loss / total, output)."""
+        if self.first:
+            inp = x_m
+        else:
+            inp = self._recv(self.shard.state_shape(self.shard.start, x_m.shape[0]), self.rank - 1, 2 * m)
+            inp.requires_grad_(train)
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(train):
+            out = self.shard(inp)
+            loss = self.shard.loss(out, y_m, reduction="sum") / total if self.last else None
+        self.compute_seconds += time.perf_counter() - t0
+        if not self.last:
+            self._send(out.detach(), self.rank + 1, 2 * m)
+        if train:
+            self._held[m] = (inp, loss if self.last else out)
+        return loss, out
+
+    def backward(self, m):
+        inp, out = self._held.pop(m)
+        if self.last:
+            grad = None
+        else:
+            grad = self._recv(out.shape, self.rank + 1, 2 * m + 1)
+        t0 = time.perf_counter()
+        torch.autograd.backward(out, grad)
+        self.compute_seconds += time.perf_counter() - t0
+        if not self.first:
+            self._send(inp.grad, self.rank - 1, 2 * m + 1)

@@ -1,0 +1,90 @@
+"""Results as files: a run folder with config.json, metrics.jsonl, summary.json and plot.png.
+
+Only rank 0 writes and prints; other ranks get a writer that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class RunWriter:
+    """Writes one run folder. ``active`` is False on every rank but 0."""
+
+    def __init__(self, folder: str, active: bool = True, progress: bool = True, total: int | None = None,
+                 desc: str = "train"):
+        self.folder, self.active = folder, active
+        self._metrics = None
+        self._bar = None
+        if not active:
+            return
+        os.makedirs(folder, exist_ok=True)
+        self._metrics = open(os.path.join(folder, "metrics.jsonl"), "w")
+        self._bar_args = dict(total=total, desc=desc, unit="cycle", file=sys.stderr, dynamic_ncols=True,
+                              leave=False, mininterval=0.5) if progress else None
+
+    def write_json(self, name: str, obj) -> None:
+        if self.active:
+            with open(os.path.join(self.folder, name), "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._bar is None and self._bar_args is not None:
+            self._bar = tqdm(**self._bar_args)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                  acc=f"{record.get('val_acc', float('nan')):.3f}",
+                                  U=f"{record.get('work_units', 0):.1f}", refresh=False)
+
+    def print(self, *args) -> None:
+        if self.active:
+            if self._bar is not None:
+                self._bar.clear()
+            print(*args, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+def read_metrics(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(folder: str, title: str = "") -> str:
+    """Loss and validation accuracy against V-cycles, work units and seconds (paper Fig. 5)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(folder)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in zip(axes, ("cycle", "work_units", "seconds"), ("V-cycles", "work units", "seconds")):
+        xs = [r[key] for r in rows]
+        ax.semilogy(xs, [r["loss"] for r in rows], color="C0", label="training loss")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss", color="C0")
+        acc = [(r[key], r["val_acc"]) for r in rows if r.get("val_acc") is not None and not math.isnan(r["val_acc"])]
+        if acc:
+            twin = ax.twinx()
+            twin.plot(*zip(*acc), "--", color="C1", label="validation accuracy")
+            twin.set_ylim(0, 1.02)
+            twin.set_ylabel("val acc", color="C1")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(folder, "plot.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,161 @@
+"""The training loop: build the hierarchy on the communicator, run V-cycles, validate, stop.
+
+The same function runs on one process or layer-parallel on many; only rank 0 writes and prints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data import Dataset, batches, load_dataset
+from .hierarchy import level_specs
+from .mgopt import Level, VCycle
+from .model import build_model
+from .parallel.executor import LayerParallel
+from .parallel.layout import LayoutError, check_microbatches, partition_blocks
+from .report import RunWriter, plot_run
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the message says where."""
+
+
+def make_optimizer_factory(name: str, lr: float):
+    if name == "sgd":
+        return lambda ps: torch.optim.SGD(ps, lr=lr)
+    if name == "momentum":
+        return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9)
+    return lambda ps: torch.optim.Adam(ps, lr=lr)
+
+
+def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None) -> list[Level]:
+    """Levels 1..L (coarsest first), each a layer-parallel model over `comm` with aligned chunks."""
+    dtype = getattr(torch, cfg.dtype)
+    spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task)
+    specs = level_specs(spec, cfg.levels)
+    try:
+        finest = partition_blocks(spec.total_blocks, comm.size, align=2 ** (cfg.levels - 1))
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    levels = []
+    for i, sp in enumerate(specs):
+        factor = 2 ** (cfg.levels - 1 - i)
+        # every level is drawn from the same seed; coarse ones are overwritten by restriction
+        model = build_model(sp, seed=cfg.seed, dtype=dtype)
+        executor = LayerParallel(model, comm, cfg.schedule.lower(), cfg.microbatches,
+                                 finest.coarsened(factor), device=device)
+        h = sp.T / sp.stages[0].blocks
+        weight = h if cfg.metric == "l2" else float(factor)
+        levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,
+                            make_optimizer_factory(cfg.optimizer, cfg.lr), comm))
+    return levels
+
+
+def resolve_device(cfg: TrainConfig, comm) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    if comm.device.type == "cuda" or cfg.device == "cuda":
+        return comm.device if comm.device.type == "cuda" else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
+    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+    cfg.validate()
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    data = data.to(dtype=getattr(torch, cfg.dtype))
+    check = cfg.batch_size or data.x_train.shape[0]
+    try:
+        check_microbatches(min(check, data.x_train.shape[0]), cfg.microbatches)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg, comm)
+    levels = build_levels(cfg, data, comm, device)
+    vcycle = VCycle(levels, cfg.setup, cfg.interpolation)
+    finest = levels[-1].executor
+    folder = os.path.join(cfg.out, cfg.name)
+    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress, total=cfg.max_cycles)
+    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "backend": comm.backend,
+                                   "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
+                                   "work_units_per_cycle_eq10": cfg.setup.cost(),
+                                   "partition": list(finest.partition.bounds)})
+    out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
+              f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
+
+    n = data.x_train.shape[0]
+    t0 = time.perf_counter()
+    cycle, epoch, reached, record = 0, 0, False, {}
+    while cycle < cfg.max_cycles and not reached and (cfg.max_epochs is None or epoch < cfg.max_epochs):
+        for idx in batches(n, cfg.batch_size, cfg.seed, epoch):
+            full = idx.numel() == n and cfg.batch_size is None
+            batch = (data.x_train, data.y_train) if full else (data.x_train[idx], data.y_train[idx])
+            result = vcycle(batch, batch_id=0 if full else (epoch, cycle))
+            cycle += 1
+            if not math.isfinite(result.loss):
+                raise TrainingError(f"non-finite loss {result.loss} at cycle {cycle} on the finest level")
+            record = {"cycle": cycle, "epoch": epoch, "loss": result.loss,
+                      "work_units": vcycle.work_units, "seconds": time.perf_counter() - t0,
+                      "level_seconds": result.level_seconds}
+            if cycle % cfg.eval_every == 0 or cycle >= cfg.max_cycles:
+                val_loss, val_acc = finest.evaluate(data.x_val, data.y_val)
+                record.update(val_loss=val_loss, val_acc=val_acc)
+                reached = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy - 1e-12
+            out.log(record)
+            if reached or cycle >= cfg.max_cycles:
+                break
+        epoch += 1
+
+    summary = {"cycles": cycle, "epochs": epoch, "work_units": vcycle.work_units,
+               "seconds": time.perf_counter() - t0, "reached_target": reached,
+               "final_loss": record.get("loss"), "val_acc": record.get("val_acc"),
+               "val_loss": record.get("val_loss"),
+               "level_seconds": [lev.stats.seconds for lev in levels],
+               "level_gradients": [lev.stats.gradients for lev in levels], "folder": folder}
+    out.write_json("summary.json", summary)
+    out.close()
+    if comm.rank == 0:
+        plot_run(folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
+    status = "reached" if reached else "did not reach"
+    out.print(f"{status} val acc {cfg.target_accuracy} after {cycle} cycles, {vcycle.work_units:.1f} work units, "
+              f"{summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
+    summary["levels"] = levels
+    return summary
+
+
+def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
+    """`parml train`: make the communicator, check the world size, train; user errors -> `fail`."""
+    from .comm import CommError, launcher_world_size, make_communicator
+    from .data import DataError
+    from .parallel.layout import check_world_size
+
+    try:
+        check_world_size(launcher_world_size(), cfg.nproc)
+        partition_blocks(cfg.blocks, launcher_world_size(), align=2 ** (cfg.levels - 1))
+    except LayoutError as e:
+        fail(str(e))
+    try:
+        comm = make_communicator(cfg.backend, timeout=cfg.comm_timeout, device=cfg.device)
+    except (ValueError, CommError) as e:
+        fail(str(e))
+    try:
+        return train(cfg, comm)
+    except (ConfigError, DataError, LayoutError) as e:
+        fail(str(e))
+    except TrainingError as e:
+        fail(str(e), code=1)
+    except CommError as e:
+        comm.abort(f"rank {comm.rank}: {e}")
+        fail(f"rank {comm.rank}: {e}", code=1)
+    except KeyboardInterrupt:
+        comm.abort("interrupted")
+        raise
+    except Exception as e:
+        comm.abort(f"rank {comm.rank} failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        comm.close()

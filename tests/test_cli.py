@@ -1,0 +1,87 @@
+"""The command line as a user runs it: defaults, run folder contents, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    ENV.pop(var, None)
+
+
+def parml(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "parml.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=cwd)
+
+
+@pytest.mark.timeout(300)
+def test_defaults_reach_full_accuracy_and_write_a_run_folder(tmp_path):
+    r = parml("train", "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "reached val acc 1.0" in r.stdout
+    folder = tmp_path / "circles-L8-K2048-s0"
+    summary = json.loads((folder / "summary.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert summary["reached_target"] and summary["val_acc"] == 1.0
+    assert config["blocks"] == 2048 and config["levels"] == 8 and config["cycle_resolved"] == "[(1),1,1,1,2,2,2,{2}]"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["cycles"]
+    assert [r["cycle"] for r in rows] == list(range(1, len(rows) + 1))
+    assert abs(rows[-1]["work_units"] - 5.1875 * len(rows)) < 1e-9
+    assert (folder / "plot.png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)
+def test_eight_levels_need_fewer_work_units_than_one(tmp_path):
+    units = {}
+    for levels in (1, 8):
+        r = parml("train", "-K", "256", "-L", str(levels), "--out", str(tmp_path), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        summary = json.loads((tmp_path / f"circles-L{levels}-K256-s0" / "summary.json").read_text())
+        assert summary["reached_target"]
+        units[levels] = summary["work_units"]
+    assert units[8] * 2 < units[1], units
+
+
+BAD = [
+    (["-K", "2048", "-L", "13"], "--levels 13"),
+    (["-K", "96", "-L", "7"], "--blocks 96"),
+    (["-L", "4", "--cycle", "[(1),{2}]"], "--cycle"),
+    (["-L", "2", "--cycle", "[(1),x]"], "--cycle"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--levels", "0"], "--levels"),
+    (["--blocks", "0"], "--blocks"),
+    (["--beta", "-1"], "--beta"),
+    (["--schedule", "zigzag"], "--schedule"),
+    (["--activation", "gelu"], "--activation"),
+    (["--stepper", "rk9"], "--stepper"),
+    (["--microbatches", "0"], "--microbatches"),
+    (["--target-accuracy", "1.5"], "--target-accuracy"),
+    (["--backend", "carrier-pigeon"], "--backend"),
+    (["--nproc", "4"], "--nproc 4"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--dataset", "mnist"], "--data-dir"),
+    (["-K", "8", "-L", "1", "--batch-size", "2", "-M", "4"], "--microbatches 4"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_naming_the_option(args, needle, tmp_path):
+    r = parml("train", *args, "--out", str(tmp_path), "--no-progress", timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_help_lists_the_options():
+    r = parml("train", "--help")
+    assert r.returncode == 0
+    for opt in ("--levels", "--cycle", "--metric", "--microbatches", "--schedule", "--backend"):
+        assert opt in r.stdout
