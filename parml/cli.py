@@ -73,6 +73,8 @@ _D = TrainConfig()
 @click.option("--device", default=_D.device, help="auto | cpu | cuda")
 @click.option("--schedule", default=_D.schedule, help="Pipeline schedule across ranks: 1f1b | gpipe")
 @click.option("--microbatches", "-M", type=int, default=_D.microbatches, help="Micro-batches per step.")
+@click.option("--min-blocks-per-rank", type=int, default=_D.min_blocks_per_rank,
+              help="A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
 @click.option("--nproc", type=int, default=None, help="Expected world size; must match the launcher's.")
 @click.option("--comm-timeout", type=float, default=_D.comm_timeout, help="Seconds before a blocked communication fails.")
 @click.option("--eval-every", type=int, default=_D.eval_every, help="Validate every n cycles.")
@@ -86,6 +88,9 @@ def train(**options):
     except ConfigError as e:
         fail(str(e))
     run_from_cli(cfg, fail)
+    from .comm import exit_process, launcher_world_size
+    if launcher_world_size() > 1:
+        exit_process(0)
 
 
 @main.command()
@@ -105,6 +110,52 @@ def info(schedule, stages, microbatches):
             fail(str(e))
         click.echo(format_schedule(acts))
         click.echo(f"{len(steps)} unit time steps (ideal 2(M+P-1) = {2 * (microbatches + stages - 1)})")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("table")
+@click.option("--task", default="circles", help="table1 only: circles | mnist.")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 per setup [default: 3; 2 with --quick].")
+@click.option("--quick", is_flag=True, help="K = 128, 2 seeds, L = 1, 2, 4 (table1), capped V-cycles: a smoke run.")
+@click.option("--out", default=os.path.join("benchmarks", "results", "reproduce"),
+              help="Results folder (table, JSON, plots; run folders under runs/).")
+@click.option("--data-dir", default=None, help="MNIST IDX folder [default: ../shared/data/mnist next to the repository].")
+@click.option("--max-cycles", type=int, default=None, help="V-cycle budget per run [default: 3000; 600 with --quick].")
+@click.option("--target-accuracy", type=float, default=None,
+              help="Stop at this validation accuracy [default: the paper's, 1.0 circles / 0.93 MNIST].")
+@click.option("--levels", default=None, help="table1 only: comma-separated subset of L = 1,2,4,6,8.")
+@click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")
+def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, progress):
+    """Rerun the paper's TABLE: table1 (--task circles|mnist), table2 or sensitivity (§4.5).
+
+    Writes TABLE.md, TABLE.json and loss/accuracy plots against V-cycles and work units to --out,
+    and prints the table. Runs layer-parallel under torchrun / mpirun like `parml train`.
+    """
+    from .comm import CommError
+    from .config import ConfigError
+    from .data import DataError
+    from .parallel.layout import LayoutError
+    from .reproduce import ReproduceError, build_plan, reproduce as run
+    try:
+        ls = None
+        if levels is not None:
+            try:
+                ls = [int(x) for x in levels.split(",") if x.strip()]
+            except ValueError:
+                fail(f"--levels {levels!r} must be comma-separated integers, e.g. 1,8")
+        build_plan(table, task, seeds, quick, max_cycles, target_accuracy, data_dir, ls)
+        given = [("--task", task if table == "table1" else None), ("--seeds", seeds), ("--quick", quick or None),
+                 ("--max-cycles", max_cycles), ("--target-accuracy", target_accuracy), ("--levels", levels)]
+        command = " ".join(["parml reproduce", table] + [k if v is True else f"{k} {v}" for k, v in given
+                                                          if v is not None])
+        result = run(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, progress, ls,
+                     command=command)
+    except (ReproduceError, ConfigError, DataError, LayoutError) as e:
+        fail(str(e))
+    except CommError as e:
+        fail(str(e), code=1)
+    if "files" in result:
+        click.echo(result["files"]["table"])
 
 
 if __name__ == "__main__":

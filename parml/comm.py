@@ -135,7 +135,13 @@ class Request:
     """
 
     def __init__(
-        self, comm: "Communicator", op: str, peer: int, tag: int, tensor: torch.Tensor | None, label: str | None = None
+        self,
+        comm: "Communicator",
+        op: str,
+        peer: int,
+        tag: int,
+        tensor: torch.Tensor | None,
+        label: str | None = None,
     ):
         self._comm = comm
         self.op = op
@@ -145,10 +151,7 @@ class Request:
         self._label = label
         self._done = False
 
-    # subclasses implement these two
-    def _test(self) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
-
+    # subclasses implement this
     def _wait(self, deadline: float) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -157,20 +160,6 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return self._done
-
-    def test(self) -> bool:
-        """Non-blocking completion check."""
-        if self._done:
-            return True
-        try:
-            ok = self._test()
-        except CommError:
-            raise
-        except Exception as exc:  # backend error
-            raise self._comm._error(f"{self._describe()} failed: {exc}") from exc
-        if ok:
-            self._complete()
         return self._done
 
     def wait(self) -> None:
@@ -476,29 +465,15 @@ class SelfComm(Communicator):
 
 
 class _TorchRequest(Request):
-    def __init__(self, comm, op, peer, tag, tensor, work, finish=None, label=None):
+    def __init__(self, comm, op, peer, tag, tensor, work, label=None):
         super().__init__(comm, op, peer, tag, tensor, label)
         self._work = work
-        self._finish_cb = finish
-
-    def _test(self):
-        return self._work.is_completed() and self._check_work()
-
-    def _check_work(self):
-        exc = None
-        try:
-            exc = self._work.exception()
-        except Exception:  # not supported by every backend/version
-            exc = None
-        if exc is not None:
-            raise exc
-        return True
 
     def _wait(self, deadline):
         comm = self._comm
         if comm.backend == "nccl":
             # NCCL: work.wait() only orders streams; poll for the host-side deadline.
-            _poll(self._work.is_completed, deadline, lambda: self._on_timeout())
+            _poll(self._work.is_completed, deadline, self._on_timeout)
             self._work.wait()
         else:
             remaining = max(deadline - time.monotonic(), 1e-3)
@@ -506,10 +481,6 @@ class _TorchRequest(Request):
 
     def _on_timeout(self):
         raise self._comm._timeout_error(self._describe())
-
-    def _finish(self):
-        if self._finish_cb is not None:
-            self._finish_cb()
 
 
 _TORCH_WORLD_COUNTER = [0]
@@ -527,7 +498,9 @@ class TorchComm(Communicator):
     a sub-communicator again works without involving ranks outside it.
     """
 
-    def __init__(self, backend: str = "gloo", timeout: float = 300.0, device: str | torch.device | None = None):
+    def __init__(
+        self, backend: str = "gloo", timeout: float = 300.0, device: str | torch.device | None = None
+    ):
         super().__init__()
         import torch.distributed as dist
 
@@ -750,6 +723,13 @@ class TorchComm(Communicator):
     def close(self):
         if self._closed:
             return
+        if self._owns_world:
+            try:
+                # gloo tears down its connections in background threads: destroying the group
+                # while a peer still talks to it can std::terminate at exit. Meet first.
+                self.barrier()
+            except Exception:
+                pass
         self._closed = True
         if self._owns_world:
             try:
@@ -836,15 +816,6 @@ class _MPIRequest(Request):
         self._finish_cb = finish
         self._buf = buf  # the buffer MPI reads/writes; keep it alive
         self._status = comm._MPI.Status() if op == "recv" else None
-
-    def _test(self):
-        if self._status is not None:
-            ok = self._req.Test(self._status)
-        else:
-            ok = self._req.Test()
-        if ok:
-            self._check_count()
-        return ok
 
     def _check_count(self):
         if self._status is not None:
@@ -1301,3 +1272,17 @@ def describe_environment() -> dict:
     if auto == "torch":
         info["auto_torch_backend"] = "nccl" if auto_device == "cuda" else "gloo"
     return info
+
+
+def exit_process(code: int = 0) -> None:
+    """Flush and leave without running C++ static destructors.
+
+    At interpreter teardown gloo's background threads can hit std::terminate ("terminate called
+    without an active exception", exit -6) after all work finished; skipping the destructors
+    after ``close()`` avoids a spurious failure of a job that succeeded. MPI is finalized first
+    (mpirun treats a rank that exits without MPI_Finalize as failed).
+    """
+    _mpi_finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -183,22 +183,28 @@ class VCycle:
     """Algorithm 1 over `levels` (coarsest first); one call is one V-cycle on one batch.
 
     Multilevel SGD (Algorithm 2) is a V-cycle per mini-batch; with one level it is plain GD/SGD.
+    Layer-parallel: ``levels[i]`` is None on ranks outside level i's group, and ``movers[i]``
+    = (down, up) moves restricted tensors from level i+1's layout to level i's and the
+    correction back (``parallel.agglomerate.Mover``); without movers transfers stay on-rank.
     """
 
-    def __init__(self, levels: list[Level], setup: CycleSetup, interpolation: str = "constant"):
+    def __init__(self, levels: list[Level | None], setup: CycleSetup, interpolation: str = "constant",
+                 movers: list | None = None):
         setup.check(len(levels))
         self.levels, self.setup, self.interpolation = levels, setup, interpolation
+        self.movers = movers
 
     @property
     def work_units(self) -> float:
-        return sum(lev.stats.work_units for lev in self.levels)
+        """Work units spent so far (complete on rank 0, which every level's group contains)."""
+        return sum(lev.stats.work_units for lev in self.levels if lev is not None)
 
     def __call__(self, batch, batch_id=0) -> CycleResult:
         before = self.work_units
-        secs = [lev.stats.seconds for lev in self.levels]
+        secs = [lev.stats.seconds if lev else 0.0 for lev in self.levels]
         loss = self._cycle(len(self.levels) - 1, None, batch, batch_id)
         return CycleResult(loss, self.work_units - before,
-                           [lev.stats.seconds - s for lev, s in zip(self.levels, secs)])
+                           [(lev.stats.seconds if lev else 0.0) - s for lev, s in zip(self.levels, secs)])
 
     def _cycle(self, i, dg, batch, batch_id):
         lev = self.levels[i]
@@ -206,17 +212,25 @@ class VCycle:
             return lev.smooth(self.setup.coarsest, dg, batch, batch_id)
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
-        coarse = self.levels[i - 1]
         loss, g = lev.gradient(batch, batch_id)
         first = loss if first is None else first
         if dg is not None:
             g = [a + b for a, b in zip(g, dg)]
-        theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
-        coarse.assign(theta0)
-        _, g_coarse = coarse.gradient(batch, batch_id)
-        dg_coarse = [r - c for r, c in zip(restrict_gradient(g, lev.mask, self.interpolation), g_coarse)]
-        self._cycle(i - 1, dg_coarse, batch, batch_id)
-        correction = [a - b for a, b in zip(coarse.values(), theta0)]
-        lev.add(prolongate(correction, coarse.mask, self.interpolation))
+        restricted = theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
+        rg = restrict_gradient(g, lev.mask, self.interpolation)
+        coarse = self.levels[i - 1]
+        down, up = self.movers[i - 1] if self.movers else (None, None)
+        if down is not None:
+            like = coarse.params if coarse is not None else None
+            theta0, rg = down(restricted, like, 0), down(rg, like, 1)
+        correction = None
+        if coarse is not None:
+            coarse.assign(theta0)
+            _, g_coarse = coarse.gradient(batch, batch_id)
+            self._cycle(i - 1, [r - c for r, c in zip(rg, g_coarse)], batch, batch_id)
+            correction = [a - b for a, b in zip(coarse.values(), theta0)]
+        if up is not None:
+            correction = up(correction, restricted, 0)
+        lev.add(prolongate(correction, lev.mask, self.interpolation))
         lev.smooth(post, dg, batch, batch_id)
         return first

@@ -16,7 +16,9 @@ from .hierarchy import level_specs
 from .mgopt import Level, VCycle
 from .model import build_model
 from .parallel.executor import LayerParallel
-from .parallel.layout import LayoutError, check_microbatches, partition_blocks
+from .parallel.agglomerate import Mover
+from .parallel.layout import (LayoutError, Partition, check_microbatches, describe_plan, partition_blocks,
+                              plan_levels)
 from .report import RunWriter, plot_run
 
 
@@ -32,27 +34,52 @@ def make_optimizer_factory(name: str, lr: float):
     return lambda ps: torch.optim.Adam(ps, lr=lr)
 
 
-def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None) -> list[Level]:
-    """Levels 1..L (coarsest first), each a layer-parallel model over `comm` with aligned chunks."""
+def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None):
+    """Levels 1..L (coarsest first) and the movers between them.
+
+    Level l is a layer-parallel model on ranks 0..P_l-1 (``layout.plan_levels``); on ranks
+    outside that group its entry is None. Returns (levels, movers, plans).
+    """
     dtype = getattr(torch, cfg.dtype)
     spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task)
     specs = level_specs(spec, cfg.levels)
     try:
-        finest = partition_blocks(spec.total_blocks, comm.size, align=2 ** (cfg.levels - 1))
+        plans = plan_levels([s.total_blocks for s in specs], comm.size, cfg.min_blocks_per_rank)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
+    groups = {comm.size: comm}
+    for plan in plans:                      # collective on every rank, in the same order
+        if plan.ranks not in groups:
+            groups[plan.ranks] = comm.split(list(range(plan.ranks)))
     levels = []
-    for i, sp in enumerate(specs):
+    for i, (sp, plan) in enumerate(zip(specs, plans)):
+        group = groups[plan.ranks]
+        if group is None:
+            levels.append(None)
+            continue
         factor = 2 ** (cfg.levels - 1 - i)
         # every level is drawn from the same seed; coarse ones are overwritten by restriction
         model = build_model(sp, seed=cfg.seed, dtype=dtype)
-        executor = LayerParallel(model, comm, cfg.schedule.lower(), cfg.microbatches,
-                                 finest.coarsened(factor), device=device)
+        executor = LayerParallel(model, group, cfg.schedule.lower(), cfg.microbatches, plan.partition,
+                                 device=device)
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,
-                            make_optimizer_factory(cfg.optimizer, cfg.lr), comm))
-    return levels
+                            make_optimizer_factory(cfg.optimizer, cfg.lr), group))
+    movers = []
+    for i in range(cfg.levels - 1):
+        fine = Partition(tuple(b // 2 for b in plans[i + 1].partition.bounds))
+        movers.append((Mover(comm, specs[i], fine, plans[i].partition),
+                       Mover(comm, specs[i], plans[i].partition, fine)))
+    return levels, movers, plans
+
+
+def build_vcycle(cfg: TrainConfig, data: Dataset, comm, device=None) -> VCycle:
+    """The V-cycle of `cfg` over `comm`; ``vcycle.plans`` records where each level lives."""
+    levels, movers, plans = build_levels(cfg, data, comm, device)
+    vcycle = VCycle(levels, cfg.setup, cfg.interpolation, movers)
+    vcycle.plans = plans
+    return vcycle
 
 
 def resolve_device(cfg: TrainConfig, comm) -> torch.device:
@@ -75,17 +102,20 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
         raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg, comm)
-    levels = build_levels(cfg, data, comm, device)
-    vcycle = VCycle(levels, cfg.setup, cfg.interpolation)
+    vcycle = build_vcycle(cfg, data, comm, device)
+    levels, plans = vcycle.levels, vcycle.plans
     finest = levels[-1].executor
     folder = os.path.join(cfg.out, cfg.name)
     out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress, total=cfg.max_cycles)
     out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "backend": comm.backend,
                                    "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
                                    "work_units_per_cycle_eq10": cfg.setup.cost(),
-                                   "partition": list(finest.partition.bounds)})
+                                   "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
+                                             "bounds": list(p.partition.bounds)} for p in plans]})
     out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
               f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
+    if comm.size > 1:
+        out.print(describe_plan(plans))
 
     n = data.x_train.shape[0]
     t0 = time.perf_counter()
@@ -114,8 +144,8 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
                "seconds": time.perf_counter() - t0, "reached_target": reached,
                "final_loss": record.get("loss"), "val_acc": record.get("val_acc"),
                "val_loss": record.get("val_loss"),
-               "level_seconds": [lev.stats.seconds for lev in levels],
-               "level_gradients": [lev.stats.gradients for lev in levels], "folder": folder}
+               "level_seconds": [lev.stats.seconds if lev else 0.0 for lev in levels],
+               "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": folder}
     out.write_json("summary.json", summary)
     out.close()
     if comm.rank == 0:

@@ -34,7 +34,6 @@ def main() -> None:
     comm = None
     try:
         import importlib
-        import traceback  # noqa: F401
 
         import torch
 
@@ -76,6 +75,9 @@ def main() -> None:
         comm.close()
     except Exception:
         pass
+    from parml.comm import exit_process
+
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def run_ranks(
     env: dict | None = None,
 ) -> list:
     """Run ``func(comm, **args)`` on ``nprocs`` processes; return the per-rank results."""
+    __tracebackhide__ = True  # pytest: show the ranks' tracebacks, not this function
     import torch
 
     if backend not in ("gloo", "mpi"):
@@ -218,7 +219,10 @@ def run_ranks(
             parts = []
             for label, out, err in logs:
                 t_err, t_out = _tail(err), _tail(out, 1500)
-                parts.append(f"--- {label} stderr ---\n{t_err}" + (f"\n--- {label} stdout ---\n{t_out}" if t_out else ""))
+                part = f"--- {label} stderr ---\n{t_err}"
+                if t_out:
+                    part += f"\n--- {label} stdout ---\n{t_out}"
+                parts.append(part)
             return "\n".join(parts)
 
         errors = []

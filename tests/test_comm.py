@@ -116,17 +116,6 @@ def _check_p2p(comm, out):
     for q in sreqs:
         q.wait()
 
-    # non-blocking completion check
-    probe = torch.empty(2)
-    q = comm.irecv(probe, left, tag=40)
-    s = comm.isend(torch.tensor([float(r), -1.0]), right, tag=40)
-    deadline = time.monotonic() + 30
-    while not q.test():
-        assert time.monotonic() < deadline
-        time.sleep(1e-3)
-    assert q.done and probe.tolist() == [float(left), -1.0]
-    s.wait()
-
     # argument errors
     with pytest.raises(CommError):
         comm.isend(torch.zeros(1), r)

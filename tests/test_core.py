@@ -11,7 +11,7 @@ from parml.hierarchy import (block_mask, level_specs, ordered_parameters, prolon
                              restrict_parameters)
 from parml.mgopt import CycleError, CycleSetup, VCycle
 from parml.model import ModelSpec, StageSpec, build_model, tikhonov
-from parml.train import build_levels
+from parml.train import build_levels, build_vcycle
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,7 @@ def _objective(level, data, values):
 @pytest.mark.parametrize("metric", ["l2", "euclidean"])
 def test_level_gradient_matches_autograd_of_the_objective(metric):
     data = small_data()
-    levels = build_levels(cfg(metric=metric), data, SelfComm())
+    levels = build_levels(cfg(metric=metric), data, SelfComm())[0]
     lev = levels[-1]
     loss, grads = lev.gradient((data.x_train, data.y_train), 0)
     model = lev.model
@@ -123,7 +123,7 @@ def test_level_gradient_matches_autograd_of_the_objective(metric):
 def test_first_order_coherence_by_finite_differences():
     """<∇H^l(Rθ), e> equals the fine directional derivative along I e (δg makes them agree)."""
     data = small_data()
-    fine, coarse = build_levels(cfg(levels=2, blocks=8), data, SelfComm())[::-1]
+    fine, coarse = build_levels(cfg(levels=2, blocks=8), data, SelfComm())[0][::-1]
     batch = (data.x_train, data.y_train)
     _, g_fine = fine.gradient(batch, 0)
     theta0 = restrict_parameters(fine.values(), fine.mask)
@@ -160,7 +160,7 @@ def test_work_units_per_cycle_follow_eq10(text, expected):
     # the engine's own count over a real V-cycle equals eq. (10) exactly
     data = small_data(n=16)
     c = cfg(levels=setup.levels, blocks=2 ** (setup.levels - 1) * 2, cycle=text)
-    vcycle = VCycle(build_levels(c, data, SelfComm()), setup)
+    vcycle = build_vcycle(c, data, SelfComm())
     vcycle((data.x_train, data.y_train))
     assert math.isclose(vcycle.work_units, setup.cost(), rel_tol=1e-12)
     vcycle((data.x_train, data.y_train))
@@ -182,7 +182,7 @@ def test_cycle_notation_parses_exactly():
 def test_one_level_is_plain_gradient_descent(metric):
     data = small_data()
     c = cfg(levels=1, metric=metric)
-    vcycle = VCycle(build_levels(c, data, SelfComm()), CycleSetup.default(1))
+    vcycle = build_vcycle(c, data, SelfComm())
     ref = build_model(c.model_spec(2, 2, "classification"), seed=c.seed, dtype=torch.float64)
     h = 1.0 / c.blocks
     for _ in range(5):
@@ -200,7 +200,7 @@ def test_one_level_is_plain_gradient_descent(metric):
 
 def test_mgopt_reduces_the_finest_loss():
     data = small_data()
-    vcycle = VCycle(build_levels(cfg(levels=3), data, SelfComm()), CycleSetup.default(3))
+    vcycle = build_vcycle(cfg(levels=3), data, SelfComm())
     losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(6)]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.9 * losses[0]

@@ -68,3 +68,60 @@ def check_microbatches(batch: int, microbatches: int) -> None:
     if batch < microbatches:
         raise LayoutError(f"--microbatches {microbatches} is more than the batch size {batch}: "
                           f"each micro-batch needs at least one sample")
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """Where one level lives: its blocks partitioned over ranks 0..ranks-1 (a prefix of the world)."""
+    level: int            # 1 = coarsest
+    partition: Partition
+
+    @property
+    def blocks(self) -> int:
+        return self.partition.blocks
+
+    @property
+    def ranks(self) -> int:
+        return self.partition.ranks
+
+
+def plan_levels(level_blocks: list[int], world_size: int, min_blocks_per_rank: int = 1) -> list[LevelPlan]:
+    """Ranks and partitions of every level (coarsest first).
+
+    The finest level uses every rank. A coarser level keeps its finer neighbour's ranks while it has
+    at least `min_blocks_per_rank` blocks per rank, otherwise it is gathered onto the largest
+    prefix of ranks that satisfies the policy (at least one rank). Levels that restrict further
+    need an even number of blocks per chunk. Where two neighbours have the same ranks their
+    chunk boundaries are aligned (coarse bounds x 2), so transfers between them stay on-rank.
+    """
+    if min_blocks_per_rank < 1:
+        raise LayoutError(f"--min-blocks-per-rank {min_blocks_per_rank} must be at least 1")
+    levels = len(level_blocks)
+    finest = level_blocks[-1]
+    most = finest // 2 if levels > 1 else finest
+    if world_size > most:
+        raise LayoutError(f"more ranks ({world_size}) than the finest level can use: {finest} blocks "
+                          f"{'in pairs ' if levels > 1 else ''}allow at most {most} ranks")
+    ranks = [world_size] * levels
+    for i in range(levels - 2, -1, -1):
+        cap = level_blocks[i] // 2 if i > 0 else level_blocks[i]
+        ranks[i] = max(1, min(ranks[i + 1], level_blocks[i] // min_blocks_per_rank, cap))
+    plans = [LevelPlan(1, partition_blocks(level_blocks[0], ranks[0]))]
+    for i in range(1, levels):
+        prev = plans[-1].partition
+        if ranks[i] == prev.ranks:
+            part = Partition(tuple(2 * b for b in prev.bounds))
+        else:
+            part = partition_blocks(level_blocks[i], ranks[i], align=2)
+        plans.append(LevelPlan(i + 1, part))
+    return plans
+
+
+def describe_plan(plans: list[LevelPlan]) -> str:
+    """One line per level, finest first: blocks, ranks, blocks per rank."""
+    lines = []
+    for p in reversed(plans):
+        sizes = [b - a for a, b in zip(p.partition.bounds, p.partition.bounds[1:])]
+        per = f"{sizes[0]}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+        lines.append(f"level {p.level}: {p.blocks} blocks on {p.ranks} rank(s), {per} blocks per rank")
+    return "\n".join(lines)

@@ -1,0 +1,500 @@
+"""Pipeline scaling of layer-parallel training: parml's LayerParallel vs torch.distributed.pipelining.
+
+    python benchmarks/pipeline_scaling.py [--quick] [--out benchmarks/results/pipeline]
+
+Times one training step (forward + backward, ``LayerParallel.forward_backward``) of two ODE
+ResNets for P = 1, 2, 4 processes, M = 1, 2, 4, 8 micro-batches, the "gpipe" and "1f1b"
+schedules and the gloo (torchrun-style environment) and MPI (``mpirun``) backends:
+
+* overhead-bound: K = 1024 blocks of width 32, batch 256 (each op is tiny: per-op cost dominates);
+* compute-bound:  K = 256 blocks of width 128, batch 512.
+
+Per rank it reports compute, communication + idle (wait) and other time from
+``LayerParallel.times``; pipeline efficiency = busiest rank's compute / step time, next to the
+bubble bound M / (M + P - 1).  Peak activation memory per rank is the peak of the bytes autograd
+holds for backward (``saved_tensors_hooks``).  In the same launches (gloo) the identical shards
+run under ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe`` /
+``Schedule1F1B``), alternating step by step with parml; one serial process (no communicator)
+gives the reference.  Every launch runs under a timeout; rank 0 prints one line per
+configuration.
+
+Outputs in ``--out``: ``results.json`` (every number), ``pipeline_scaling.md`` (tables) and
+``pipeline_scaling.png`` (step time and efficiency against M).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER = HERE / "_pipeline_worker.py"
+
+IN_FEATURES, CLASSES = 64, 10
+FULL = {
+    "models": {
+        "overhead": {"width": 32, "blocks": 1024, "batch": 256,
+                     "label": "overhead-bound (K=1024, width 32, batch 256)"},
+        "compute": {"width": 128, "blocks": 256, "batch": 512,
+                    "label": "compute-bound (K=256, width 128, batch 512)"},
+    },
+    "P": [1, 2, 4],
+    "microbatches": [1, 2, 4, 8],
+    "schedules": ["gpipe", "1f1b"],
+    "backends": ["gloo", "mpi"],
+    "warmup": 2,
+    "steps": 5,
+    "serial_steps": 5,
+    "launch_timeout": {1: 240, 2: 300, 4: 420},
+    "latency_reps": 200,
+}
+QUICK = {
+    **FULL,
+    "P": [1, 2],
+    "microbatches": [1, 4],
+    "warmup": 1,
+    "steps": 2,
+    "serial_steps": 2,
+    "launch_timeout": {1: 60, 2: 60, 4: 90},
+    "latency_reps": 30,
+}
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_")
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    return env
+
+
+def mpirun_path() -> str | None:
+    sibling = Path(sys.executable).with_name("mpirun")
+    if sibling.exists() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    return shutil.which("mpirun")
+
+
+def mpi_available() -> str | None:
+    """None when mpirun and mpi4py are there, else the reason."""
+    if mpirun_path() is None:
+        return "mpirun not found"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py not installed"
+    return None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tuple[dict | None, str | None]:
+    """Run one launch of the worker; (result of rank 0, error text or None)."""
+    job_path, result_path = tmp / f"{label}.job.json", tmp / f"{label}.result.json"
+    job_path.write_text(json.dumps(job))
+    env = base_env()
+    cmd = [sys.executable, str(WORKER), str(job_path), str(result_path)]
+    procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(c, e, rank0):
+        err = tmp / f"{label}.{len(procs)}.stderr"
+        with open(err, "wb") as fe:
+            p = subprocess.Popen(c, env=e, cwd=str(ROOT), stdout=None if rank0 else subprocess.DEVNULL,
+                                 stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
+        procs.append((p, err))
+
+    backend = job["backend"]
+    if backend == "gloo":
+        port = free_port()
+        for r in range(nprocs):
+            e = dict(env, RANK=str(r), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(r),
+                     LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port))
+            start(cmd, e, r == 0)
+    elif backend == "mpi":
+        mpi = [mpirun_path(), "-n", str(nprocs), "--oversubscribe", "--bind-to", "none"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            mpi.insert(3, "--allow-run-as-root")
+        start(mpi + cmd, env, True)   # only rank 0 prints
+    else:
+        start(cmd, env, True)
+    sys.stdout.flush()
+    deadline = time.monotonic() + timeout
+    failed_at, timed_out = None, False
+    try:
+        while True:
+            codes = [p.poll() for p, _ in procs]
+            if all(c is not None for c in codes):
+                break
+            now = time.monotonic()
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = now
+            if failed_at is not None and now - failed_at > 10:
+                break
+            if now > deadline:
+                timed_out = True
+                break
+            time.sleep(0.05)
+    finally:
+        for p, _ in procs:
+            _kill(p)
+    if timed_out:
+        return None, f"{label}: timed out after {timeout:g} s\n" + _tails(procs)
+    bad = [p.returncode for p, _ in procs if p.returncode != 0]
+    if bad or not result_path.exists():
+        return None, f"{label}: exit codes {[p.returncode for p, _ in procs]}\n" + _tails(procs)
+    return json.loads(result_path.read_text()), None
+
+
+def _tails(procs) -> str:
+    out = []
+    for i, (_, err) in enumerate(procs):
+        try:
+            text = err.read_text(errors="replace")[-2500:]
+        except OSError:
+            text = ""
+        if text.strip():
+            out.append(f"--- process {i} stderr ---\n{text}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+STAR = "\\*"
+
+
+def ms(x) -> str:
+    return "—" if x is None else f"{1e3 * x:.1f}"
+
+
+def mib(x) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+def _ranks(e, key, fmt=ms) -> str:
+    return " / ".join(fmt(p[key]) for p in e["per_rank"])
+
+
+def goals(res: dict) -> dict:
+    """The two goals, from the measured entries."""
+    out = {"torch_ratio": [], "efficiency": []}
+    for e in res["entries"]:
+        t = e.get("torch")
+        if e["backend"] == "gloo" and t and "parml_over_torch_throughput" in t:
+            out["torch_ratio"].append({k: e[k] for k in ("model", "P", "M", "schedule")}
+                                      | {"ratio": t["parml_over_torch_throughput"]})
+        if e["model"] == "compute" and e["P"] == 2 and e["M"] == max(res["config"]["microbatches"]):
+            out["efficiency"].append({k: e[k] for k in ("backend", "schedule", "efficiency", "bound",
+                                                          "eff_over_bound")})
+    pp = [r for r in out["torch_ratio"] if r["P"] > 1]
+    by_m = {}
+    for r in pp:
+        by_m.setdefault(r["M"], []).append(r["ratio"])
+    out["torch_ratio_min_by_M_pipelined"] = {str(m): min(v) for m, v in sorted(by_m.items())}
+    out["torch_ratio_goal_met"] = bool(pp) and all(r["ratio"] >= 1.1 for r in pp)
+    out["efficiency_goal_met"] = bool(out["efficiency"]) and all(r["eff_over_bound"] >= 0.9
+                                                                 for r in out["efficiency"])
+    return out
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    cfg = res["config"]
+    ncpu = res["meta"]["cpu_count"]
+    L = [f"# Pipeline scaling: parml LayerParallel vs torch.distributed.pipelining",
+         "",
+         f"{'Quick run (reduced sizes). ' if cfg['quick'] else ''}"
+         f"Machine: {ncpu} CPU cores ({res['meta']['processor']}), torch {res['meta']['torch']}, "
+         f"float32, one thread per rank (OMP_NUM_THREADS=1, torch.set_num_threads(1)). "
+         f"Load average before/after: {res['meta']['loadavg_start']} / {res['meta']['loadavg_end']}.",
+         f"Each configuration: {cfg['warmup']} warm-up steps, then the median of {cfg['steps']} timed "
+         "steps; a barrier precedes every step and a step's time is the slowest rank's. parml and torch "
+         "pipelining steps alternate in the same processes (gloo).",
+         "",
+         f"**P = 4 is oversubscribed** (marked 4\\*): 4 single-threaded ranks share {ncpu} cores, so "
+         "ranks time-slice and per-rank compute includes time spent descheduled.",
+         "",
+         "Columns: *compute / wait / other* are per rank (rank 0 / rank 1 / …) from `LayerParallel.times` "
+         "(wait = blocked in receives and in completing sends; other = step − compute − wait). "
+         "*eff* = busiest rank's compute / step time; *bound* = M/(M+P−1); *vs serial* = serial time "
+         "(one process, no communicator, same M) / step time; *torch* = torch.distributed.pipelining "
+         "step time (gloo only); *parml/torch* = throughput ratio (torch time / parml time; > 1: parml faster). "
+         "*peak act.* = peak bytes autograd keeps saved for backward on each rank (parameters excluded).",
+         ""]
+    serial = res.get("serial", {}).get("models", {})
+    for name, m in cfg["models"].items():
+        L += [f"## {m['label']}", ""]
+        sm = serial.get(name, {}).get("by_M", {})
+        if sm:
+            L += ["Serial (one process, no communicator): " + ", ".join(
+                f"M={k}: {ms(v['step_s'])} ms (peak act. {mib(v['peak_saved_bytes'])} MiB)" for k, v in sm.items()),
+                ""]
+        L += ["| P | M | schedule | backend | step ms | compute ms | wait ms | other ms | eff | bound | "
+              "eff/bound | vs serial | torch ms | parml/torch | peak act. MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [e for e in res["entries"] if e["model"] == name]
+        rows.sort(key=lambda e: (e["P"], e["M"], cfg["schedules"].index(e["schedule"]),
+                                 cfg["backends"].index(e["backend"])))
+        for e in rows:
+            t = e.get("torch") or {}
+            ser = sm.get(str(e["M"]), {}).get("step_s")
+            L.append("| " + " | ".join([
+                str(e["P"]) + (STAR if e["oversubscribed"] else ""), str(e["M"]), e["schedule"], e["backend"],
+                ms(e["step_s"]), _ranks(e, "compute_s"), _ranks(e, "wait_s"), _ranks(e, "other_s"),
+                f"{e['efficiency']:.3f}", f"{e['bound']:.3f}", f"{e['eff_over_bound']:.2f}",
+                f"{ser / e['step_s']:.2f}" if ser else "—",
+                ms(t.get("step_s")) if "step_s" in t else ("n/a" if t else "—"),
+                f"{t['parml_over_torch_throughput']:.2f}" if "step_s" in t else "—",
+                _ranks(e, "peak_saved_bytes", mib)]) + " |")
+        L.append("")
+        # memory summary
+        Ms = cfg["microbatches"]
+        L += [f"Peak activation memory (MiB, largest rank) vs P at M = {max(Ms)}, gloo:", "",
+              "| schedule | " + " | ".join(f"P={p}" for p in cfg["P"]) + " | " +
+              " | ".join(f"P={p} / P=1" for p in cfg["P"][1:]) + " |",
+              "|---|" + "---|" * (2 * len(cfg["P"]) - 1)]
+        for s in cfg["schedules"]:
+            vals = []
+            for p in cfg["P"]:
+                hit = [e for e in rows if e["P"] == p and e["M"] == max(Ms) and e["schedule"] == s
+                       and e["backend"] == "gloo"]
+                vals.append(hit[0]["peak_saved_bytes_max"] if hit else None)
+            cells = [mib(v) if v else "—" for v in vals]
+            cells += [f"{v / vals[0]:.2f}" if v and vals[0] else "—" for v in vals[1:]]
+            L.append(f"| {s} | " + " | ".join(cells) + " |")
+        L.append("")
+        failed = [e for e in rows if (e.get("torch") or {}).get("error")]
+        if failed:
+            reasons = sorted({e["torch"]["error"] for e in failed})
+            L += ["torch pipelining not run: " + "; ".join(reasons), ""]
+    # goals
+    g = res["goals"]
+    L += ["## Goals", ""]
+    if g["torch_ratio"]:
+        L += [f"* parml ≥ 1.1× torch pipelining throughput at every M (P ≥ 2, gloo): "
+              f"**{'met' if g['torch_ratio_goal_met'] else 'not met'}**. Smallest ratio per M: " +
+              ", ".join(f"M={m}: {v:.2f}" for m, v in g["torch_ratio_min_by_M_pipelined"].items()) + "."]
+        allr = [r["ratio"] for r in g["torch_ratio"] if r["P"] > 1]
+        if allr:
+            L.append(f"  Ratio range over all pipelined rows: {min(allr):.2f} – {max(allr):.2f}.")
+    else:
+        L += ["* torch pipelining comparison: not available (" + str(res.get("torch_pipelining_error")) + ")."]
+    if g["efficiency"]:
+        L += [f"* Compute-bound, P = 2, M = {max(cfg['microbatches'])}: efficiency ≥ 0.9 × bound: "
+              f"**{'met' if g['efficiency_goal_met'] else 'not met'}** (" +
+              "; ".join(f"{r['schedule']}/{r['backend']}: {r['efficiency']:.3f} vs bound {r['bound']:.3f}"
+                        f" = {r['eff_over_bound']:.2f}" for r in g["efficiency"]) + ")."]
+    L.append("")
+    # where time goes
+    L += ["## Where time goes", ""]
+    lat = res.get("latency", {})
+    for b, d in lat.items():
+        L.append(f"* {b}: one-way message latency through `comm.send`/`comm.recv` (P = 2): " +
+                 ", ".join(f"{int(k) / 1024:.0f} KiB {1e6 * v:.0f} µs" for k, v in d.items()) + ".")
+    if "dispatch_s" in res.get("serial", {}):
+        L.append(f"* One tiny eager op (torch.add on 1-element tensors): {1e6 * res['serial']['dispatch_s']:.1f} µs.")
+    for name, m in cfg["models"].items():
+        prof = serial.get(name, {}).get("block_profile")
+        if prof:
+            L.append(f"* {name}: one residual block forward + backward per micro-batch size: " +
+                     ", ".join(f"{b} rows {1e6 * v['fwd_bwd_s']:.0f} µs ({v['gemm_gflops']:.1f} GFLOP/s)"
+                               for b, v in prof.items()) + ".")
+    if res.get("failures"):
+        L += ["", "## Failed launches", ""] + [f"* {f.splitlines()[0]}" for f in res["failures"]]
+    path.write_text("\n".join(L) + "\n")
+
+
+def write_plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = res["config"]
+    names = list(cfg["models"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(13, 4.6 * len(names)), squeeze=False)
+    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:red"}
+    markers = {"gpipe": "o", "1f1b": "s"}
+    styles = {"gloo": "-", "mpi": ":"}
+    serial = res.get("serial", {}).get("models", {})
+    for i, name in enumerate(names):
+        ax_t, ax_e = axes[i]
+        rows = [e for e in res["entries"] if e["model"] == name]
+        for P in cfg["P"]:
+            for b in cfg["backends"]:
+                for s in cfg["schedules"]:
+                    pts = sorted((e["M"], e) for e in rows if e["P"] == P and e["backend"] == b
+                                 and e["schedule"] == s)
+                    if not pts:
+                        continue
+                    Ms = [m for m, _ in pts]
+                    tag = f"P={P}{'*' if P > (res['meta']['cpu_count'] or 1) else ''} {b} {s}"
+                    ax_t.plot(Ms, [1e3 * e["step_s"] for _, e in pts], styles[b], marker=markers[s],
+                              color=colors.get(P, "k"), label=tag, alpha=0.85)
+                    ax_e.plot(Ms, [e["efficiency"] for _, e in pts], styles[b], marker=markers[s],
+                              color=colors.get(P, "k"), label=tag, alpha=0.85)
+                    if b == "gloo":
+                        tp = [(m, e["torch"]["step_s"]) for m, e in pts if e.get("torch") and "step_s" in e["torch"]]
+                        if tp:
+                            ax_t.plot([m for m, _ in tp], [1e3 * t for _, t in tp], "--", marker=markers[s],
+                                      mfc="none", color=colors.get(P, "k"), label=f"torch P={P} {s}")
+            Ms = sorted(cfg["microbatches"])
+            ax_e.plot(Ms, [m / (m + P - 1) for m in Ms], "k--", lw=1, alpha=0.5)
+            ax_e.annotate(f"bound P={P}", (Ms[-1], Ms[-1] / (Ms[-1] + P - 1)), fontsize=7,
+                          xytext=(3, -3), textcoords="offset points")
+        sm = serial.get(name, {}).get("by_M", {})
+        if sm:
+            ks = sorted(sm, key=int)
+            ax_t.plot([int(k) for k in ks], [1e3 * sm[k]["step_s"] for k in ks], "k-", lw=2, label="serial")
+        for ax in (ax_t, ax_e):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(cfg["microbatches"], [str(m) for m in cfg["microbatches"]])
+            ax.set_xlabel("micro-batches M")
+            ax.grid(alpha=0.3)
+        ax_t.set_ylabel("step time (ms)")
+        ax_t.set_title(f"{cfg['models'][name]['label']}: step time (torch pipelining dashed)", fontsize=9)
+        ax_e.set_ylabel("efficiency (busiest compute / step)")
+        ax_e.set_ylim(0, 1.08)
+        ax_e.set_title("pipeline efficiency vs bound M/(M+P-1) (black dashed)", fontsize=9)
+        ax_t.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (K/8, batch/4, M in {1,4}, P in {1,2})")
+    ap.add_argument("--out", default=str(HERE / "results" / "pipeline"), help="output folder")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    models = {}
+    for name, m in base["models"].items():
+        mm = dict(m, in_features=IN_FEATURES, classes=CLASSES)
+        if args.quick:
+            mm.update(blocks=m["blocks"] // 8, batch=m["batch"] // 4)
+            mm["label"] = (f"{name}-bound (quick: K={mm['blocks']}, width {mm['width']}, "
+                           f"batch {mm['batch']})")
+        models[name] = mm
+    backends = list(base["backends"])
+    why_no_mpi = mpi_available()
+    if why_no_mpi and "mpi" in backends:
+        print(f"skipping the mpi backend: {why_no_mpi}", flush=True)
+        backends.remove("mpi")
+    cfg = {"quick": args.quick, "models": models, "P": base["P"], "microbatches": base["microbatches"],
+           "schedules": base["schedules"], "backends": backends, "warmup": base["warmup"],
+           "steps": base["steps"], "serial_steps": base["serial_steps"], "dtype": "float32",
+           "threads_per_rank": 1}
+    import torch
+    res = {"meta": {"torch": torch.__version__, "python": platform.python_version(),
+                    "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "loadavg_start": _loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "mpi_skipped": why_no_mpi},
+           "config": cfg, "entries": [], "latency": {}, "failures": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    worker_models = {k: {kk: v[kk] for kk in ("in_features", "classes", "width", "blocks", "batch")}
+                     for k, v in models.items()}
+    common = {"models": worker_models, "microbatches": cfg["microbatches"], "schedules": cfg["schedules"],
+              "warmup": cfg["warmup"], "comm_timeout": 120.0}
+    lat_bytes = sorted({m["batch"] // M * m["width"] * 4 for m in models.values() for M in cfg["microbatches"]})
+    with tempfile.TemporaryDirectory(prefix="parml-pipe-") as tmpd:
+        tmp = Path(tmpd)
+        print(f"== serial (1 process, no communicator)", flush=True)
+        r, err = launch(dict(common, backend="serial", steps=cfg["serial_steps"]), 1,
+                        base["launch_timeout"][1], tmp, "serial")
+        if err:
+            print(err, flush=True)
+            res["failures"].append(err)
+        else:
+            res["serial"] = r
+        for P in cfg["P"]:
+            for b in backends:
+                over = " (oversubscribed: more ranks than cores)" if P > (os.cpu_count() or 1) else ""
+                print(f"== {b} P={P}{over}", flush=True)
+                job = dict(common, backend=b, steps=cfg["steps"], torch_pipelining=(b == "gloo"),
+                           latency_bytes=lat_bytes if P == 2 else [], latency_reps=base["latency_reps"])
+                r, err = launch(job, P, base["launch_timeout"].get(P, 420), tmp, f"{b}-P{P}")
+                if err:
+                    print(err, flush=True)
+                    res["failures"].append(err)
+                    continue
+                for name in models:
+                    res["entries"].extend(r["models"][name])
+                if r.get("latency_s"):
+                    res["latency"][b] = r["latency_s"]
+                if r.get("torch_pipelining_error"):
+                    res["torch_pipelining_error"] = r["torch_pipelining_error"]
+    res["meta"]["loadavg_end"] = _loadavg()
+    res["meta"]["wall_s"] = time.monotonic() - t_start
+    res["goals"] = goals(res)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out / "pipeline_scaling.md")
+    try:
+        write_plot(res, out / "pipeline_scaling.png")
+    except Exception as exc:  # a missing matplotlib must not lose the numbers
+        print(f"plot failed: {exc}", flush=True)
+    g = res["goals"]
+    print(f"done in {res['meta']['wall_s']:.0f} s -> {out}", flush=True)
+    if g["torch_ratio"]:
+        print("parml/torch throughput, smallest per M (P>=2): " +
+              ", ".join(f"M={m}: {v:.2f}" for m, v in g["torch_ratio_min_by_M_pipelined"].items()) +
+              f"  goal >= 1.1: {'met' if g['torch_ratio_goal_met'] else 'not met'}", flush=True)
+    for r in g["efficiency"]:
+        print(f"compute-bound P=2 M={max(cfg['microbatches'])} {r['schedule']}/{r['backend']}: "
+              f"efficiency {r['efficiency']:.3f}, bound {r['bound']:.3f}, ratio {r['eff_over_bound']:.2f} "
+              f"(goal >= 0.9)", flush=True)
+    return 1 if res["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Moving a level's tensors between two partitions: gather onto fewer ranks, scatter back.
+
+MG/OPT restricts on the fine level's ranks (chunks are even, so restriction is local), then the
+restricted parameters and gradients are *moved* to the coarse level's layout; the coarse
+correction comes back the same way before it is prolongated. Where both levels have the same
+ranks and aligned chunks nothing moves. Block tensors move by overlapping step ranges, shared
+ones (opening, projections, head) from their owner on one level to their owner on the other.
+
+A list of tensors here is always in ``hierarchy.ordered_parameters`` order of the shard that
+the rank holds on that level; every rank derives every other rank's layout from the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import ModelSpec
+from .layout import Partition
+
+TAG_BASE = 1 << 20   # above any pipeline tag (2 * micro-batch + direction)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a shard: block rows [lo, hi) of (stage, field), or a shared parameter."""
+    key: tuple            # ("block", stage, field) or ("shared", name)
+    lo: int = 0
+    hi: int = 0
+
+
+def shard_entries(spec: ModelSpec, start: int, stop: int) -> list[Entry]:
+    """The entries of shard [start, stop) in ``ordered_parameters`` order (stage-local rows)."""
+    blocks, shared, offset = [], [], 0
+    if start == 0:
+        shared.append(Entry(("shared", "opening.weight")))
+    for i, s in enumerate(spec.stages):
+        lo, hi = max(start, offset), min(stop, offset + s.blocks)
+        if lo < hi:
+            blocks += [Entry(("block", i, f), lo - offset, hi - offset) for f in ("weight", "bias")]
+            if i > 0 and lo == offset:
+                shared.append(Entry(("shared", f"projections.{i}.weight")))
+        offset += s.blocks
+    if stop == spec.total_blocks:
+        shared += [Entry(("shared", "head.weight")), Entry(("shared", "head.bias"))]
+    return blocks + shared
+
+
+def _pieces(spec: ModelSpec, src: Partition, dst: Partition):
+    """Every (src rank, dst rank, src entry index, dst entry index, rows) piece, in one global order."""
+    src_entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
+    dst_entries = [shard_entries(spec, *dst.range(r)) for r in range(dst.ranks)]
+    pieces = []
+    for p, se in enumerate(src_entries):
+        for q, de in enumerate(dst_entries):
+            for i, a in enumerate(se):
+                for j, b in enumerate(de):
+                    if a.key != b.key:
+                        continue
+                    if a.key[0] == "shared":
+                        pieces.append((p, q, i, j, None))
+                    elif max(a.lo, b.lo) < min(a.hi, b.hi):
+                        lo, hi = max(a.lo, b.lo), min(a.hi, b.hi)
+                        pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))
+    return pieces
+
+
+class Mover:
+    """Moves tensor lists from partition `src` to partition `dst` over `comm` (world ranks).
+
+    Both partitions live on prefixes of the world, so a partition rank is a world rank.
+    """
+
+    def __init__(self, comm, spec: ModelSpec, src: Partition, dst: Partition):
+        self.comm, self.src, self.dst = comm, src, dst
+        self.local = src.bounds == dst.bounds
+        self.pieces = [] if self.local else _pieces(spec, src, dst)
+
+    def __call__(self, tensors: list[torch.Tensor] | None, like: list[torch.Tensor] | None, slot: int = 0):
+        """`tensors`: this rank's list on `src` (None if not on src); `like`: templates of this
+        rank's list on `dst` (None if not on dst). Returns the list on `dst` (None elsewhere)."""
+        if self.local:
+            return tensors
+        me = self.comm.rank
+        out = [torch.empty_like(t) for t in like] if like is not None else None
+        sends, recvs = [], []
+        for n, (p, q, i, j, rows) in enumerate(self.pieces):
+            tag = TAG_BASE + slot * 65536 + n
+            if p == me:
+                piece = tensors[i] if rows is None else tensors[i][rows[0]:rows[1]]
+                if q == me:
+                    (out[j] if rows is None else out[j][rows[2]:rows[3]]).copy_(piece)
+                else:
+                    sends.append(self.comm.isend(piece.contiguous(), q, tag))
+            elif q == me:
+                target = out[j] if rows is None else out[j][rows[2]:rows[3]]
+                buf = torch.empty_like(target)
+                recvs.append((self.comm.irecv(buf, p, tag), target, buf))
+        for req, target, buf in recvs:
+            req.wait()
+            target.copy_(buf)
+        for req in sends:
+            req.wait()
+        return out

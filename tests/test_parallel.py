@@ -1,0 +1,187 @@
+"""Layer-parallel exactness: real processes (gloo and mpirun) against the serial model.
+
+One launch per (backend, P) runs every schedule x micro-batch count x dtype inside, to keep the
+suite fast; the test process recomputes everything serially with plain autograd and compares the
+loss and every parameter's gradient on every rank.
+"""
+import pytest
+import torch
+
+from multiproc import run_ranks
+from parml.comm import SelfComm
+from parml.config import TrainConfig
+from parml.data import load_dataset
+from parml.hierarchy import ordered_parameters
+from parml.model import ModelSpec, StageSpec, build_model
+from parml.parallel.executor import LayerParallel
+from parml.parallel.layout import describe_plan, partition_blocks, plan_levels
+from parml.train import build_vcycle
+
+torch.set_num_threads(1)
+
+SPEC = ModelSpec(2, 3, (StageSpec(4, 6), StageSpec(5, 5)), T=1.0, activation="tanh")   # K = 11
+BATCH = 13
+CASES = [(s, m, d) for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(BATCH, 2, generator=g, dtype=dtype), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _local_grads(model):
+    """Gradients keyed by global identity: ('block', stage, global step) rows or shared names."""
+    out = {}
+    for c in model.block_chunks():
+        out[("chunk", c.stage, c.first)] = (c.weight.grad.clone(), c.bias.grad.clone())
+    for name, p in model.named_parameters():
+        if not name.startswith("chunks."):
+            out[name] = p.grad.clone()
+    return out
+
+
+def _grads_worker(comm):
+    results = {}
+    for schedule, m, dtype in CASES:
+        dt = getattr(torch, dtype)
+        lp = LayerParallel(build_model(SPEC, seed=2, dtype=dt), comm, schedule, m)
+        x, y = _data(dt)
+        loss = lp.forward_backward(x, y)
+        val_loss, acc = lp.evaluate(x, y)
+        results[(schedule, m, dtype)] = (loss, val_loss, acc, _local_grads(lp.model), lp.partition.bounds)
+    return results
+
+
+def _serial(dtype):
+    model = build_model(SPEC, seed=2, dtype=dtype)
+    x, y = _data(dtype)
+    loss = model.loss(model(x), y)
+    loss.backward()
+    acc = float((model(x).argmax(1) == y).double().mean())
+    return float(loss.detach()), acc, model
+
+
+def _check_rank_grads(grads, serial_model, rtol, atol):
+    named = dict(serial_model.named_parameters())
+    for key, g in grads.items():
+        if isinstance(key, tuple):
+            _, stage, first = key
+            w, b = g
+            ref = serial_model.chunks[stage]
+            torch.testing.assert_close(w, ref.weight.grad[first:first + w.shape[0]], rtol=rtol, atol=atol)
+            torch.testing.assert_close(b, ref.bias.grad[first:first + b.shape[0]], rtol=rtol, atol=atol)
+        else:
+            torch.testing.assert_close(g, named[key].grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend,nprocs", [("gloo", 1), ("gloo", 2), ("gloo", 4), ("mpi", 1), ("mpi", 2), ("mpi", 4)])
+def test_loss_and_every_gradient_equal_serial(backend, nprocs):
+    ranks = run_ranks("tests.test_parallel:_grads_worker", nprocs, backend, timeout=150)
+    serial = {d: _serial(getattr(torch, d)) for d in ("float64", "float32")}
+    for case in CASES:
+        _, _, dtype = case
+        ref_loss, ref_acc, ref_model = serial[dtype]
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+        covered = []
+        for rank, res in enumerate(ranks):
+            loss, val_loss, acc, grads, bounds = res[case]
+            assert abs(loss - ref_loss) <= tol["rtol"] * abs(ref_loss), (case, rank, loss, ref_loss)
+            assert abs(val_loss - ref_loss) <= tol["rtol"] * abs(ref_loss)
+            assert acc == ref_acc
+            _check_rank_grads(grads, ref_model, **tol)
+            covered += [k for k in grads if isinstance(k, tuple)]
+        # every block and every shared parameter had its gradient checked on some rank
+        assert sum(len(r[case][3]) for r in ranks) >= 2 and len(set(covered)) >= len(ranks)
+        assert set().union(*[set(k for k in r[case][3] if isinstance(k, str)) for r in ranks]) == \
+            {n for n, _ in ref_model.named_parameters() if not n.startswith("chunks.")}
+
+
+# --- training: 20 GD steps and 5 MG/OPT V-cycles equal the serial run -------------------------------
+
+def _run_cycles(comm, levels, cycles, microbatches=1, schedule="1f1b", min_blocks_per_rank=1):
+    data = load_dataset("circles", seed=0, n_train=40, n_val=8, dtype=torch.float64)
+    cfg = TrainConfig(blocks=32, width=3, levels=levels, dtype="float64", lr=0.1, beta=1e-3,
+                      microbatches=microbatches, schedule=schedule, min_blocks_per_rank=min_blocks_per_rank,
+                      progress=False)
+    vcycle = build_vcycle(cfg, data, comm)
+    losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(cycles)]
+    finest = vcycle.levels[-1].executor
+    return losses, finest.gather_state(), vcycle.work_units, [p.ranks for p in vcycle.plans]
+
+
+def _train_worker(comm, runs):
+    return {key: _run_cycles(comm, *key) for key in runs}
+
+
+# (levels, cycles, micro-batches, schedule, min blocks per rank): min 1 keeps every level on all
+# ranks; min 4 gathers the coarse levels of K = 32 onto fewer ranks (agglomeration)
+RUNS = [(1, 20, 3, "1f1b", 1), (2, 5, 1, "gpipe", 1), (4, 5, 2, "1f1b", 1), (2, 5, 1, "1f1b", 16),
+        (4, 5, 1, "gpipe", 4)]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend,nprocs", [("gloo", 2), ("gloo", 4), ("mpi", 2), ("mpi", 4)])
+def test_training_iterates_equal_serial(backend, nprocs):
+    """GD (L=1, 20 steps) and MG/OPT (L=2, 4; 5 V-cycles) across ranks give the serial iterates."""
+    ranks = run_ranks("tests.test_parallel:_train_worker", nprocs, backend, timeout=220, args={"runs": RUNS})
+    for key in RUNS:
+        ref_losses, ref_state, ref_units, _ = _run_cycles(SelfComm(), *key)
+        losses, state, units, level_ranks = ranks[0][key]
+        assert units == ref_units
+        if key[-1] > 1 and key[0] > 1:
+            assert level_ranks[0] < nprocs, level_ranks    # the coarsest level really was gathered
+        for a, b in zip(losses, ref_losses):
+            assert abs(a - b) <= 1e-9 * abs(b), (key, losses, ref_losses)
+        assert state.keys() == ref_state.keys()
+        for name in state:
+            torch.testing.assert_close(state[name], ref_state[name], rtol=1e-9, atol=1e-12, msg=f"{key} {name}")
+        for other in ranks[1:]:
+            assert other[key][1] is None and other[key][0] == losses
+
+
+def test_agglomeration_plan_for_2048_blocks_8_ranks_8_levels():
+    blocks = [2048 // 2 ** i for i in range(7, -1, -1)]
+    plans = plan_levels(blocks, 8, min_blocks_per_rank=64)
+    assert [p.ranks for p in plans] == [1, 1, 1, 2, 4, 8, 8, 8]
+    assert plans[-1].partition.bounds == tuple(range(0, 2049, 256))
+    assert plans[3].partition.bounds == (0, 64, 128) and plans[4].partition.bounds == (0, 64, 128, 192, 256)
+    text = describe_plan(plans)
+    assert text.splitlines()[0] == "level 8: 2048 blocks on 8 rank(s), 256 blocks per rank"
+    assert text.splitlines()[-1] == "level 1: 16 blocks on 1 rank(s), 16 blocks per rank"
+    # every level on all ranks: the coarsest has 2 blocks per rank, chunks aligned by halving
+    plans = plan_levels(blocks, 8, min_blocks_per_rank=1)
+    assert [p.ranks for p in plans] == [8] * 8
+    for coarse, fine in zip(plans, plans[1:]):
+        assert fine.partition.bounds == tuple(2 * b for b in coarse.partition.bounds)
+    # edge cases: a level with fewer blocks than ranks, and uneven chunks
+    plans = plan_levels([1, 2, 4, 8], 4, min_blocks_per_rank=1)
+    assert [p.ranks for p in plans] == [1, 1, 2, 4]
+    assert plans[2].partition.bounds == (0, 2, 4) and plans[0].partition.bounds == (0, 1)
+    plans = plan_levels([3, 6, 12], 5, min_blocks_per_rank=1)
+    assert [p.ranks for p in plans] == [3, 3, 5]
+    assert all(b % 2 == 0 for b in plans[2].partition.bounds)
+    with pytest.raises(ValueError, match=r"more ranks \(5\) than the finest level can use"):
+        plan_levels([2, 4, 8], 5)
+    with pytest.raises(ValueError, match="--min-blocks-per-rank 0"):
+        plan_levels([2, 4], 2, min_blocks_per_rank=0)
+
+
+def test_partition_is_balanced_and_aligned():
+    assert partition_blocks(11, 4).bounds == (0, 2, 5, 8, 11)
+    p = partition_blocks(2048, 8, align=128)
+    assert p.bounds == tuple(range(0, 2049, 256))
+    assert p.coarsened(128).bounds == tuple(range(0, 17, 2))
+    with pytest.raises(ValueError, match=r"more ranks \(5\) than blocks \(4\)"):
+        partition_blocks(4, 5)
+    with pytest.raises(ValueError, match="at most 2 ranks"):
+        partition_blocks(16, 4, align=8)
+
+
+def test_single_rank_layer_parallel_is_the_model():
+    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), "gpipe", 4)
+    x, y = _data(torch.float64)
+    loss = lp.forward_backward(x, y)
+    ref_loss, _, ref_model = _serial(torch.float64)
+    assert abs(loss - ref_loss) < 1e-12
+    _check_rank_grads(_local_grads(lp.model), ref_model, rtol=1e-10, atol=1e-12)
