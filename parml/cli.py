@@ -75,7 +75,7 @@ _D = TrainConfig()
 @click.option("--microbatches", "-M", type=int, default=_D.microbatches, help="Micro-batches per step.")
 @click.option("--min-blocks-per-rank", type=int, default=_D.min_blocks_per_rank,
               help="A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
-@click.option("--nproc", type=int, default=None, help="Expected world size; must match the launcher's.")
+@click.option("--ranks", type=int, default=None, help="Expected world size; must match the launcher's.")
 @click.option("--comm-timeout", type=float, default=_D.comm_timeout, help="Seconds before a blocked communication fails.")
 @click.option("--eval-every", type=int, default=_D.eval_every, help="Validate every n cycles.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on rank 0.")

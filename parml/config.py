@@ -51,7 +51,7 @@ class TrainConfig:
     schedule: str = "1f1b"            # pipeline schedule across ranks
     microbatches: int = 1             # M
     min_blocks_per_rank: int = 16     # a coarse level with fewer blocks per rank is gathered onto fewer ranks
-    nproc: int | None = None          # expected world size; checked against the launcher's
+    ranks: int | None = None          # expected world size; checked against the launcher's
     comm_timeout: float = 300.0       # seconds before a blocked communication fails
     eval_every: int = 1               # validate every n cycles
     progress: bool = True
@@ -92,7 +92,7 @@ class TrainConfig:
         need(self.eval_every >= 1, f"--eval-every {self.eval_every} must be at least 1")
         need(self.comm_timeout > 0, f"--comm-timeout {self.comm_timeout} must be positive")
         need(self.min_blocks_per_rank >= 1, f"--min-blocks-per-rank {self.min_blocks_per_rank} must be at least 1")
-        need(self.nproc is None or self.nproc >= 1, f"--nproc {self.nproc} must be at least 1")
+        need(self.ranks is None or self.ranks >= 1, f"--ranks {self.ranks} must be at least 1")
         need(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
              f"--target-accuracy {self.target_accuracy} must be in (0, 1]")
         choice("--activation", self.activation, tuple(ACTIVATIONS))

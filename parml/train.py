@@ -164,7 +164,7 @@ def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
     from .parallel.layout import check_world_size
 
     try:
-        check_world_size(launcher_world_size(), cfg.nproc)
+        check_world_size(launcher_world_size(), cfg.ranks)
         partition_blocks(cfg.blocks, launcher_world_size(), align=2 ** (cfg.levels - 1))
     except LayoutError as e:
         fail(str(e))

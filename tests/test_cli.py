@@ -61,7 +61,7 @@ BAD = [
     (["--microbatches", "0"], "--microbatches"),
     (["--target-accuracy", "1.5"], "--target-accuracy"),
     (["--backend", "carrier-pigeon"], "--backend"),
-    (["--nproc", "4"], "--nproc 4"),
+    (["--ranks", "4"], "--ranks 4"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--dataset", "imagenet"], "imagenet"),
     (["--dataset", "mnist"], "--data-dir"),

@@ -55,7 +55,7 @@ def partition_blocks(blocks: int, ranks: int, align: int = 1) -> Partition:
     return Partition(tuple(align * (r * units // ranks) for r in range(ranks + 1)))
 
 
-def check_world_size(world_size: int, requested: int | None, option: str = "--nproc") -> None:
+def check_world_size(world_size: int, requested: int | None, option: str = "--ranks") -> None:
     """The launcher's world size must match what the command line asked for."""
     if requested is not None and requested != world_size:
         raise LayoutError(f"{option} {requested} does not match the launcher's world size {world_size} "
