@@ -61,6 +61,15 @@ _D = TrainConfig()
               help="l2: block steps in the L2(0,T) metric (gradient / h); euclidean: raw parameters.")
 @click.option("--interpolation", default=_D.interpolation, type=click.Choice(INTERPOLATIONS),
               help="Prolongation in time.")
+@click.option("--lr-schedule", default=_D.lr_schedule, type=click.Choice(("constant", "cosine")),
+              help="cosine: anneal from --lr to --lr-min over --max-cycles.")
+@click.option("--lr-min", type=float, default=_D.lr_min, help="Final learning rate of cosine schedules.")
+@click.option("--cascade", type=int, default=_D.cascade,
+              help="Multilevel initialization: train K/2^c, ..., K/2 blocks first (c doublings), then K.")
+@click.option("--cascade-cycles", type=int, default=_D.cascade_cycles,
+              help="Steps per cascade stage (cosine learning rate restarted each stage).")
+@click.option("--cascade-interpolation", default=_D.cascade_interpolation, type=click.Choice(INTERPOLATIONS),
+              help="constant: copy each block and halve h (Chang); linear in time (Haber).")
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size (multilevel SGD); default full batch.")
 @click.option("--seed", type=int, default=_D.seed)
 @click.option("--target-accuracy", type=float, default=_D.target_accuracy, help="Stop at this validation accuracy.")
@@ -78,10 +87,17 @@ _D = TrainConfig()
 @click.option("--ranks", type=int, default=None, help="Expected world size; must match the launcher's.")
 @click.option("--comm-timeout", type=float, default=_D.comm_timeout, help="Seconds before a blocked communication fails.")
 @click.option("--eval-every", type=int, default=_D.eval_every, help="Validate every n cycles.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch compute threads per rank (ranks are the parallelism; small blocks run best on one).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on rank 0.")
 def train(**options):
     """Train an ODE ResNet (default: the paper's circles setup, K=2048, 8 levels)."""
     from .train import run_from_cli
+    threads = options.pop("threads")
+    if threads < 1:
+        fail(f"--threads {threads} must be at least 1")
+    import torch
+    torch.set_num_threads(threads)
     cfg = TrainConfig(**options)
     try:
         cfg.validate()
@@ -124,6 +140,8 @@ def info(schedule, stages, microbatches):
 @click.option("--target-accuracy", type=float, default=None,
               help="Stop at this validation accuracy [default: the paper's, 1.0 circles / 0.93 MNIST].")
 @click.option("--levels", default=None, help="table1 only: comma-separated subset of L = 1,2,4,6,8.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch compute threads per rank (ranks are the parallelism; small blocks run best on one).")
 @click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")
 def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, progress):
     """Rerun the paper's TABLE: table1 (--task circles|mnist), table2 or sensitivity (§4.5).

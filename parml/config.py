@@ -38,6 +38,11 @@ class TrainConfig:
     beta: float = 1e-4                # Tikhonov weight β
     metric: str = "l2"                # l2: block steps in the L2(0,T) metric; euclidean: raw parameters
     interpolation: str = "constant"   # prolongation in time: constant (paper) | linear
+    lr_schedule: str = "constant"     # constant | cosine (annealed to lr_min over max_cycles)
+    lr_min: float = 0.001
+    cascade: int = 0                  # multilevel initialization: train K/2^c, ..., K/2 first (c doublings)
+    cascade_cycles: int = 100         # steps per cascade stage (cosine LR restarted each stage)
+    cascade_interpolation: str = "constant"   # constant: copy each block (Chang) | linear (Haber)
     batch_size: int | None = None     # None = full batch (multilevel GD); else multilevel SGD
     seed: int = 0
     target_accuracy: float | None = 1.0   # stop at this validation accuracy (None: never)
@@ -100,6 +105,13 @@ class TrainConfig:
         choice("--optimizer", self.optimizer, OPTIMIZERS)
         choice("--metric", self.metric, METRICS)
         choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        choice("--cascade-interpolation", self.cascade_interpolation, INTERPOLATIONS)
+        choice("--lr-schedule", self.lr_schedule, ("constant", "cosine"))
+        need(0 <= self.lr_min <= self.lr, f"--lr-min {self.lr_min} must be in [0, --lr {self.lr}]")
+        need(self.cascade >= 0, f"--cascade {self.cascade} must be >= 0")
+        need(self.cascade_cycles >= 1, f"--cascade-cycles {self.cascade_cycles} must be at least 1")
+        need(self.blocks % 2 ** self.cascade == 0,
+             f"--cascade {self.cascade} needs --blocks {self.blocks} divisible by 2^{self.cascade} (each stage doubles the depth)")
         choice("--dtype", self.dtype, DTYPES)
         choice("--backend", self.backend, ("auto", "torch", "mpi", "self"))
         choice("--device", self.device, ("auto", "cpu", "cuda"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,7 +35,7 @@ def make_optimizer_factory(name: str, lr: float):
     return lambda ps: torch.optim.Adam(ps, lr=lr)
 
 
-def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None):
+def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state: dict | None = None):
     """Levels 1..L (coarsest first) and the movers between them.
 
     Level l is a layer-parallel model on ranks 0..P_l-1 (``layout.plan_levels``); on ranks
@@ -60,6 +61,8 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None):
         factor = 2 ** (cfg.levels - 1 - i)
         # every level is drawn from the same seed; coarse ones are overwritten by restriction
         model = build_model(sp, seed=cfg.seed, dtype=dtype)
+        if init_state is not None and i == cfg.levels - 1:
+            model.load_state_dict(init_state)
         executor = LayerParallel(model, group, cfg.schedule.lower(), cfg.microbatches, plan.partition,
                                  device=device)
         h = sp.T / sp.stages[0].blocks
@@ -74,9 +77,10 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None):
     return levels, movers, plans
 
 
-def build_vcycle(cfg: TrainConfig, data: Dataset, comm, device=None) -> VCycle:
-    """The V-cycle of `cfg` over `comm`; ``vcycle.plans`` records where each level lives."""
-    levels, movers, plans = build_levels(cfg, data, comm, device)
+def build_vcycle(cfg: TrainConfig, data: Dataset, comm, device=None, init_state: dict | None = None) -> VCycle:
+    """The V-cycle of `cfg` over `comm`; ``vcycle.plans`` records where each level lives.
+    `init_state`: the finest model's full state dict to start from (e.g. a cascade's result)."""
+    levels, movers, plans = build_levels(cfg, data, comm, device, init_state)
     vcycle = VCycle(levels, cfg.setup, cfg.interpolation, movers)
     vcycle.plans = plans
     return vcycle
@@ -90,58 +94,99 @@ def resolve_device(cfg: TrainConfig, comm) -> torch.device:
     return torch.device("cpu")
 
 
-def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
-    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+@dataclass
+class Phase:
+    """Where a training loop stands; shared by the cascade stages and the final training."""
+    cycle: int = 0
+    epoch: int = 0
+    reached: bool = False
+    record: dict = field(default_factory=dict)
+
+
+def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, clock: float, max_cycles: int,
+               lr_at=None, phase: str = "train", work_offset: float = 0.0, stop_at_target: bool = True) -> Phase:
+    """V-cycles (or GD steps) on mini-batches or the full batch until the target or the budget.
+
+    `lr_at(i)` sets every level optimizer's learning rate before step i (cosine restarts).
+    Ranks outside the finest level's group (cascade stages on few ranks) return at once.
+    """
+    state = Phase()
+    finest = vcycle.levels[-1]
+    if finest is None:
+        return state
+    n = data.x_train.shape[0]
+    while state.cycle < max_cycles and not state.reached and (cfg.max_epochs is None or state.epoch < cfg.max_epochs):
+        for idx in batches(n, cfg.batch_size, cfg.seed, state.epoch):
+            full = cfg.batch_size is None or idx.numel() == n
+            batch = (data.x_train, data.y_train) if full else (data.x_train[idx], data.y_train[idx])
+            if lr_at is not None:
+                lr = lr_at(state.cycle)
+                for lev in vcycle.levels:
+                    if lev is not None:
+                        for group in lev.optimizer.param_groups:
+                            group["lr"] = lr
+            result = vcycle(batch, batch_id=0 if full else (state.epoch, state.cycle))
+            state.cycle += 1
+            if not math.isfinite(result.loss):
+                raise TrainingError(f"non-finite loss {result.loss} at cycle {state.cycle} ({phase}) on the finest level")
+            rec = {"phase": phase, "cycle": state.cycle, "epoch": state.epoch, "loss": result.loss,
+                   "work_units": work_offset + vcycle.work_units, "seconds": time.perf_counter() - clock,
+                   "level_seconds": result.level_seconds}
+            if lr_at is not None:
+                rec["lr"] = lr
+            if state.cycle % cfg.eval_every == 0 or state.cycle >= max_cycles:
+                rec["val_loss"], rec["val_acc"] = finest.executor.evaluate(data.x_val, data.y_val)
+                state.reached = stop_at_target and cfg.target_accuracy is not None and \
+                    rec["val_acc"] >= cfg.target_accuracy - 1e-12
+            state.record = rec
+            out.log(rec)
+            if state.reached or state.cycle >= max_cycles:
+                break
+        state.epoch += 1
+    return state
+
+
+def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
     cfg.validate()
     data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     data = data.to(dtype=getattr(torch, cfg.dtype))
-    check = cfg.batch_size or data.x_train.shape[0]
     try:
-        check_microbatches(min(check, data.x_train.shape[0]), cfg.microbatches)
+        check_microbatches(min(cfg.batch_size or data.x_train.shape[0], data.x_train.shape[0]), cfg.microbatches)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
+    return data
+
+
+def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
+    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+    data = _prepare(cfg, comm, data)
     device = resolve_device(cfg, comm)
-    vcycle = build_vcycle(cfg, data, comm, device)
-    levels, plans = vcycle.levels, vcycle.plans
-    finest = levels[-1].executor
     folder = os.path.join(cfg.out, cfg.name)
-    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress, total=cfg.max_cycles)
+    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress,
+                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles)
+    clock = time.perf_counter()
+    init_state, cascade_units, cascade_log = None, 0.0, []
+    if cfg.cascade:
+        from .cascade import run_cascade
+        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
+    vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
+    levels, plans = vcycle.levels, vcycle.plans
     out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "backend": comm.backend,
                                    "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
-                                   "work_units_per_cycle_eq10": cfg.setup.cost(),
+                                   "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
                                    "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
                                              "bounds": list(p.partition.bounds)} for p in plans]})
     out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
               f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
     if comm.size > 1:
         out.print(describe_plan(plans))
-
-    n = data.x_train.shape[0]
-    t0 = time.perf_counter()
-    cycle, epoch, reached, record = 0, 0, False, {}
-    while cycle < cfg.max_cycles and not reached and (cfg.max_epochs is None or epoch < cfg.max_epochs):
-        for idx in batches(n, cfg.batch_size, cfg.seed, epoch):
-            full = idx.numel() == n and cfg.batch_size is None
-            batch = (data.x_train, data.y_train) if full else (data.x_train[idx], data.y_train[idx])
-            result = vcycle(batch, batch_id=0 if full else (epoch, cycle))
-            cycle += 1
-            if not math.isfinite(result.loss):
-                raise TrainingError(f"non-finite loss {result.loss} at cycle {cycle} on the finest level")
-            record = {"cycle": cycle, "epoch": epoch, "loss": result.loss,
-                      "work_units": vcycle.work_units, "seconds": time.perf_counter() - t0,
-                      "level_seconds": result.level_seconds}
-            if cycle % cfg.eval_every == 0 or cycle >= cfg.max_cycles:
-                val_loss, val_acc = finest.evaluate(data.x_val, data.y_val)
-                record.update(val_loss=val_loss, val_acc=val_acc)
-                reached = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy - 1e-12
-            out.log(record)
-            if reached or cycle >= cfg.max_cycles:
-                break
-        epoch += 1
-
-    summary = {"cycles": cycle, "epochs": epoch, "work_units": vcycle.work_units,
-               "seconds": time.perf_counter() - t0, "reached_target": reached,
+    lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if cfg.lr_schedule == "cosine" else None
+    state = run_cycles(vcycle, data, cfg, out, clock, cfg.max_cycles, lr_at, work_offset=cascade_units)
+    record = state.record
+    summary = {"cycles": state.cycle, "epochs": state.epoch, "work_units": cascade_units + vcycle.work_units,
+               "cascade_work_units": cascade_units,
+               "seconds": time.perf_counter() - clock, "reached_target": state.reached,
                "final_loss": record.get("loss"), "val_acc": record.get("val_acc"),
                "val_loss": record.get("val_loss"),
                "level_seconds": [lev.stats.seconds if lev else 0.0 for lev in levels],
@@ -150,11 +195,16 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
     out.close()
     if comm.rank == 0:
         plot_run(folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
-    status = "reached" if reached else "did not reach"
-    out.print(f"{status} val acc {cfg.target_accuracy} after {cycle} cycles, {vcycle.work_units:.1f} work units, "
-              f"{summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
+    status = "reached" if state.reached else "did not reach"
+    out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
+              f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
     summary["levels"] = levels
     return summary
+
+
+def cosine_schedule(lr_max: float, lr_min: float, steps: int):
+    """Cosine annealing from lr_max to lr_min over `steps` (Chang et al.; restarted per stage)."""
+    return lambda i: lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * min(i, steps) / steps))
 
 
 def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
