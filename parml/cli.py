@@ -27,6 +27,9 @@ def fail(message: str, code: int = 2):
     """One line on stderr (rank 0 only) and exit: no traceback for user mistakes."""
     if _rank0():
         click.echo(f"parml: error: {message}", err=True)
+    from .comm import exit_process, launcher_world_size
+    if launcher_world_size() > 1:
+        exit_process(code)      # skip gloo's teardown, which can turn exit code 2 into a crash
     sys.exit(code)
 
 
@@ -86,6 +89,10 @@ _D = TrainConfig()
               help="A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
 @click.option("--ranks", type=int, default=None, help="Expected world size; must match the launcher's.")
 @click.option("--comm-timeout", type=float, default=_D.comm_timeout, help="Seconds before a blocked communication fails.")
+@click.option("--checkpoint-every", type=int, default=_D.checkpoint_every,
+              help="Write a checkpoint (per-rank shards + manifest) every n cycles; 0 = never.")
+@click.option("--resume", default=None, help="Continue the run in this folder from its latest complete checkpoint "
+              "(any rank count); only --max-cycles and run-time options may change.")
 @click.option("--eval-every", type=int, default=_D.eval_every, help="Validate every n cycles.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch compute threads per rank (ranks are the parallelism; small blocks run best on one).")
@@ -98,8 +105,14 @@ def train(**options):
         fail(f"--threads {threads} must be at least 1")
     import torch
     torch.set_num_threads(threads)
-    cfg = TrainConfig(**options)
     try:
+        if options["resume"]:
+            ctx = click.get_current_context()
+            given = {k: v for k, v in options.items()
+                     if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+            cfg = TrainConfig.from_run(options["resume"], given)
+        else:
+            cfg = TrainConfig(**options)
         cfg.validate()
     except ConfigError as e:
         fail(str(e))

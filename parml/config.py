@@ -58,6 +58,8 @@ class TrainConfig:
     min_blocks_per_rank: int = 16     # a coarse level with fewer blocks per rank is gathered onto fewer ranks
     ranks: int | None = None          # expected world size; checked against the launcher's
     comm_timeout: float = 300.0       # seconds before a blocked communication fails
+    checkpoint_every: int = 0         # cycles between checkpoints (0: none)
+    resume: str | None = None         # run folder to continue from its latest complete checkpoint
     eval_every: int = 1               # validate every n cycles
     progress: bool = True
 
@@ -75,6 +77,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    # options that may differ when a run is resumed (they do not change the iterates)
+    RESUMABLE = ("max_cycles", "max_epochs", "checkpoint_every", "comm_timeout", "progress", "backend",
+                 "device", "ranks", "eval_every")
+
+    @classmethod
+    def from_run(cls, run_dir: str, overrides: dict) -> "TrainConfig":
+        """The configuration saved in `run_dir`, with the resumable `overrides`, set to resume it."""
+        import json
+        path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"--resume {run_dir!r}: no config.json there (not a parml run folder)")
+        with open(path) as f:
+            saved = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        for k, v in overrides.items():
+            if k in cls.RESUMABLE:
+                setattr(cfg, k, v)
+        cfg.resume = run_dir
+        cfg.out, cfg.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
+        return cfg
 
     def validate(self) -> "TrainConfig":
         """Check every option that needs no data and no process group."""
@@ -94,6 +118,8 @@ class TrainConfig:
         need(self.max_epochs is None or self.max_epochs >= 1, f"--max-epochs {self.max_epochs} must be at least 1")
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
         need(self.microbatches >= 1, f"--microbatches {self.microbatches} must be at least 1")
+        need(self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every} must be >= 0")
+        need(self.resume is None or os.path.isdir(self.resume), f"--resume {self.resume!r} is not a run folder")
         need(self.eval_every >= 1, f"--eval-every {self.eval_every} must be at least 1")
         need(self.comm_timeout > 0, f"--comm-timeout {self.comm_timeout} must be positive")
         need(self.min_blocks_per_rank >= 1, f"--min-blocks-per-rank {self.min_blocks_per_rank} must be at least 1")

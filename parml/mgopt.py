@@ -10,6 +10,7 @@ through the level's communicator, so one V-cycle code runs on one rank or on man
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ from .hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gra
 
 class CycleError(ValueError):
     """A cycle string that cannot be parsed or does not fit the hierarchy."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A loss or gradient became NaN/inf; the message says on which rank, level and blocks."""
 
 
 # --- the paper's list notation ---------------------------------------------------------------------
@@ -102,7 +107,7 @@ class Level:
     """
 
     def __init__(self, executor, beta: float, block_weight: float, metric: str, cost: float,
-                 make_optimizer, comm):
+                 make_optimizer, comm, number: int = 0):
         self.executor, self.comm = executor, comm
         self.model = executor.model
         self.params = ordered_parameters(self.model)
@@ -111,6 +116,7 @@ class Level:
         self.beta, self.block_weight, self.cost = beta, block_weight, cost
         self.optimizer = make_optimizer(self.params)
         self.stats = LevelStats()
+        self.number = number
         self._version = 0
         self._cache = None
 
@@ -138,18 +144,40 @@ class Level:
             return self._cache[1], self._cache[2]
         t0 = time.perf_counter()
         loss = self.executor.forward_backward(*batch)
-        grads, reg = [], 0.0
+        grads, reg, finite = [], 0.0, True
         for p, is_block in zip(self.params, self.mask):
             w = self.beta * (self.block_weight if is_block else 1.0)
             d = p.detach()
             grads.append(p.grad.detach() + 2.0 * w * d)
             reg += w * float(d.square().sum())
-        loss += self.comm.allreduce_scalar(reg)
+            finite = finite and bool(torch.isfinite(grads[-1]).all())
+        totals = torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
+        self.comm.allreduce(totals)
+        loss += float(totals[0])
+        if totals[1] > 0 or not math.isfinite(loss):
+            self._raise_non_finite(loss, finite)
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0
         self._cache = (key, loss, grads)
         return loss, grads
+
+    def _raise_non_finite(self, loss, finite):
+        """Every rank of the level stops together. The message names where it started: the ranks
+        whose parameters are non-finite, else those whose gradients are."""
+        m = self.model
+        bad_params = not all(bool(torch.isfinite(p).all()) for p in self.params)
+        here = (bad_params, not finite, f"rank {self.comm.rank}, level {self.number}, blocks [{m.start}, {m.stop})")
+        every = self.comm.allgather_object(here) if self.comm.size > 1 else [here]
+        params = [w for p, _, w in every if p]
+        grads = [w for _, g, w in every if g]
+        if params:
+            where = "non-finite parameters at " + "; ".join(params)
+        elif grads:
+            where = "non-finite gradient at " + "; ".join(grads)
+        else:
+            where = f"non-finite loss {loss} at level {self.number}"
+        raise NonFiniteError(where)
 
     def smooth(self, steps, dg, batch, batch_id) -> float | None:
         """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD)."""

@@ -234,6 +234,28 @@ class ODEResNet(nn.Module):
         return (batch, self.spec.stages[-1].width)
 
 
+def shard_state(model: ODEResNet) -> dict:
+    """A shard's parameters keyed by position, so that any other partition can reassemble them."""
+    return {"chunks": [(c.stage, c.first, c.weight.detach().cpu().clone(), c.bias.detach().cpu().clone())
+                       for c in model.block_chunks()],
+            "shared": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                       if not n.startswith("chunks.")}}
+
+
+def assemble_state(parts: list[dict]) -> dict:
+    """The full model's state dict from the ``shard_state`` of every shard."""
+    state, stages = {}, {}
+    for part in parts:
+        state.update(part["shared"])
+        for stage, first, w, b in part["chunks"]:
+            stages.setdefault(stage, []).append((first, w, b))
+    for stage, pieces in stages.items():
+        pieces.sort(key=lambda t: t[0])
+        state[f"chunks.{stage}.weight"] = torch.cat([w for _, w, _ in pieces])
+        state[f"chunks.{stage}.bias"] = torch.cat([b for _, _, b in pieces])
+    return state
+
+
 def _init_linear(lin: nn.Linear, g):
     bound = 1.0 / math.sqrt(lin.in_features)
     with torch.no_grad():

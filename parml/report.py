@@ -16,7 +16,7 @@ class RunWriter:
     """Writes one run folder. ``active`` is False on every rank but 0."""
 
     def __init__(self, folder: str, active: bool = True, progress: bool = True, total: int | None = None,
-                 desc: str = "train"):
+                 desc: str = "train", keep_rows: list[dict] | None = None):
         self.folder, self.active = folder, active
         self._metrics = None
         self._bar = None
@@ -24,6 +24,8 @@ class RunWriter:
             return
         os.makedirs(folder, exist_ok=True)
         self._metrics = open(os.path.join(folder, "metrics.jsonl"), "w")
+        for row in keep_rows or []:          # a resumed run continues the metrics it had checkpointed
+            self._metrics.write(json.dumps(row) + "\n")
         self._bar_args = dict(total=total, desc=desc, unit="cycle", file=sys.stderr, dynamic_ncols=True,
                               leave=False, mininterval=0.5) if progress else None
 

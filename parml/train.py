@@ -14,12 +14,13 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import Dataset, batches, load_dataset
 from .hierarchy import level_specs
-from .mgopt import Level, VCycle
+from .mgopt import Level, NonFiniteError, VCycle
 from .model import build_model
 from .parallel.executor import LayerParallel
 from .parallel.agglomerate import Mover
 from .parallel.layout import (LayoutError, Partition, check_microbatches, describe_plan, partition_blocks,
                               plan_levels)
+from .checkpoint import CheckpointError, load_latest, save as save_checkpoint
 from .report import RunWriter, plot_run
 
 
@@ -68,7 +69,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,
-                            make_optimizer_factory(cfg.optimizer, cfg.lr), group))
+                            make_optimizer_factory(cfg.optimizer, cfg.lr), group, number=i + 1))
     movers = []
     for i in range(cfg.levels - 1):
         fine = Partition(tuple(b // 2 for b in plans[i + 1].partition.bounds))
@@ -99,24 +100,30 @@ class Phase:
     """Where a training loop stands; shared by the cascade stages and the final training."""
     cycle: int = 0
     epoch: int = 0
+    batch: int = 0          # next mini-batch within the epoch
     reached: bool = False
     record: dict = field(default_factory=dict)
 
 
 def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, clock: float, max_cycles: int,
-               lr_at=None, phase: str = "train", work_offset: float = 0.0, stop_at_target: bool = True) -> Phase:
+               lr_at=None, phase: str = "train", work_offset: float = 0.0, stop_at_target: bool = True,
+               start: Phase | None = None, after_cycle=None) -> Phase:
     """V-cycles (or GD steps) on mini-batches or the full batch until the target or the budget.
 
-    `lr_at(i)` sets every level optimizer's learning rate before step i (cosine restarts).
-    Ranks outside the finest level's group (cascade stages on few ranks) return at once.
+    `lr_at(i)` sets every level optimizer's learning rate before step i (cosine restarts);
+    `start` resumes at a saved position; `after_cycle(state)` runs after each logged cycle
+    (checkpoints). Ranks outside the finest level's group (cascade stages) return at once.
     """
-    state = Phase()
+    state = start or Phase()
     finest = vcycle.levels[-1]
     if finest is None:
         return state
     n = data.x_train.shape[0]
     while state.cycle < max_cycles and not state.reached and (cfg.max_epochs is None or state.epoch < cfg.max_epochs):
-        for idx in batches(n, cfg.batch_size, cfg.seed, state.epoch):
+        for b, idx in enumerate(batches(n, cfg.batch_size, cfg.seed, state.epoch)):
+            if b < state.batch:
+                continue
+            state.batch = b + 1
             full = cfg.batch_size is None or idx.numel() == n
             batch = (data.x_train, data.y_train) if full else (data.x_train[idx], data.y_train[idx])
             if lr_at is not None:
@@ -125,10 +132,12 @@ def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, 
                     if lev is not None:
                         for group in lev.optimizer.param_groups:
                             group["lr"] = lr
-            result = vcycle(batch, batch_id=0 if full else (state.epoch, state.cycle))
+            _fault_hook(state.cycle + 1, vcycle)
+            try:
+                result = vcycle(batch, batch_id=0 if full else (state.epoch, state.cycle))
+            except NonFiniteError as e:
+                raise TrainingError(f"{e} in cycle {state.cycle + 1} ({phase})") from None
             state.cycle += 1
-            if not math.isfinite(result.loss):
-                raise TrainingError(f"non-finite loss {result.loss} at cycle {state.cycle} ({phase}) on the finest level")
             rec = {"phase": phase, "cycle": state.cycle, "epoch": state.epoch, "loss": result.loss,
                    "work_units": work_offset + vcycle.work_units, "seconds": time.perf_counter() - clock,
                    "level_seconds": result.level_seconds}
@@ -140,10 +149,32 @@ def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, 
                     rec["val_acc"] >= cfg.target_accuracy - 1e-12
             state.record = rec
             out.log(rec)
+            if after_cycle is not None:
+                after_cycle(state)
             if state.reached or state.cycle >= max_cycles:
                 break
-        state.epoch += 1
+        else:
+            state.epoch, state.batch = state.epoch + 1, 0
     return state
+
+
+def _fault_hook(cycle: int, vcycle: VCycle) -> None:
+    """Test hook: PARML_TEST_FAULT="kind:cycle:rank" (kind nan | raise | kill) breaks one rank on
+    purpose, so the tests can check that a failing or dying rank ends the whole job cleanly."""
+    spec = os.environ.get("PARML_TEST_FAULT")
+    if not spec:
+        return
+    kind, at, rank = spec.split(":")
+    finest = vcycle.levels[-1]
+    if int(at) != cycle or finest.comm.rank != int(rank):
+        return
+    if kind == "nan":
+        with torch.no_grad():
+            finest.params[0].view(-1)[0] = float("nan")
+    elif kind == "raise":
+        raise RuntimeError(f"injected failure at cycle {cycle}")
+    elif kind == "kill":
+        os.kill(os.getpid(), 9)
 
 
 def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
@@ -163,16 +194,23 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
     data = _prepare(cfg, comm, data)
     device = resolve_device(cfg, comm)
     folder = os.path.join(cfg.out, cfg.name)
-    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress,
-                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles)
     clock = time.perf_counter()
-    init_state, cascade_units, cascade_log = None, 0.0, []
-    if cfg.cascade:
+    init_state, cascade_units, cascade_log, resumed = None, 0.0, [], None
+    if cfg.resume:
+        resumed = _load_checkpoint(cfg, read_rows=comm.rank == 0)
+        init_state, cascade_units = resumed["state"], resumed["manifest"]["cascade_work_units"]
+        clock -= resumed["manifest"]["seconds"]
+    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress,
+                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
+                    keep_rows=None if resumed is None else resumed["rows"])
+    if cfg.cascade and resumed is None:
         from .cascade import run_cascade
         init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
     vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
     levels, plans = vcycle.levels, vcycle.plans
-    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "backend": comm.backend,
+    if resumed is not None:
+        _restore_levels(levels, resumed, comm)
+    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend,
                                    "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
                                    "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
                                    "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
@@ -181,8 +219,31 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
               f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
     if comm.size > 1:
         out.print(describe_plan(plans))
+    if resumed is not None:
+        out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
     lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if cfg.lr_schedule == "cosine" else None
-    state = run_cycles(vcycle, data, cfg, out, clock, cfg.max_cycles, lr_at, work_offset=cascade_units)
+    saved = []
+
+    def checkpoint(state: Phase):
+        if cfg.checkpoint_every and state.cycle % cfg.checkpoint_every == 0:
+            manifest = {"epoch": state.epoch, "batch": state.batch, "record": state.record,
+                        "seconds": time.perf_counter() - clock, "cascade_work_units": cascade_units,
+                        "level_stats": [[lev.stats.gradients, lev.stats.work_units, lev.stats.seconds]
+                                        if lev else None for lev in levels]}
+            saved.append(save_checkpoint(folder, comm, state.cycle, levels[-1].model,
+                                         [lev.optimizer if lev else None for lev in levels], manifest))
+
+    start = None
+    if resumed is not None:
+        m = resumed["manifest"]
+        start = Phase(cycle=m["cycle"], epoch=m["epoch"], batch=m["batch"], record=m["record"])
+    try:
+        state = run_cycles(vcycle, data, cfg, out, clock, cfg.max_cycles, lr_at, work_offset=cascade_units,
+                           start=start, after_cycle=checkpoint)
+    except TrainingError as e:
+        out.close()
+        kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
+        raise TrainingError(f"{e}; last good checkpoint: {kept or 'none (use --checkpoint-every N)'}") from None
     record = state.record
     summary = {"cycles": state.cycle, "epochs": state.epoch, "work_units": cascade_units + vcycle.work_units,
                "cascade_work_units": cascade_units,
@@ -193,13 +254,45 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
                "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": folder}
     out.write_json("summary.json", summary)
     out.close()
+    final = levels[-1].executor.gather_state()
     if comm.rank == 0:
+        torch.save(final, os.path.join(folder, "final.pt"))
         plot_run(folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
     status = "reached" if state.reached else "did not reach"
     out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
               f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
     summary["levels"] = levels
     return summary
+
+
+def _load_checkpoint(cfg: TrainConfig, read_rows: bool) -> dict:
+    from .report import read_metrics
+    try:
+        manifest, state, optimizers = load_latest(cfg.resume)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        rows = read_metrics(cfg.resume) if read_rows else []      # rank 0 rewrites the file
+    except OSError:
+        rows = []
+    rows = [r for r in rows if r.get("phase") != "train" or r["cycle"] <= manifest["cycle"]]
+    return {"manifest": manifest, "state": state, "optimizers": optimizers, "rows": rows}
+
+
+def _restore_levels(levels, resumed, comm) -> None:
+    """Counters from the manifest; level-optimizer states where the rank layout is unchanged."""
+    manifest = resumed["manifest"]
+    for lev, st in zip(levels, manifest["level_stats"]):
+        if lev is not None and st is not None:
+            lev.stats.gradients, lev.stats.work_units, lev.stats.seconds = st
+    saved = resumed["optimizers"]
+    if manifest["ranks"] == comm.size:
+        for lev, opt_state in zip(levels, saved[comm.rank]):
+            if lev is not None and opt_state is not None:
+                lev.optimizer.load_state_dict(opt_state)
+    elif any(o and o.get("state") for rank in saved for o in rank):
+        raise ConfigError(f"--resume: the run was saved on {manifest['ranks']} ranks with a stateful optimizer; "
+                          f"resume it on {manifest['ranks']} ranks (a plain --optimizer sgd run resumes on any count)")
 
 
 def cosine_schedule(lr_max: float, lr_min: float, steps: int):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import assemble_state, shard_state
 from .layout import Partition, check_microbatches, partition_blocks
 from .schedule import get_schedule
 from .stage import PipelineStage
@@ -104,24 +105,7 @@ class LayerParallel:
 
     # -- export
     def gather_state(self) -> dict | None:
-        """The full model's parameters on rank 0 (None elsewhere), e.g. for export."""
-        mine = {"range": self.partition.range(self.comm.rank),
-                "chunks": [(c.stage, c.first, c.weight.detach().cpu(), c.bias.detach().cpu())
-                           for c in self.model.block_chunks()],
-                "shared": {n: p.detach().cpu() for n, p in self.model.named_parameters()
-                           if not n.startswith("chunks.")}}
+        """The full model's state dict on rank 0 (None elsewhere), e.g. for export."""
+        mine = shard_state(self.model)
         parts = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
-        if self.comm.rank != 0:
-            return None
-        state = {}
-        for part in parts:
-            state.update(part["shared"])
-        stages = {}
-        for part in parts:
-            for stage, first, w, b in part["chunks"]:
-                stages.setdefault(stage, []).append((first, w, b))
-        for stage, pieces in stages.items():
-            pieces.sort(key=lambda t: t[0])
-            state[f"chunks.{stage}.weight"] = torch.cat([w for _, w, _ in pieces])
-            state[f"chunks.{stage}.bias"] = torch.cat([b for _, _, b in pieces])
-        return state
+        return assemble_state(parts) if self.comm.rank == 0 else None

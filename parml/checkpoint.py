@@ -1,0 +1,118 @@
+"""Checkpoints: per-rank shards plus a manifest, written atomically, resumable on any rank count.
+
+``<run>/checkpoints/cycle-000120/`` holds ``rank<r>.pt`` (that rank's block chunks, shared
+parameters and level-optimizer states) and ``manifest.json`` (position, counters, shard sizes and
+SHA-256). Each file is written to a temporary name, fsynced and renamed; the manifest is written
+last, after every shard exists, so a checkpoint without a manifest is incomplete. Loading checks
+sizes and hashes and falls back to the previous complete checkpoint with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+from .model import assemble_state, shard_state
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message names the folder."""
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(run_dir: str, comm, cycle: int, finest_model, optimizers: list, manifest: dict, keep: int = 2) -> str:
+    """Collective: every rank writes its shard, rank 0 the manifest; keeps the newest `keep`."""
+    folder = os.path.join(run_dir, "checkpoints", f"cycle-{cycle:06d}")
+    if comm.rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    comm.barrier()
+    shard = {"model": shard_state(finest_model),
+             "optimizers": [opt.state_dict() if opt is not None else None for opt in optimizers]}
+    path = os.path.join(folder, f"rank{comm.rank}.pt")
+    _atomic_write(path, lambda f: torch.save(shard, f))
+    files = comm.allgather_object((os.path.basename(path), os.path.getsize(path), _digest(path)))
+    if comm.rank == 0:
+        body = {**manifest, "cycle": cycle, "ranks": comm.size,
+                "files": {name: {"bytes": size, "sha256": digest} for name, size, digest in files}}
+        _atomic_write(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(body, indent=1).encode()))
+        for old in complete_checkpoints(run_dir, verify=False)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    comm.barrier()
+    return folder
+
+
+def complete_checkpoints(run_dir: str, verify: bool = True) -> list[str]:
+    """Checkpoint folders with a manifest, newest first; with `verify`, only intact ones."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root), reverse=True):
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, MANIFEST)):
+            continue
+        if verify:
+            problem = _problem(folder)
+            if problem:
+                warnings.warn(f"checkpoint {folder} is unusable ({problem}); trying the previous one")
+                continue
+        found.append(folder)
+    return found
+
+
+def _problem(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"manifest: {e}"
+    for name, meta in manifest.get("files", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != meta["bytes"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {meta['bytes']}"
+        if _digest(path) != meta["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def load_latest(run_dir: str) -> tuple[dict, dict, list]:
+    """(manifest, full finest-model state dict, per-rank optimizer states) of the newest intact checkpoint."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+    folder = found[0]
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    shards = [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(manifest["ranks"])]
+    state = assemble_state([s["model"] for s in shards])
+    manifest["folder"] = folder
+    return manifest, state, [s["optimizers"] for s in shards]
