@@ -66,6 +66,19 @@ BAD = [
     (["--dataset", "imagenet"], "imagenet"),
     (["--dataset", "mnist"], "--data-dir"),
     (["-K", "8", "-L", "1", "--batch-size", "2", "-M", "4"], "--microbatches 4"),
+    (["--min-blocks-per-rank", "0"], "--min-blocks-per-rank 0"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every -1"),
+    (["--resume", "/nonexistent/run"], "--resume"),
+    (["-K", "100", "-L", "1", "--cascade", "3"], "--cascade 3"),
+    (["--lr-min", "1.0"], "--lr-min"),
+    (["--eval-every", "0"], "--eval-every 0"),
+    (["--comm-timeout", "0"], "--comm-timeout"),
+    (["--max-cycles", "0"], "--max-cycles 0"),
+    (["--T", "0"], "--T"),
+    (["--width", "0"], "--width 0"),
+    (["--threads", "0"], "--threads 0"),
+    (["--dataset", "cifar10"], "--data-dir"),
+    (["--device", "tpu"], "--device"),
 ]
 
 
@@ -85,3 +98,12 @@ def test_help_lists_the_options():
     assert r.returncode == 0
     for opt in ("--levels", "--cycle", "--metric", "--microbatches", "--schedule", "--backend"):
         assert opt in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_data_file_is_one_line(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3 + b"abc")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05" + bytes(5))
+    r = parml("train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "t10k-images-idx3-ubyte" in r.stderr, r.stderr
