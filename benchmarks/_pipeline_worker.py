@@ -15,14 +15,18 @@ progress line per configuration and writes ``RESULT.json``.
 * serial: one process, no communicator: ``model(x_m)`` -> loss -> ``backward`` over the M
   micro-batches (gradient accumulation), plus a per-op profile of the residual block.
 
+``comm.isend`` and ``comm.broadcast`` are wrapped with timers on this launch's communicator so
+that the "other" time of ``LayerParallel.times`` can be split into posting sends, the final loss
+broadcast and the rest.
+
 Activation memory is measured in one extra (untimed) step per configuration with
 ``torch.autograd.graph.saved_tensors_hooks``: the live bytes of the distinct storages autograd
 saved for backward (parameters excluded), tracked until autograd frees them; the peak is kept.
 """
 from __future__ import annotations
 
+import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -137,10 +141,9 @@ def serial_step(model, x, y, M):
 
 def block_profile(width, batches, nblocks=64, reps=5):
     """Seconds per residual block (forward + backward) for each micro-batch size."""
-    from parml.model import BlockChunk
+    spec = ModelSpec(width, 2, (StageSpec(width, nblocks),), activation="relu")
+    chunk = build_model(spec, seed=0).block_chunks()[0]
     g = torch.Generator().manual_seed(0)
-    w = (torch.rand(nblocks, width, width, generator=g) - 0.5) * (2 / math.sqrt(width))
-    chunk = BlockChunk(w, torch.zeros(nblocks, width), 1.0 / nblocks, "relu", "euler")
     out = {}
     for b in batches:
         z = torch.randn(b, width, generator=g, requires_grad=True)
@@ -224,7 +227,7 @@ class TorchPipe:
         self.sched.step(*args, return_outputs=False, **kw)
         dt = time.perf_counter() - t0
         if last:
-            self.loss = float(sum(float(v) for v in losses) / len(losses))
+            self.loss = float(sum(float(v.detach()) for v in losses) / len(losses))
         return dt
 
 
@@ -268,6 +271,21 @@ def run_parallel(job):
     comm = make_communicator("torch" if kind == "gloo" else "mpi", timeout=job["comm_timeout"],
                              device="cpu")
     rank, P = comm.rank, comm.size
+    # split "other" further: seconds inside comm.isend (posting a send) and inside the loss
+    # broadcast of LayerParallel (the last rank waits there for rank 0 to finish)
+    spent = {"isend": 0.0, "broadcast": 0.0}
+
+    def _timed(fn, key):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return call
+
+    comm.isend = _timed(comm.isend, "isend")
+    comm.broadcast = _timed(comm.broadcast, "broadcast")
     torch_ok, torch_err = False, None
     if job["torch_pipelining"] and kind == "gloo":
         try:
@@ -303,9 +321,11 @@ def run_parallel(job):
                 rows, ttimes = [], []
                 for _ in range(job["steps"]):
                     comm.barrier()
+                    i0, b0 = spent["isend"], spent["broadcast"]
                     loss = lp.forward_backward(x, y)
                     t = lp.times
-                    rows.append((t.step, t.compute, t.wait, t.other))
+                    rows.append((t.step, t.compute, t.wait, t.other, spent["isend"] - i0,
+                                 spent["broadcast"] - b0))
                     if tp is not None:
                         comm.barrier()
                         ttimes.append(tp.step(x, y))
@@ -328,6 +348,7 @@ def run_parallel(job):
                     entries.append(e)
                     print(progress_line(e), flush=True)
                 del lp, tp
+                gc.collect()  # drop the schedule's cycles while the process group is alive
         out["models"][name] = entries
     if P == 2 and job.get("latency_bytes"):
         lat = ping_pong(comm, job["latency_bytes"], job.get("latency_reps", 200))
@@ -349,6 +370,9 @@ def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
         rows = r["rows"]
         per_rank.append({"step_s": med([t[0] for t in rows]), "compute_s": med([t[1] for t in rows]),
                          "wait_s": med([t[2] for t in rows]), "other_s": med([t[3] for t in rows]),
+                         "other_isend_s": med([t[4] for t in rows]),
+                         "other_loss_broadcast_s": med([t[5] for t in rows]),
+                         "step_min_s": min(t[0] for t in rows),
                          "peak_saved_bytes": r["peak"], "blocks": r["range"],
                          "torch_peak_saved_bytes": r["tpeak"]})
     busiest = max(p["compute_s"] for p in per_rank)
@@ -356,7 +380,7 @@ def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
     eff = busiest / step
     e = {"model": name, "backend": kind, "P": P, "M": M, "schedule": schedule,
          "oversubscribed": P > (os.cpu_count() or 1),
-         "step_s": step, "steps_s": step_each, "per_rank": per_rank,
+         "step_s": step, "step_min_s": min(step_each), "steps_s": step_each, "per_rank": per_rank,
          "busiest_compute_s": busiest, "efficiency": eff, "bound": bound, "eff_over_bound": eff / bound,
          "samples_per_s": m["batch"] / step, "loss": allr[-1]["loss"],
          "peak_saved_bytes_max": max(p["peak_saved_bytes"] for p in per_rank),
@@ -364,7 +388,9 @@ def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
     if have_torch:
         t_each = [max(r["ttimes"][i] for r in allr) for i in range(steps)]
         tstep = med(t_each)
-        e["torch"] = {"step_s": tstep, "steps_s": t_each, "loss": allr[-1]["tloss"],
+        paired = med([t / p for t, p in zip(t_each, step_each)])
+        e["torch"] = {"step_s": tstep, "step_min_s": min(t_each), "steps_s": t_each,
+                      "loss": allr[-1]["tloss"], "parml_over_torch_paired": paired,
                       "loss_abs_diff": abs(allr[-1]["tloss"] - allr[-1]["loss"]),
                       "grad_max_rel_diff": max(r["gdiff"] for r in allr),
                       "peak_saved_bytes_max": max(r["tpeak"] for r in allr),
@@ -402,6 +428,13 @@ def main():
         with open(tmp, "w") as f:
             json.dump(out, f)
         os.replace(tmp, result_path)
+    if job["backend"] == "gloo":
+        # Skip interpreter teardown: with torch 2.13 a gloo process group still referenced by
+        # torch.distributed.pipelining objects can abort ("terminate called without an active
+        # exception") in its destructor at exit, after all work is done and written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pipeline scaling of layer-parallel training: parml's LayerParallel vs torch.distributed.pipelining.
 
-    python benchmarks/pipeline_scaling.py [--quick] [--out benchmarks/results/pipeline]
+    python benchmarks/pipeline_scaling.py [--quick] [--out benchmarks/results/pipeline] [--report-only]
 
 Times one training step (forward + backward, ``LayerParallel.forward_backward``) of two ODE
 ResNets for P = 1, 2, 4 processes, M = 1, 2, 4, 8 micro-batches, the "gpipe" and "1f1b"
@@ -53,9 +53,9 @@ FULL = {
     "schedules": ["gpipe", "1f1b"],
     "backends": ["gloo", "mpi"],
     "warmup": 2,
-    "steps": 5,
+    "steps": 7,
     "serial_steps": 5,
-    "launch_timeout": {1: 240, 2: 300, 4: 420},
+    "launch_timeout": {1: 300, 2: 420, 4: 600},
     "latency_reps": 200,
 }
 QUICK = {
@@ -221,7 +221,8 @@ def goals(res: dict) -> dict:
         t = e.get("torch")
         if e["backend"] == "gloo" and t and "parml_over_torch_throughput" in t:
             out["torch_ratio"].append({k: e[k] for k in ("model", "P", "M", "schedule")}
-                                      | {"ratio": t["parml_over_torch_throughput"]})
+                                      | {"ratio": t["parml_over_torch_throughput"],
+                                         "paired_ratio": t["parml_over_torch_paired"]})
         if e["model"] == "compute" and e["P"] == 2 and e["M"] == max(res["config"]["microbatches"]):
             out["efficiency"].append({k: e[k] for k in ("backend", "schedule", "efficiency", "bound",
                                                           "eff_over_bound")})
@@ -230,10 +231,25 @@ def goals(res: dict) -> dict:
     for r in pp:
         by_m.setdefault(r["M"], []).append(r["ratio"])
     out["torch_ratio_min_by_M_pipelined"] = {str(m): min(v) for m, v in sorted(by_m.items())}
+    out["torch_ratio_max_by_M_pipelined"] = {str(m): max(v) for m, v in sorted(by_m.items())}
+    out["torch_ratio_paired_median_pipelined"] = (
+        sorted(r["paired_ratio"] for r in pp)[len(pp) // 2] if pp else None)
     out["torch_ratio_goal_met"] = bool(pp) and all(r["ratio"] >= 1.1 for r in pp)
     out["efficiency_goal_met"] = bool(out["efficiency"]) and all(r["eff_over_bound"] >= 0.9
                                                                  for r in out["efficiency"])
     return out
+
+
+def _load_note(res: dict) -> list[str]:
+    """A warning when other processes were competing for the cores during the run."""
+    ncpu = res["meta"]["cpu_count"] or 1
+    loads = [v for key in ("loadavg_start", "loadavg_end") for v in (res["meta"].get(key) or [])[:1]]
+    if not loads or max(loads) <= ncpu:
+        return []
+    return [f"**The machine was shared** (1-minute load average up to {max(loads):g} on {ncpu} cores): "
+            "step times of launches that ran minutes apart (e.g. gloo vs mpi rows, or different P) are "
+            "confounded by the varying load; parml and torch pipelining are compared step by step in the "
+            "same processes, so their ratio is the more robust number.", ""]
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -249,14 +265,17 @@ def write_markdown(res: dict, path: Path) -> None:
          "steps; a barrier precedes every step and a step's time is the slowest rank's. parml and torch "
          "pipelining steps alternate in the same processes (gloo).",
          "",
+         *(_load_note(res)),
          f"**P = 4 is oversubscribed** (marked 4\\*): 4 single-threaded ranks share {ncpu} cores, so "
          "ranks time-slice and per-rank compute includes time spent descheduled.",
          "",
          "Columns: *compute / wait / other* are per rank (rank 0 / rank 1 / …) from `LayerParallel.times` "
          "(wait = blocked in receives and in completing sends; other = step − compute − wait). "
          "*eff* = busiest rank's compute / step time; *bound* = M/(M+P−1); *vs serial* = serial time "
-         "(one process, no communicator, same M) / step time; *torch* = torch.distributed.pipelining "
-         "step time (gloo only); *parml/torch* = throughput ratio (torch time / parml time; > 1: parml faster). "
+         "(one process, no communicator, same M) / step time; *min* = fastest timed step; "
+         "*torch* = torch.distributed.pipelining step time (gloo only); *parml/torch* = throughput ratio "
+         "(torch median time / parml median time; > 1: parml faster; results.json also holds the median of "
+         "the step-by-step paired ratios). "
          "*peak act.* = peak bytes autograd keeps saved for backward on each rank (parameters excluded).",
          ""]
     serial = res.get("serial", {}).get("models", {})
@@ -267,9 +286,9 @@ def write_markdown(res: dict, path: Path) -> None:
             L += ["Serial (one process, no communicator): " + ", ".join(
                 f"M={k}: {ms(v['step_s'])} ms (peak act. {mib(v['peak_saved_bytes'])} MiB)" for k, v in sm.items()),
                 ""]
-        L += ["| P | M | schedule | backend | step ms | compute ms | wait ms | other ms | eff | bound | "
+        L += ["| P | M | schedule | backend | step ms | min ms | compute ms | wait ms | other ms | eff | bound | "
               "eff/bound | vs serial | torch ms | parml/torch | peak act. MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [e for e in res["entries"] if e["model"] == name]
         rows.sort(key=lambda e: (e["P"], e["M"], cfg["schedules"].index(e["schedule"]),
                                  cfg["backends"].index(e["backend"])))
@@ -278,7 +297,7 @@ def write_markdown(res: dict, path: Path) -> None:
             ser = sm.get(str(e["M"]), {}).get("step_s")
             L.append("| " + " | ".join([
                 str(e["P"]) + (STAR if e["oversubscribed"] else ""), str(e["M"]), e["schedule"], e["backend"],
-                ms(e["step_s"]), _ranks(e, "compute_s"), _ranks(e, "wait_s"), _ranks(e, "other_s"),
+                ms(e["step_s"]), ms(e["step_min_s"]), _ranks(e, "compute_s"), _ranks(e, "wait_s"), _ranks(e, "other_s"),
                 f"{e['efficiency']:.3f}", f"{e['bound']:.3f}", f"{e['eff_over_bound']:.2f}",
                 f"{ser / e['step_s']:.2f}" if ser else "—",
                 ms(t.get("step_s")) if "step_s" in t else ("n/a" if t else "—"),
@@ -314,7 +333,13 @@ def write_markdown(res: dict, path: Path) -> None:
               ", ".join(f"M={m}: {v:.2f}" for m, v in g["torch_ratio_min_by_M_pipelined"].items()) + "."]
         allr = [r["ratio"] for r in g["torch_ratio"] if r["P"] > 1]
         if allr:
-            L.append(f"  Ratio range over all pipelined rows: {min(allr):.2f} – {max(allr):.2f}.")
+            L.append(f"  Largest ratio per M: " + ", ".join(
+                f"M={m}: {v:.2f}" for m, v in g["torch_ratio_max_by_M_pipelined"].items()) +
+                f". Median over pipelined rows of the step-by-step paired ratio: "
+                f"{g['torch_ratio_paired_median_pipelined']:.2f}.")
+        p1 = [r["ratio"] for r in g["torch_ratio"] if r["P"] == 1]
+        if p1:
+            L.append(f"  P = 1 (single stage, no messages): {min(p1):.2f} – {max(p1):.2f}.")
     else:
         L += ["* torch pipelining comparison: not available (" + str(res.get("torch_pipelining_error")) + ")."]
     if g["efficiency"]:
@@ -324,7 +349,21 @@ def write_markdown(res: dict, path: Path) -> None:
                         f" = {r['eff_over_bound']:.2f}" for r in g["efficiency"]) + ")."]
     L.append("")
     # where time goes
-    L += ["## Where time goes", ""]
+    L += ["## Where time goes", "",
+          f"Per rank at M = {max(cfg['microbatches'])} (ms, medians). The benchmark times the calls of "
+          "`comm.isend` (posting sends) and of the final loss broadcast (`LayerParallel._from_last`, where "
+          "the last rank waits for rank 0's last backward) on its own; `LayerParallel.times` does not count "
+          "either as wait, so both are part of *other* there.", "",
+          "| model | P | schedule | backend | step | compute | wait | other | in isend | in loss bcast |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(res["entries"], key=lambda e: (e["model"], e["P"], e["schedule"], e["backend"])):
+        if e["P"] == 1 or e["M"] != max(cfg["microbatches"]):
+            continue
+        L.append("| " + " | ".join([e["model"], str(e["P"]) + (STAR if e["oversubscribed"] else ""),
+                                     e["schedule"], e["backend"], ms(e["step_s"]), _ranks(e, "compute_s"),
+                                     _ranks(e, "wait_s"), _ranks(e, "other_s"), _ranks(e, "other_isend_s"),
+                                     _ranks(e, "other_loss_broadcast_s")]) + " |")
+    L.append("")
     lat = res.get("latency", {})
     for b, d in lat.items():
         L.append(f"* {b}: one-way message latency through `comm.send`/`comm.recv` (P = 2): " +
@@ -414,7 +453,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes (K/8, batch/4, M in {1,4}, P in {1,2})")
     ap.add_argument("--out", default=str(HERE / "results" / "pipeline"), help="output folder")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown and the plot from an existing OUT/results.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        out = Path(args.out)
+        res = json.loads((out / "results.json").read_text())
+        res["goals"] = goals(res)
+        (out / "results.json").write_text(json.dumps(res, indent=1))
+        write_markdown(res, out / "pipeline_scaling.md")
+        write_plot(res, out / "pipeline_scaling.png")
+        return 0
     base = QUICK if args.quick else FULL
     models = {}
     for name, m in base["models"].items():

@@ -49,6 +49,13 @@ _D = TrainConfig()
 @main.command(context_settings={"show_default": True})
 @click.option("--dataset", default=_D.dataset, help="circles | regression | mnist | fashion-mnist | cifar10 | digits")
 @click.option("--data-dir", default=None, help="Folder with the dataset's files (IDX / CIFAR binary); nothing downloads.")
+@click.option("--arch", default=_D.arch, type=click.Choice(("dense", "conv")),
+              help="dense: linear opening and blocks; conv: 3x3 conv stages with projections (image data).")
+@click.option("--channels", default=None, help="conv: channels per stage, e.g. 16,32,64 (default --width).")
+@click.option("--projection", default=_D.projection, type=click.Choice(("conv", "avgpool")),
+              help="conv: downsampling between stages.")
+@click.option("--norm", default=_D.norm, type=click.Choice(("none", "layer")), help="conv blocks: normalization.")
+@click.option("--head", default=_D.head, type=click.Choice(("pool", "flatten")), help="conv: classifier input.")
 @click.option("--blocks", "-K", type=int, default=_D.blocks, help="Residual blocks (time steps) on the finest level.")
 @click.option("--width", type=int, default=_D.width, help="State width v.")
 @click.option("--T", "T", type=float, default=_D.T, help="Final time; h = T / K.")
@@ -156,12 +163,16 @@ def info(schedule, stages, microbatches):
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch compute threads per rank (ranks are the parallelism; small blocks run best on one).")
 @click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")
-def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, progress):
+def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, threads, progress):
     """Rerun the paper's TABLE: table1 (--task circles|mnist), table2 or sensitivity (§4.5).
 
     Writes TABLE.md, TABLE.json and loss/accuracy plots against V-cycles and work units to --out,
     and prints the table. Runs layer-parallel under torchrun / mpirun like `parml train`.
     """
+    if threads < 1:
+        fail(f"--threads {threads} must be at least 1")
+    import torch
+    torch.set_num_threads(threads)
     from .comm import CommError
     from .config import ConfigError
     from .data import DataError

@@ -26,7 +26,12 @@ class TrainConfig:
     """Everything a training run needs. Defaults: the paper's circles setup (§4)."""
     dataset: str = "circles"          # circles | regression | mnist | fashion-mnist | cifar10 | digits
     data_dir: str | None = None       # folder with IDX / CIFAR files (nothing downloads)
-    blocks: int = 2048                # residual blocks (time steps) K on the finest level
+    arch: str = "dense"               # dense | conv (conv opening, conv stages with projections, pooled head)
+    channels: str | None = None       # conv: channels per stage, e.g. "16,32,64" (default: --width)
+    projection: str = "conv"          # conv: strided 1x1 conv | avgpool (+ 1x1 conv) between stages
+    norm: str = "none"                # conv blocks: none | layer
+    head: str = "pool"                # conv: pool | flatten
+    blocks: int = 2048                # residual blocks (time steps) K on the finest level (per stage for conv)
     width: int = 3                    # state width v (3 for circles, 10 for MNIST in the paper)
     T: float = 1.0                    # final time; h = T / K
     activation: str = "relu"          # σ in F(y) = σ(W y + b)
@@ -67,9 +72,17 @@ class TrainConfig:
     def setup(self) -> CycleSetup:
         return CycleSetup.parse(self.cycle) if self.cycle else CycleSetup.default(self.levels)
 
-    def model_spec(self, in_features: int, out_features: int, task: str) -> ModelSpec:
-        return ModelSpec(in_features, out_features, (StageSpec(self.width, self.blocks),),
-                         self.T, self.activation, self.stepper, task)
+    def model_spec(self, in_features: int, out_features: int, task: str, input_shape=None) -> ModelSpec:
+        if self.arch == "dense":
+            return ModelSpec(in_features, out_features, (StageSpec(self.width, self.blocks),),
+                             self.T, self.activation, self.stepper, task)
+        chans = [int(c) for c in self.channels.split(",")] if self.channels else [self.width]
+        stages = tuple(StageSpec(c, self.blocks, "conv", 1 if i == 0 else 2) for i, c in enumerate(chans))
+        if input_shape is None or len(input_shape) != 3:          # validation without data
+            side = 2 ** (len(chans) - 1)
+            input_shape, in_features = (1, side, side), side * side
+        return ModelSpec(in_features, out_features, stages, self.T, self.activation, self.stepper, task,
+                         tuple(input_shape), self.projection, self.norm, self.head)
 
     @property
     def name(self) -> str:
@@ -143,10 +156,16 @@ class TrainConfig:
         choice("--device", self.device, ("auto", "cpu", "cuda"))
         from .parallel.schedule import SCHEDULES
         choice("--schedule", self.schedule.lower(), tuple(sorted(SCHEDULES)))
+        choice("--arch", self.arch, ("dense", "conv"))
+        need(self.channels is None or all(c.strip().isdigit() and int(c) > 0 for c in self.channels.split(",")),
+             f"--channels {self.channels!r} must be comma-separated positive integers, e.g. 16,32,64")
+        choice("--projection", self.projection, ("conv", "avgpool"))
+        choice("--norm", self.norm, ("none", "layer"))
+        choice("--head", self.head, ("pool", "flatten"))
         try:
             level_specs(self.model_spec(1, 1, "classification"), self.levels)
             self.setup.check(self.levels)
-        except (HierarchyError, CycleError) as e:
+        except (HierarchyError, CycleError, ValueError) as e:
             raise ConfigError(str(e)) from None
         parent = os.path.abspath(self.out)
         while not os.path.exists(parent):

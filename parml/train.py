@@ -43,7 +43,11 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     outside that group its entry is None. Returns (levels, movers, plans).
     """
     dtype = getattr(torch, cfg.dtype)
-    spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task)
+    try:
+        spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task,
+                              data.input_shape)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     specs = level_specs(spec, cfg.levels)
     try:
         plans = plan_levels([s.total_blocks for s in specs], comm.size, cfg.min_blocks_per_rank)
@@ -179,7 +183,8 @@ def _fault_hook(cycle: int, vcycle: VCycle) -> None:
 
 def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
     cfg.validate()
-    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
+                                                      flatten=cfg.arch != "conv")
     data = data.to(dtype=getattr(torch, cfg.dtype))
     try:
         check_microbatches(min(cfg.batch_size or data.x_train.shape[0], data.x_train.shape[0]), cfg.microbatches)

@@ -75,7 +75,9 @@ class LayerParallel:
             else:
                 self.stage.backward(m)
         self.stage.finish_sends()
-        value = self._from_last(loss)
+        t1 = time.perf_counter()
+        value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
+        self.stage.wait_seconds += time.perf_counter() - t1
         self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
                                self.stage.wait_seconds - w0)
         return value

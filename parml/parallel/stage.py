@@ -35,7 +35,9 @@ class PipelineStage:
         return buf
 
     def _send(self, tensor, dst, tag):
+        t0 = time.perf_counter()   # posting can block (gloo hands the send to its I/O thread)
         self._sends.append(self.comm.isend(tensor.contiguous(), dst, tag))
+        self.wait_seconds += time.perf_counter() - t0
 
     def finish_sends(self):
         t0 = time.perf_counter()
