@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -29,6 +30,9 @@ def fail(message: str, code: int = 2):
         click.echo(f"parml: error: {message}", err=True)
     from .comm import exit_process, launcher_world_size
     if launcher_world_size() > 1:
+        if not _rank0():
+            time.sleep(1.0)     # mpirun kills the job at the first non-zero exit: let rank 0 say why
+
         exit_process(code)      # skip gloo's teardown, which can turn exit code 2 into a crash
     sys.exit(code)
 
@@ -160,10 +164,14 @@ def info(schedule, stages, microbatches):
 @click.option("--target-accuracy", type=float, default=None,
               help="Stop at this validation accuracy [default: the paper's, 1.0 circles / 0.93 MNIST].")
 @click.option("--levels", default=None, help="table1 only: comma-separated subset of L = 1,2,4,6,8.")
+@click.option("--max-work-units", type=float, default=None,
+              help="Same work budget for every setup: V-cycles <= max-work-units / U_c (and <= --max-cycles).")
+@click.option("--reuse", is_flag=True, help="Keep runs whose folder under OUT/runs already holds the same config's summary.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch compute threads per rank (ranks are the parallelism; small blocks run best on one).")
 @click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")
-def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, threads, progress):
+def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, levels, max_work_units, reuse,
+              threads, progress):
     """Rerun the paper's TABLE: table1 (--task circles|mnist), table2 or sensitivity (§4.5).
 
     Writes TABLE.md, TABLE.json and loss/accuracy plots against V-cycles and work units to --out,
@@ -185,13 +193,14 @@ def reproduce(table, task, seeds, quick, out, data_dir, max_cycles, target_accur
                 ls = [int(x) for x in levels.split(",") if x.strip()]
             except ValueError:
                 fail(f"--levels {levels!r} must be comma-separated integers, e.g. 1,8")
-        build_plan(table, task, seeds, quick, max_cycles, target_accuracy, data_dir, ls)
+        build_plan(table, task, seeds, quick, max_cycles, target_accuracy, data_dir, ls, max_work_units=max_work_units)
         given = [("--task", task if table == "table1" else None), ("--seeds", seeds), ("--quick", quick or None),
-                 ("--max-cycles", max_cycles), ("--target-accuracy", target_accuracy), ("--levels", levels)]
+                 ("--max-cycles", max_cycles), ("--target-accuracy", target_accuracy), ("--levels", levels),
+                 ("--max-work-units", max_work_units), ("--reuse", reuse or None)]
         command = " ".join(["parml reproduce", table] + [k if v is True else f"{k} {v}" for k, v in given
                                                           if v is not None])
         result = run(table, task, seeds, quick, out, data_dir, max_cycles, target_accuracy, progress, ls,
-                     command=command)
+                     command=command, max_work_units=max_work_units, reuse=reuse)
     except (ReproduceError, ConfigError, DataError, LayoutError) as e:
         fail(str(e))
     except CommError as e:

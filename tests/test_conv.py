@@ -165,7 +165,7 @@ def _serial(name):
 class ConvConfig(TrainConfig):
     """TrainConfig whose network is the conv test network (what ``--arch conv`` would build)."""
 
-    def model_spec(self, in_features, out_features, task):
+    def model_spec(self, in_features, out_features, task, input_shape=None):
         return dataclasses.replace(conv_spec(self.stepper, blocks=(2, 4, 2)), in_features=in_features,
                                    out_features=out_features, task=task)
 
