@@ -49,6 +49,9 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     specs = level_specs(spec, cfg.levels)
+    if cfg.interpolation == "linear" and cfg.levels > 1 and comm.size > 1:
+        raise ConfigError("--interpolation linear runs MG/OPT on one rank only (its stencil crosses chunk "
+                          "boundaries); use --interpolation constant across ranks")
     try:
         plans = plan_levels([s.total_blocks for s in specs], comm.size, cfg.min_blocks_per_rank)
     except LayoutError as e:
