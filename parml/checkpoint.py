@@ -47,14 +47,45 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: str, comm, cycle: int, finest_model, optimizers: list, manifest: dict, keep: int = 2) -> str:
+def optimizer_pieces(level) -> list:
+    """A level optimizer's per-parameter state keyed by position (block rows or shared name), so
+    a different partition can cut it again: [(key, lo, hi, {name: tensor or number})]."""
+    from .parallel.agglomerate import shard_entries
+    model = level.model
+    entries = shard_entries(model.spec, model.start, model.stop)
+    return [(e.key, e.lo, e.hi, {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                                 for k, v in level.optimizer.state.get(p, {}).items()})
+            for e, p in zip(entries, level.params)]
+
+
+def restore_optimizer(level, pieces: list) -> None:
+    """Give `level`'s optimizer the state saved by ``optimizer_pieces`` on any partition (`pieces`
+    from every old rank). Block rows are reassembled by position and cut to this rank's rows."""
+    from .parallel.agglomerate import shard_entries
+    by_key = {}
+    for key, lo, hi, st in pieces:
+        by_key.setdefault(key, []).append((lo, st))
+    model = level.model
+    for e, p in zip(shard_entries(model.spec, model.start, model.stop), level.params):
+        parts = sorted(by_key.get(e.key, []), key=lambda t: t[0])
+        if not parts or not parts[0][1]:
+            continue
+        state = {}
+        for name, value in parts[0][1].items():
+            if torch.is_tensor(value) and value.dim() > 0 and e.key[0] == "block":
+                value = torch.cat([st[name] for _, st in parts])[e.lo:e.hi]
+            state[name] = value.to(p.device) if torch.is_tensor(value) and value.dim() > 0 else value
+        level.optimizer.state[p] = state
+
+
+def save(run_dir: str, comm, cycle: int, finest_model, levels: list, manifest: dict, keep: int = 2) -> str:
     """Collective: every rank writes its shard, rank 0 the manifest; keeps the newest `keep`."""
     folder = os.path.join(run_dir, "checkpoints", f"cycle-{cycle:06d}")
     if comm.rank == 0:
         os.makedirs(folder, exist_ok=True)
     comm.barrier()
     shard = {"model": shard_state(finest_model),
-             "optimizers": [opt.state_dict() if opt is not None else None for opt in optimizers]}
+             "optimizers": [optimizer_pieces(lev) if lev is not None else None for lev in levels]}
     path = os.path.join(folder, f"rank{comm.rank}.pt")
     _atomic_write(path, lambda f: torch.save(shard, f))
     files = comm.allgather_object((os.path.basename(path), os.path.getsize(path), _digest(path)))
@@ -105,7 +136,8 @@ def _problem(folder: str) -> str | None:
 
 
 def load_latest(run_dir: str) -> tuple[dict, dict, list]:
-    """(manifest, full finest-model state dict, per-rank optimizer states) of the newest intact checkpoint."""
+    """(manifest, full finest-model state dict, per-level optimizer pieces from all ranks) of the
+    newest intact checkpoint."""
     found = complete_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in {os.path.join(run_dir, 'checkpoints')}")
@@ -115,4 +147,6 @@ def load_latest(run_dir: str) -> tuple[dict, dict, list]:
     shards = [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(manifest["ranks"])]
     state = assemble_state([s["model"] for s in shards])
     manifest["folder"] = folder
-    return manifest, state, [s["optimizers"] for s in shards]
+    levels = len(shards[0]["optimizers"])
+    pieces = [[piece for s in shards if s["optimizers"][i] for piece in s["optimizers"][i]] for i in range(levels)]
+    return manifest, state, pieces

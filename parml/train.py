@@ -20,7 +20,7 @@ from .parallel.executor import LayerParallel
 from .parallel.agglomerate import Mover
 from .parallel.layout import (LayoutError, Partition, check_microbatches, describe_plan, partition_blocks,
                               plan_levels)
-from .checkpoint import CheckpointError, load_latest, save as save_checkpoint
+from .checkpoint import CheckpointError, load_latest, restore_optimizer, save as save_checkpoint
 from .report import RunWriter, plot_run
 
 
@@ -238,8 +238,7 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
                         "seconds": time.perf_counter() - clock, "cascade_work_units": cascade_units,
                         "level_stats": [[lev.stats.gradients, lev.stats.work_units, lev.stats.seconds]
                                         if lev else None for lev in levels]}
-            saved.append(save_checkpoint(folder, comm, state.cycle, levels[-1].model,
-                                         [lev.optimizer if lev else None for lev in levels], manifest))
+            saved.append(save_checkpoint(folder, comm, state.cycle, levels[-1].model, levels, manifest))
 
     start = None
     if resumed is not None:
@@ -288,19 +287,13 @@ def _load_checkpoint(cfg: TrainConfig, read_rows: bool) -> dict:
 
 
 def _restore_levels(levels, resumed, comm) -> None:
-    """Counters from the manifest; level-optimizer states where the rank layout is unchanged."""
-    manifest = resumed["manifest"]
-    for lev, st in zip(levels, manifest["level_stats"]):
+    """Counters from the manifest; level-optimizer states re-cut for this rank layout."""
+    for lev, st in zip(levels, resumed["manifest"]["level_stats"]):
         if lev is not None and st is not None:
             lev.stats.gradients, lev.stats.work_units, lev.stats.seconds = st
-    saved = resumed["optimizers"]
-    if manifest["ranks"] == comm.size:
-        for lev, opt_state in zip(levels, saved[comm.rank]):
-            if lev is not None and opt_state is not None:
-                lev.optimizer.load_state_dict(opt_state)
-    elif any(o and o.get("state") for rank in saved for o in rank):
-        raise ConfigError(f"--resume: the run was saved on {manifest['ranks']} ranks with a stateful optimizer; "
-                          f"resume it on {manifest['ranks']} ranks (a plain --optimizer sgd run resumes on any count)")
+    for lev, pieces in zip(levels, resumed["optimizers"]):
+        if lev is not None:
+            restore_optimizer(lev, pieces)
 
 
 def cosine_schedule(lr_max: float, lr_min: float, steps: int):

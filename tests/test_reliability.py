@@ -68,7 +68,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("saved_on,resumed_on", [(1, 2), (2, 1)])
 def test_resume_on_another_rank_count(saved_on, resumed_on, tmp_path):
-    args = [a if a != "momentum" else "sgd" for a in ARGS] + ["--out", str(tmp_path)]
+    args = ARGS + ["--out", str(tmp_path)]     # momentum: its buffers are re-cut for the new ranks
     whole = run("serial", 1, args + ["--run-name", "whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr
     kind = lambda n: "torchrun" if n > 1 else "serial"
