@@ -52,7 +52,8 @@ class LayerParallel:
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
         self.stage = PipelineStage(self.model, comm, self.device)
-        self.times = StepTimes()
+        self.times = StepTimes()          # the last step
+        self.total = StepTimes()          # summed over every forward_backward
 
     # -- training
     def forward_backward(self, x, y) -> float:
@@ -80,6 +81,8 @@ class LayerParallel:
         self.stage.wait_seconds += time.perf_counter() - t1
         self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
                                self.stage.wait_seconds - w0)
+        self.total = StepTimes(self.total.step + self.times.step, self.total.compute + self.times.compute,
+                               self.total.wait + self.times.wait)
         return value
 
     @torch.no_grad()
