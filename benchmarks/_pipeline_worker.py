@@ -428,13 +428,10 @@ def main():
         with open(tmp, "w") as f:
             json.dump(out, f)
         os.replace(tmp, result_path)
-    if job["backend"] == "gloo":
-        # Skip interpreter teardown: with torch 2.13 a gloo process group still referenced by
-        # torch.distributed.pipelining objects can abort ("terminate called without an active
-        # exception") in its destructor at exit, after all work is done and written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # skip interpreter teardown: a gloo process group can abort in its destructor at exit
+    # ("terminate called without an active exception") after all work is done and written
+    from parml.comm import exit_process
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,14 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from parml.launch import clean_env, free_port, kill_group, mpirun_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -68,11 +68,6 @@ FULL = {"blocks": 2048, "seeds": 3, "mnist_seeds": 1, "datasets": ["circles", "m
         "launch_timeout": 4 * 3600}
 QUICK = {**FULL, "blocks": 128, "seeds": 1, "datasets": ["circles"], "launch_timeout": 80}
 GOAL_WORK, GOAL_WALL = 4.0, 3.5
-
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_")
 
 
 def default_data_dir() -> str | None:
@@ -259,6 +254,8 @@ def run_worker(job_path: str, result_path: str) -> None:
             print(progress_line(entry), flush=True)
     comm.barrier()
     comm.close()
+    from parml.comm import exit_process
+    exit_process(0)       # skip gloo's teardown, which can abort after all work is written
 
 
 def parallel_stats(gathered: list[dict], P: int, M: int) -> dict:
@@ -302,39 +299,8 @@ def progress_line(e: dict) -> str:
 # launching
 # ------------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    return env
-
-
-def mpirun_path() -> str | None:
-    sibling = Path(sys.executable).with_name("mpirun")
-    if sibling.exists() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    return shutil.which("mpirun")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    return clean_env([str(ROOT)])
 
 
 def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tuple[dict | None, str | None]:
@@ -385,7 +351,7 @@ def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tup
             time.sleep(0.1)
     finally:
         for p, _ in procs:
-            _kill(p)
+            kill_group(p)
     res = json.loads(result_path.read_text()) if result_path.exists() else None
     if timed_out:
         return res, f"{label}: timed out after {timeout:g} s\n" + _tails(procs)

@@ -27,14 +27,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from parml.launch import clean_env, free_port, kill_group, mpi_unavailable, mpirun_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -69,60 +68,13 @@ QUICK = {
     "latency_reps": 30,
 }
 
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_")
-
 
 # --------------------------------------------------------------------------------------------
 # launching
 # --------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    return env
-
-
-def mpirun_path() -> str | None:
-    sibling = Path(sys.executable).with_name("mpirun")
-    if sibling.exists() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    return shutil.which("mpirun")
-
-
-def mpi_available() -> str | None:
-    """None when mpirun and mpi4py are there, else the reason."""
-    if mpirun_path() is None:
-        return "mpirun not found"
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return "mpi4py not installed"
-    return None
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    return clean_env([str(ROOT)])
 
 
 def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tuple[dict | None, str | None]:
@@ -174,7 +126,7 @@ def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tup
             time.sleep(0.05)
     finally:
         for p, _ in procs:
-            _kill(p)
+            kill_group(p)
     if timed_out:
         return None, f"{label}: timed out after {timeout:g} s\n" + _tails(procs)
     bad = [p.returncode for p, _ in procs if p.returncode != 0]
@@ -474,7 +426,7 @@ def main(argv=None) -> int:
                            f"batch {mm['batch']})")
         models[name] = mm
     backends = list(base["backends"])
-    why_no_mpi = mpi_available()
+    why_no_mpi = mpi_unavailable()
     if why_no_mpi and "mpi" in backends:
         print(f"skipping the mpi backend: {why_no_mpi}", flush=True)
         backends.remove("mpi")

