@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .mgopt import CycleError, CycleSetup
+from .mgopt import CycleSetup
 
 MODES = ("table1", "table2", "sensitivity")
 TASKS = ("circles", "mnist")
@@ -71,6 +71,14 @@ TASK_SETUP = {
     "mnist": {"dataset": "mnist", "width": 10, "lr": 0.01, "beta": 1e-5, "batch_size": 1000,
               "target_accuracy": 0.93},
 }
+#: the method of §2-4 pinned, so that later changes of TrainConfig's defaults do not change the reproduction:
+#: ReLU blocks, forward Euler on [0, 1], plain (S)GD on every level with a constant learning rate, constant
+#: (piecewise-constant) interpolation in time, no multilevel initialization.
+PAPER_METHOD = {"T": 1.0, "activation": "relu", "stepper": "euler", "optimizer": "sgd", "interpolation": "constant",
+                "lr_schedule": "constant", "cascade": 0, "dtype": "float32"}
+#: validation accuracies at which the work spent so far is read off the logs (Table 1), so that levels can be
+#: compared even where a run misses the paper's target
+THRESHOLDS = {"circles": (0.9, 0.95, 0.99, 1.0), "mnist": (0.8, 0.85, 0.88, 0.9, 0.93)}
 FULL = {"blocks": 2048, "seeds": 3, "max_cycles": 3000}
 QUICK = {"blocks": 128, "seeds": 2, "max_cycles": 600, "table1_levels": (1, 2, 4)}
 
@@ -117,6 +125,7 @@ class Plan:
     base: dict                    # TrainConfig fields shared by every run
     quick: bool = False
     notes: list[str] = field(default_factory=list)
+    max_work_units: float | None = None   # same work budget for every row: max_cycles <= W / U_c
 
     @property
     def name(self) -> str:
@@ -159,7 +168,8 @@ def sensitivity_rows() -> list[Row]:
 
 def build_plan(mode: str, task: str = "circles", seeds: int | None = None, quick: bool = False,
                max_cycles: int | None = None, target_accuracy: float | None = None,
-               data_dir: str | None = None, levels=None, blocks: int | None = None) -> Plan:
+               data_dir: str | None = None, levels=None, blocks: int | None = None,
+               max_work_units: float | None = None) -> Plan:
     """Check the options and list the runs; raises ReproduceError with a one-line message."""
     if mode not in MODES:
         raise ReproduceError(f"unknown table {mode!r} (valid: {', '.join(MODES)})")
@@ -171,6 +181,8 @@ def build_plan(mode: str, task: str = "circles", seeds: int | None = None, quick
         raise ReproduceError(f"--seeds {seeds} must be at least 1")
     if max_cycles is not None and max_cycles < 1:
         raise ReproduceError(f"--max-cycles {max_cycles} must be at least 1")
+    if max_work_units is not None and not max_work_units > 0:
+        raise ReproduceError(f"--max-work-units {max_work_units} must be positive")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ReproduceError(f"--target-accuracy {target_accuracy} must be in (0, 1]")
     if levels is not None:
@@ -201,20 +213,26 @@ def build_plan(mode: str, task: str = "circles", seeds: int | None = None, quick
                      "test images; here only the official test set (t10k) is available, so parml trains on a "
                      "seeded 8000-image split of it and validates on the other 2000 (the split follows the seed).")
     K = blocks or sizes["blocks"]
-    base = {**setup, "blocks": K, "max_cycles": max_cycles or sizes["max_cycles"], "eval_every": 1,
+    base = {**setup, **PAPER_METHOD, "blocks": K, "max_cycles": max_cycles or sizes["max_cycles"], "eval_every": 1,
             "progress": False}
     if quick:
         notes.append(f"--quick: K = {K} instead of 2048, {len(rows)} setups, at most {base['max_cycles']} "
                      "V-cycles; the counts are not comparable with the paper's.")
+    if max_work_units is not None:
+        notes.append(f"Work budget: every run stops after at most {max_work_units:g} work units "
+                     f"(V-cycles <= min({base['max_cycles']}, ⌈{max_work_units:g} / U_c⌉)).")
     n = seeds if seeds is not None else sizes["seeds"]
-    return Plan(mode, task, rows, list(range(n)), base, quick, notes)
+    return Plan(mode, task, rows, list(range(n)), base, quick, notes, max_work_units)
 
 
 # --- running -----------------------------------------------------------------------------------------
 
 def _config(plan: Plan, row: Row, seed: int, out: str):
     from .config import TrainConfig
-    cfg = TrainConfig(**plan.base, levels=row.levels, cycle=row.cycle, lr=row.lr, beta=row.beta, seed=seed,
+    base = dict(plan.base)
+    if plan.max_work_units is not None:
+        base["max_cycles"] = max(1, min(base["max_cycles"], math.ceil(plan.max_work_units / row.eq10 - 1e-9)))
+    cfg = TrainConfig(**base, levels=row.levels, cycle=row.cycle, lr=row.lr, beta=row.beta, seed=seed,
                       out=os.path.join(out, "runs"),
                       run_name=f"{plan.name}-{row.key}-K{plan.base['blocks']}-s{seed}")
     return cfg
@@ -250,11 +268,52 @@ def _run_one(cfg, comm, data) -> dict:
             "level_gradients": s["level_gradients"], "folder": s["folder"]}
 
 
-def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print) -> dict:
-    """Train every (row, seed) of `plan` on `comm`; returns the results (complete on rank 0)."""
+def _comparable(d: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k not in ("progress",)}
+
+
+def _reusable(cfg) -> dict | None:
+    """The finished run of exactly `cfg` already in its folder (rank 0), as `_run_one` reports it; else None."""
+    folder = os.path.join(cfg.out, cfg.name)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            old = json.load(f)
+        with open(os.path.join(folder, "summary.json")) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        return None
+    new = _comparable(cfg.to_dict())
+    if any(old.get(k) != v for k, v in new.items()):
+        return None
+    return {"seed": cfg.seed, "status": "reached" if s["reached_target"] else "not reached", "reused": True,
+            "cycles": s["cycles"], "epochs": s.get("epochs"), "work_units": s["work_units"],
+            "uc": s["work_units"] / s["cycles"] if s["cycles"] else None, "seconds": s["seconds"],
+            "compute_seconds": sum(s.get("level_seconds") or [0.0]), "reached_target": s["reached_target"],
+            "val_acc": s.get("val_acc"), "val_loss": s.get("val_loss"), "final_loss": s.get("final_loss"),
+            "level_seconds": s.get("level_seconds"), "level_gradients": s.get("level_gradients"), "folder": folder}
+
+
+def first_reach(folder: str, thresholds) -> dict:
+    """For each accuracy t: [V-cycle, work units] of the first validation with val acc >= t (None if never)."""
+    from .report import read_metrics
+    try:
+        recs = read_metrics(folder)
+    except OSError:
+        return {}
+    out = {}
+    for t in thresholds:
+        hit = next((r for r in recs if r.get("val_acc") is not None and r["val_acc"] >= t - 1e-12), None)
+        out[f"{t:g}"] = [hit["cycle"], hit["work_units"]] if hit else None
+    return out
+
+
+def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print, reuse: bool = False) -> dict:
+    """Train every (row, seed) of `plan` on `comm`; returns the results (complete on rank 0).
+    `reuse`: keep a run whose folder already holds the summary of exactly the same config."""
     from .data import load_dataset
 
-    os.makedirs(out, exist_ok=True) if comm.rank == 0 else None
+    if comm.rank == 0:
+        os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     data_cache = {}
     results, total, done = [], len(plan.rows) * len(plan.seeds), 0
@@ -262,15 +321,24 @@ def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print) -> d
         runs = []
         for seed in plan.seeds:
             cfg = _config(plan, row, seed, out)
-            if seed not in data_cache:   # the same data train() would load from cfg.seed
-                data_cache[seed] = load_dataset(cfg.dataset, cfg.data_dir, seed=seed)
-            r = _run_one(cfg, comm, data_cache[seed])
+            r = None
+            if reuse:
+                r = _reusable(cfg) if comm.rank == 0 else None
+                if comm.size > 1:
+                    r = comm.broadcast_object(r, 0)
+            if r is None:
+                if seed not in data_cache:   # the same data train() would load from cfg.seed
+                    data_cache[seed] = load_dataset(cfg.dataset, cfg.data_dir, seed=seed)
+                r = _run_one(cfg, comm, data_cache[seed])
+            if comm.rank == 0:
+                r["first_reach"] = first_reach(r["folder"], THRESHOLDS[plan.task])
             runs.append(r)
             done += 1
             if progress and comm.rank == 0:
                 acc = r["val_acc"] if r["val_acc"] is not None else float("nan")
                 echo(f"[{done}/{total}] {plan.name} {row.label} seed {seed}: {r['cycles']} V-cycles, "
-                     f"{r['work_units']:.1f} U, {r['seconds']:.1f} s, val acc {acc:.4f} ({r['status']})")
+                     f"{r['work_units']:.1f} U, {r['seconds']:.1f} s, val acc {acc:.4f} ({r['status']}"
+                     f"{', reused' if r.get('reused') else ''})")
         results.append({"row": row, "runs": runs, "median": _medians(runs)})
     return {"plan": plan, "rows": results, "elapsed_s": time.perf_counter() - t0,
             "world_size": comm.size, "backend": comm.backend, "device": str(getattr(comm, "device", "cpu"))}
@@ -314,6 +382,50 @@ def table1_ratio(results: dict) -> dict | None:
         out["paper"] = {"U_L1": a["row"].paper_u, "U_Lmax": b["row"].paper_u,
                         "U": a["row"].paper_u / b["row"].paper_u}
     return out
+
+
+def relative_u(results: dict) -> dict | None:
+    """U of every row over U of a reference row (Table 1: L = 1; Table 2: the paper's setup, the last row),
+    for the paper and for parml's medians: the shape of the table, free of the absolute scale."""
+    plan: Plan = results["plan"]
+    rows = results["rows"]
+    if plan.mode == "table1":
+        ref = next((r for r in rows if r["row"].levels == 1), None)
+    elif plan.mode == "table2":
+        ref = rows[-1] if rows else None
+    else:
+        return None
+    if ref is None or len(rows) < 2:
+        return None
+    pu, mu = ref["row"].paper_u, ref["median"]["work_units"]
+    return {"reference": ref["row"].label,
+            "paper": [_ratio(r["row"].paper_u, pu) if r["row"].paper_u is not None else None for r in rows],
+            "parml": [_ratio(r["median"]["work_units"], mu) for r in rows]}
+
+
+def reach_table(results: dict) -> dict | None:
+    """Median work units (and V-cycles) to first reach each accuracy in THRESHOLDS, per row; ratio L=1 / L=max."""
+    plan: Plan = results["plan"]
+    if plan.mode != "table1":
+        return None
+    ts = [f"{t:g}" for t in THRESHOLDS[plan.task]]
+    rows = []
+    for r in results["rows"]:
+        cells = {}
+        for t in ts:
+            hits = [run.get("first_reach", {}).get(t) for run in r["runs"]]
+            got = [h for h in hits if h]
+            cells[t] = {"U": _median([h[1] for h in got]) if len(got) == len(hits) else None,
+                        "cycles": _median([h[0] for h in got]) if len(got) == len(hits) else None,
+                        "seeds_reached": len(got)}
+        rows.append({"levels": r["row"].levels, "label": r["row"].label, "cells": cells})
+    by_l = {x["levels"]: x for x in rows}
+    ratio = None
+    if 1 in by_l and len(by_l) > 1:
+        hi = by_l[max(by_l)]
+        ratio = {"levels": [1, hi["levels"]],
+                 "U": {t: _ratio(by_l[1]["cells"][t]["U"], hi["cells"][t]["U"]) for t in ts}}
+    return {"thresholds": ts, "rows": rows, "ratio": ratio}
 
 
 def sensitivity_summary(results: dict) -> dict:
@@ -365,6 +477,7 @@ def render_markdown(results: dict, command: str = "") -> str:
     lines = [f"# {TITLES[plan.mode]}, {task}: parml vs. Gaedke-Merzhäuser et al.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    reused = sum(bool(run.get("reused")) for r in results["rows"] for run in r["runs"])
     lrs = sorted({r.lr for r in plan.rows})
     betas = sorted({r.beta for r in plan.rows})
     batch = "full-batch GD" if b.get("batch_size") is None else f"mini-batches of {b['batch_size']}"
@@ -373,7 +486,9 @@ def render_markdown(results: dict, command: str = "") -> str:
               f"{b['target_accuracy']:g}, at most {b['max_cycles']} V-cycles; seeds "
               f"{', '.join(map(str, plan.seeds))} (the seed sets the initialization, the data draw/split and "
               f"the batch order). {results['world_size']} rank(s) [{results['backend']}], {results['device']}, "
-              f"torch {_torch_version()}. Wall time of the whole table: {results['elapsed_s']:.0f} s.", ""]
+              f"torch {_torch_version()}. Wall time of the whole table: {results['elapsed_s']:.0f} s"
+              + (f" ({reused} run(s) reused from an earlier invocation: their own seconds are in their rows, "
+                 f"not in this total)." if reused else "."), ""]
     lines += [f"- {n}" for n in plan.notes]
     if plan.notes:
         lines.append("")
@@ -404,6 +519,14 @@ def render_markdown(results: dict, command: str = "") -> str:
     lines.append("U_c (parml) is measured: work units counted by the trainer / V-cycles. Seconds include the "
                  "validation after every V-cycle.")
     lines.append("")
+    rel = relative_u(results)
+    if rel:
+        ref = rel["reference"]
+        short = any(r["median"]["reached"] < r["median"]["n"] for r in results["rows"])
+        lines.append(f"U / U({ref}), medians, row by row: paper "
+                     f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
+                     + (" († rows stopped at the budget, so these are not cost ratios)." if short else "."))
+        lines.append("")
     if plan.mode == "table1":
         ratio = table1_ratio(results)
         if ratio:
@@ -414,6 +537,21 @@ def render_markdown(results: dict, command: str = "") -> str:
                          f"V-cycle ratio {_f(ratio['cycles'], '.1f')}; wall-clock ratio (median seconds) "
                          f"{_f(ratio['seconds'], '.2f')}, training compute only {_f(ratio['compute_seconds'], '.2f')}."
                          + ("" if ratio["all_reached"] else " Not every run reached the target: a bound, not a ratio."))
+            lines.append("")
+        reach = reach_table(results)
+        if reach and any(run.get("first_reach") for r in results["rows"] for run in r["runs"]):
+            ts = reach["thresholds"]
+            lines += ["Work units (median over seeds) when the validation accuracy first reached each level, read from "
+                      "the runs' logs (– : not reached by every seed within the budget):", "",
+                      "| L / setup | " + " | ".join(f"val acc ≥ {t}" for t in ts) + " |",
+                      "|---|" + "---|" * len(ts)]
+            for x in reach["rows"]:
+                lines.append(f"| {x['label']} | " + " | ".join(
+                    f"{_f(x['cells'][t]['U'], '.1f')} ({_f(x['cells'][t]['cycles'], 'g')} cyc.)"
+                    if x["cells"][t]["U"] is not None else "–" for t in ts) + " |")
+            if reach["ratio"]:
+                hi = reach["ratio"]["levels"][1]
+                lines.append(f"| U(L=1)/U(L={hi}) | " + " | ".join(_f(reach["ratio"]["U"][t], ".2f") for t in ts) + " |")
             lines.append("")
     if plan.mode == "sensitivity":
         s = sensitivity_summary(results)
@@ -449,12 +587,17 @@ def to_json(results: dict, command: str = "") -> dict:
                                "U": row.paper_u},
                      "median": r["median"], "runs": r["runs"]})
     out = {"mode": plan.mode, "task": plan.task, "name": plan.name, "quick": plan.quick, "command": command,
+           "max_work_units": plan.max_work_units,
            "seeds": plan.seeds, "config": plan.base, "notes": plan.notes, "rows": rows,
            "elapsed_s": results["elapsed_s"], "world_size": results["world_size"], "backend": results["backend"],
            "device": results["device"], "torch": _torch_version(), "python": platform.python_version(),
            "cpu_count": os.cpu_count(), "torch_threads": _threads()}
     if plan.mode == "table1":
         out["ratio"] = table1_ratio(results)
+    if plan.mode in ("table1", "table2"):
+        out["relative_U"] = relative_u(results)
+    if plan.mode == "table1":
+        out["first_reach"] = reach_table(results)
     if plan.mode == "sensitivity":
         out["sensitivity"] = sensitivity_summary(results)
     return out
@@ -467,7 +610,8 @@ def _threads() -> int:
 
 def plot_curves(results: dict, out: str) -> list[str]:
     """Loss (solid, log scale) and validation accuracy (dashed) of the first seed, one curve per setup,
-    against V-cycles and against work units (paper Fig. 5). Sensitivity: one panel per (lr, β)."""
+    against V-cycles and against work units (paper Fig. 5). Sensitivity: one panel per (lr, β).
+    The loss is drawn where it was evaluated (before the cycle), the accuracy after the cycle."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -502,7 +646,9 @@ def plot_curves(results: dict, out: str) -> list[str]:
             for i, (name, recs) in enumerate(group):
                 if not recs:
                     continue
-                xs = [x[xkey] for x in recs]
+                # a record's loss is the objective at the start of its cycle, its cycle / work units are
+                # counted at the end: plot the loss at the previous record's x (0 before the first cycle)
+                xs = [0.0] + [x[xkey] for x in recs[:-1]]
                 ax.semilogy(xs, [x["loss"] for x in recs], color=f"C{i}", label=name)
                 acc = [(x[xkey], x["val_acc"]) for x in recs if x.get("val_acc") is not None]
                 if acc:
@@ -538,12 +684,34 @@ def write_outputs(results: dict, out: str, command: str = "") -> dict:
     return paths
 
 
+def load_results(path: str) -> dict:
+    """The results of an earlier run back from its JSON (to render the table again without training)."""
+    with open(path) as f:
+        d = json.load(f)
+    plan = Plan(d["mode"], d["task"], [], d["seeds"], d["config"], d["quick"], d["notes"], d.get("max_work_units"))
+    rows = []
+    for r in d["rows"]:
+        p = r["paper"]
+        note = "[a]" if p["uc_printed"] is not None and p["uc"] is not None and round(p["uc"], 2) != round(p["uc_printed"], 2) else ""
+        row = Row(r["key"], r["label"], r["levels"], r["cycle"], r["lr"], r["beta"], p["v_cycles"], p["uc"], p["U"],
+                  p["uc_printed"], note)
+        plan.rows.append(row)
+        for run in r["runs"]:
+            if "first_reach" not in run and run.get("folder") and os.path.isdir(run["folder"]):
+                run["first_reach"] = first_reach(run["folder"], THRESHOLDS[plan.task])
+        rows.append({"row": row, "runs": r["runs"], "median": r["median"]})
+    return {"plan": plan, "rows": rows, "elapsed_s": d["elapsed_s"], "world_size": d["world_size"],
+            "backend": d["backend"], "device": d["device"], "command": d.get("command", "")}
+
+
 def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick: bool = False,
               out: str = os.path.join("benchmarks", "results", "reproduce"), data_dir: str | None = None,
               max_cycles: int | None = None, target_accuracy: float | None = None, progress: bool = True,
-              levels=None, comm=None, command: str = "") -> dict:
+              levels=None, comm=None, command: str = "", max_work_units: float | None = None,
+              reuse: bool = False) -> dict:
     """Plan, run on `comm` (default: ``make_communicator("auto")``, closed at the end), write on rank 0."""
-    plan = build_plan(mode, task, seeds, quick, max_cycles, target_accuracy, data_dir, levels)
+    plan = build_plan(mode, task, seeds, quick, max_cycles, target_accuracy, data_dir, levels,
+                      max_work_units=max_work_units)
     own = comm is None
     if own:
         from .comm import make_communicator
@@ -552,7 +720,7 @@ def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick:
         if comm.rank == 0 and progress:
             print(f"parml reproduce {plan.name}: {len(plan.rows)} setups x {len(plan.seeds)} seeds, "
                   f"K={plan.base['blocks']}, {comm.size} rank(s) [{comm.backend}] -> {out}", flush=True)
-        results = run_plan(plan, comm, out, progress, echo=lambda s: print(s, flush=True))
+        results = run_plan(plan, comm, out, progress, echo=lambda s: print(s, flush=True), reuse=reuse)
         if comm.rank == 0:
             results["files"] = write_outputs(results, out, command)
         return results
@@ -564,4 +732,4 @@ def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick:
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_SENSITIVITY", "TASK_SETUP", "ReproduceError", "Row", "Plan",
            "build_plan", "run_plan", "reproduce", "render_markdown", "to_json", "write_outputs",
            "table1_rows", "table2_rows", "sensitivity_rows", "table1_ratio", "sensitivity_summary",
-           "default_data_dir", "CycleError"]
+           "default_data_dir", "relative_u", "load_results", "reach_table", "first_reach", "THRESHOLDS"]

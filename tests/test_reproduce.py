@@ -8,8 +8,9 @@ import pytest
 
 from parml.comm import SelfComm
 from parml.mgopt import CycleSetup
-from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row, build_plan,
-                             reproduce, sensitivity_summary, table1_rows, table2_rows)
+from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row, _config,
+                             build_plan, load_results, render_markdown, reproduce, sensitivity_summary, table1_rows,
+                             table2_rows)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
@@ -110,6 +111,25 @@ def test_sensitivity_statistics():
     assert s["rsd_percent"] == pytest.approx(25.0)     # sample std 1.0 / mean 4.0
 
 
+@pytest.mark.timeout(30)
+def test_work_budget_caps_each_setup_by_its_cost(tmp_path):
+    plan = build_plan("table1", "circles", max_cycles=2500, max_work_units=2500)
+    caps = {r.levels: _config(plan, r, 0, str(tmp_path)).max_cycles for r in plan.rows}
+    assert caps == {1: 2500, 2: 834, 4: 500, 6: 477, 8: 482}      # ⌈2500 / U_c⌉, U_c = 1, 3, 5, 5.25, 5.1875
+    assert _config(build_plan("table1"), plan.rows[0], 0, str(tmp_path)).max_cycles == 3000
+
+
+@pytest.mark.timeout(120)
+def test_reuse_keeps_a_finished_run_of_the_same_config(tmp_path):
+    kw = dict(quick=True, seeds=1, levels=[4], out=str(tmp_path), progress=False)
+    first = reproduce("table1", max_cycles=3, comm=SelfComm(), **kw)["rows"][0]["runs"][0]
+    again = reproduce("table1", max_cycles=3, comm=SelfComm(), reuse=True, **kw)["rows"][0]["runs"][0]
+    assert again["reused"] and not first.get("reused")
+    assert (again["cycles"], again["work_units"], again["final_loss"]) == (3, first["work_units"], first["final_loss"])
+    other = reproduce("table1", max_cycles=4, comm=SelfComm(), reuse=True, **kw)["rows"][0]["runs"][0]
+    assert not other.get("reused") and other["cycles"] == 4         # another config is trained again
+
+
 # --- U_c as parml prints it: measured by the trainer, in the table --------------------------------
 
 def _printed_uc(md: str) -> list[tuple[str, str, str]]:
@@ -165,6 +185,12 @@ def test_quick_table1_writes_files_and_is_deterministic(tmp_path):
             assert run["uc"] == pytest.approx(row["eq10_uc"])
     assert data["ratio"]["U"] > 1 and data["ratio"]["seconds"] > 0
     assert (out / "table1-circles.md").read_text() in r.stdout
+    assert "U / U(1 [{1}])" in r.stdout and "val acc ≥ 1" in r.stdout
+    for row in data["rows"]:                      # accuracy 1.0 is first reached where the run stopped
+        for run in row["runs"]:
+            assert run["first_reach"]["1"] == [run["cycles"], pytest.approx(run["work_units"])]
+    again_md = render_markdown(load_results(str(out / "table1-circles.json")), data["command"])
+    assert again_md == (out / "table1-circles.md").read_text()       # the JSON holds every number of the table
 
     # the same config again, for seed 0 (L = 2, 4): the same V-cycle counts
     again = tmp_path / "b"
