@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from test_parallel import _local_grads
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import Dataset, load_dataset
@@ -143,16 +144,6 @@ def test_bad_conv_input_names_the_option():
 
 
 # --- layer-parallel exactness ----------------------------------------------------------------------
-
-def _local_grads(model):
-    out = {}
-    for c in model.block_chunks():
-        out[("chunk", c.stage, c.first)] = (c.weight.grad.clone(), c.bias.grad.clone())
-    for name, p in model.named_parameters():
-        if not name.startswith("chunks."):
-            out[name] = p.grad.clone()
-    return out
-
 
 def _serial(name):
     model = build_model(SPECS[name], seed=2, dtype=torch.float64)

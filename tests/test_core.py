@@ -9,7 +9,7 @@ from parml.config import TrainConfig
 from parml.data import load_dataset
 from parml.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, restrict_gradient,
                              restrict_parameters)
-from parml.mgopt import CycleError, CycleSetup, VCycle
+from parml.mgopt import CycleError, CycleSetup
 from parml.model import ModelSpec, StageSpec, build_model, tikhonov
 from parml.train import build_levels, build_vcycle
 

@@ -11,7 +11,6 @@ from multiproc import run_ranks
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import load_dataset
-from parml.hierarchy import ordered_parameters
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.executor import LayerParallel
 from parml.parallel.layout import describe_plan, partition_blocks, plan_levels
