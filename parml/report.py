@@ -74,8 +74,11 @@ def plot_run(folder: str, title: str = "") -> str:
     rows = read_metrics(folder)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, label in zip(axes, ("cycle", "work_units", "seconds"), ("V-cycles", "work units", "seconds")):
-        xs = [r[key] for r in rows]
-        ax.semilogy(xs, [r["loss"] for r in rows], color="C0", label="training loss")
+        # the loss is taken at the start of its cycle: plot it where that cycle began
+        starts = {"cycle": [r["cycle"] - 1 for r in rows],
+                  "work_units": [r.get("work_units_start", r["work_units"]) for r in rows],
+                  "seconds": [0.0] + [r["seconds"] for r in rows[:-1]]}[key]
+        ax.semilogy(starts, [r["loss"] for r in rows], color="C0", label="training loss")
         ax.set_xlabel(label)
         ax.set_ylabel("loss", color="C0")
         acc = [(r[key], r["val_acc"]) for r in rows if r.get("val_acc") is not None and not math.isnan(r["val_acc"])]

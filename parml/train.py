@@ -145,7 +145,9 @@ def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, 
             except NonFiniteError as e:
                 raise TrainingError(f"{e} in cycle {state.cycle + 1} ({phase})") from None
             state.cycle += 1
+            # `loss` is the finest objective at the start of the cycle, i.e. after `work_units_start`
             rec = {"phase": phase, "cycle": state.cycle, "epoch": state.epoch, "loss": result.loss,
+                   "work_units_start": work_offset + vcycle.work_units - result.work_units,
                    "work_units": work_offset + vcycle.work_units, "seconds": time.perf_counter() - clock,
                    "level_seconds": result.level_seconds}
             if lr_at is not None:
