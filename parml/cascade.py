@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .config import ConfigError
 from .hierarchy import prolongate_model
 from .model import build_model
@@ -33,13 +35,13 @@ def run_cascade(cfg, comm, data, device, out, clock):
     in units of one full-depth gradient, per-stage log)."""
     from .train import build_vcycle, cosine_schedule, run_cycles
 
-    dtype = getattr(__import__("torch"), cfg.dtype)
+    dtype = getattr(torch, cfg.dtype)
     try:
         spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task,
                               data.input_shape)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    state, units, offset, log = None, 0.0, 0, []
+    state, units, log = None, 0.0, []
     for depth in cascade_depths(cfg.blocks, cfg.cascade):
         ranks = max(1, min(comm.size, depth // cfg.min_blocks_per_rank))
         group = comm if ranks == comm.size else comm.split(list(range(ranks)))
@@ -61,7 +63,6 @@ def run_cascade(cfg, comm, data, device, out, clock):
             gathered, stage_units = None, 0.0
         state = comm.broadcast_object(gathered, 0)
         units += comm.broadcast_object(stage_units, 0)
-        offset += cfg.cascade_cycles
         out.print(f"cascade: {depth} blocks on {ranks} rank(s), {cfg.cascade_cycles} steps, "
                   f"val acc {log[-1]['val_acc'] if log else float('nan'):.4f}")
     return _prolongated(spec, cfg.blocks, state, cfg, dtype), units, comm.broadcast_object(log, 0)
