@@ -13,7 +13,6 @@ import dataclasses
 
 import torch
 
-from .config import ConfigError
 from .hierarchy import prolongate_model
 from .model import build_model
 
@@ -36,11 +35,7 @@ def run_cascade(cfg, comm, data, device, out, clock):
     from .train import build_vcycle, cosine_schedule, run_cycles
 
     dtype = getattr(torch, cfg.dtype)
-    try:
-        spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task,
-                              data.input_shape)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    spec = cfg.spec_for(data)
     state, units, log = None, 0.0, []
     for depth in cascade_depths(cfg.blocks, cfg.cascade):
         ranks = max(1, min(comm.size, depth // cfg.min_blocks_per_rank))

@@ -84,6 +84,14 @@ class TrainConfig:
         return ModelSpec(in_features, out_features, stages, self.T, self.activation, self.stepper, task,
                          tuple(input_shape), self.projection, self.norm, self.head)
 
+    def spec_for(self, data) -> ModelSpec:
+        """The network for a loaded ``data.Dataset``; a mismatch with the data is a ConfigError."""
+        try:
+            return self.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1],
+                                   data.task, data.input_shape)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     @property
     def name(self) -> str:
         return self.run_name or f"{self.dataset}-L{self.levels}-K{self.blocks}-s{self.seed}"

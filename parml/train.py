@@ -43,11 +43,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     outside that group its entry is None. Returns (levels, movers, plans).
     """
     dtype = getattr(torch, cfg.dtype)
-    try:
-        spec = cfg.model_spec(data.x_train[0].numel(), data.num_classes or data.y_train.shape[-1], data.task,
-                              data.input_shape)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    spec = cfg.spec_for(data)
     specs = level_specs(spec, cfg.levels)
     if cfg.interpolation == "linear" and cfg.levels > 1 and comm.size > 1:
         raise ConfigError("--interpolation linear runs MG/OPT on one rank only (its stencil crosses chunk "
