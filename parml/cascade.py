@@ -64,9 +64,10 @@ def run_cascade(cfg, comm, data, device, out, clock):
 
 
 def _prolongated(spec, depth, coarse_state, cfg, dtype):
-    """The full state dict of the depth-`depth` network prolongated from the half-depth one."""
-    coarse = build_model(spec.coarsened(spec.total_blocks // (depth // 2)), seed=cfg.seed, dtype=dtype)
+    """The full state dict of the depth-`depth` network prolongated from the half-depth one
+    (`depth` and ``cfg.blocks`` count blocks per stage: a conv network has several stages)."""
+    coarse = build_model(spec.coarsened(cfg.blocks // (depth // 2)), seed=cfg.seed, dtype=dtype)
     coarse.load_state_dict(coarse_state)
-    fine = build_model(spec.coarsened(spec.total_blocks // depth), seed=cfg.seed, dtype=dtype)
+    fine = build_model(spec.coarsened(cfg.blocks // depth), seed=cfg.seed, dtype=dtype)
     prolongate_model(coarse, fine, cfg.cascade_interpolation)
     return fine.state_dict()
