@@ -241,6 +241,14 @@ def grad_diff(a_params, b_params):
     return worst
 
 
+def peak_saved(comm, params, step, *args):
+    """Peak bytes autograd saves during one (untimed) `step(*args)`, all ranks starting together."""
+    comm.barrier()
+    with SavedTensorMeter(params) as meter:
+        step(*args)
+    return meter.peak
+
+
 def ping_pong(comm, nbytes_list, reps=200):
     """One-way latency (s) of a parml comm.send/recv round trip between ranks 0 and 1."""
     out = {}
@@ -302,6 +310,9 @@ def run_parallel(job):
         for schedule in job["schedules"]:
             for M in job["microbatches"]:
                 lp = LayerParallel(model, comm, schedule=schedule, microbatches=M)
+                # ablation: the same executor computing weight gradients inside each backward
+                ip = (LayerParallel(model, comm, schedule=schedule, microbatches=M, weight_grads="inline")
+                      if job.get("inline_ablation") and kind == "gloo" else None)
                 tp, tp_err = None, None
                 if torch_ok:
                     if schedule == "1f1b" and M < P:
@@ -314,11 +325,14 @@ def run_parallel(job):
                 comm.barrier()
                 for _ in range(job["warmup"]):
                     loss = lp.forward_backward(x, y)
+                    if ip is not None:
+                        comm.barrier()
+                        ip.forward_backward(x, y)
                     if tp is not None:
                         comm.barrier()
                         tp.step(x, y)
                     comm.barrier()
-                rows, ttimes = [], []
+                rows, ttimes, itimes = [], [], []
                 for _ in range(job["steps"]):
                     comm.barrier()
                     i0, b0 = spent["isend"], spent["broadcast"]
@@ -326,20 +340,24 @@ def run_parallel(job):
                     t = lp.times
                     rows.append((t.step, t.compute, t.wait, t.other, spent["isend"] - i0,
                                  spent["broadcast"] - b0))
+                    if ip is not None:
+                        comm.barrier()
+                        ip.forward_backward(x, y)
+                        itimes.append(ip.times.step)
                     if tp is not None:
                         comm.barrier()
                         ttimes.append(tp.step(x, y))
                 gdiff = grad_diff(lp.model.parameters(), tp.shard.parameters()) if tp is not None else None
-                comm.barrier()
-                with SavedTensorMeter(lp.model.parameters()) as meter:
-                    lp.forward_backward(x, y)
-                tpeak = None
-                if tp is not None:
-                    comm.barrier()
-                    with SavedTensorMeter(tp.shard.parameters()) as tmeter:
-                        tp.step(x, y)
-                    tpeak = tmeter.peak
-                mine = {"rows": rows, "loss": loss, "peak": meter.peak, "ttimes": ttimes,
+                peak = peak_saved(comm, lp.model.parameters(), lp.forward_backward, x, y)
+                # deferred weight gradients keep each micro-batch's states (and adjoints) until the
+                # step's end, outside autograd: count them too
+                peak = max(peak, lp.stage.deferred.peak_bytes if lp.stage.deferred is not None else 0)
+                ipeak = (peak_saved(comm, ip.model.parameters(), ip.forward_backward, x, y)
+                         if ip is not None else None)
+                tpeak = (peak_saved(comm, tp.shard.parameters(), tp.step, x, y)
+                         if tp is not None else None)
+                mine = {"rows": rows, "loss": loss, "peak": peak, "ttimes": ttimes, "itimes": itimes,
+                        "ipeak": ipeak,
                         "tloss": tp.loss if tp is not None else None, "tpeak": tpeak, "gdiff": gdiff,
                         "bytes_sent": comm.bytes_sent, "range": [a, b]}
                 allr = comm.allgather_object(mine)
@@ -347,7 +365,7 @@ def run_parallel(job):
                     e = summarize(name, m, kind, P, schedule, M, allr, tp is not None, tp_err or torch_err)
                     entries.append(e)
                     print(progress_line(e), flush=True)
-                del lp, tp
+                del lp, ip, tp
                 gc.collect()  # drop the schedule's cycles while the process group is alive
         out["models"][name] = entries
     if P == 2 and job.get("latency_bytes"):
@@ -384,7 +402,12 @@ def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
          "busiest_compute_s": busiest, "efficiency": eff, "bound": bound, "eff_over_bound": eff / bound,
          "samples_per_s": m["batch"] / step, "loss": allr[-1]["loss"],
          "peak_saved_bytes_max": max(p["peak_saved_bytes"] for p in per_rank),
-         "torch": None}
+         "torch": None, "inline": None}
+    if allr[0]["itimes"]:
+        i_each = [max(r["itimes"][i] for r in allr) for i in range(steps)]
+        e["inline"] = {"step_s": med(i_each), "steps_s": i_each,
+                       "deferred_over_inline_paired": med([i / p for i, p in zip(i_each, step_each)]),
+                       "peak_saved_bytes_max": max(r["ipeak"] for r in allr)}
     if have_torch:
         t_each = [max(r["ttimes"][i] for r in allr) for i in range(steps)]
         tstep = med(t_each)
@@ -406,6 +429,8 @@ def progress_line(e):
     s = (f"[{e['backend']}] {e['model']:8s} P={e['P']}{'*' if e['oversubscribed'] else ' '} "
          f"M={e['M']:<2d} {e['schedule']:5s} step {1e3 * e['step_s']:8.1f} ms  eff {e['efficiency']:.3f} "
          f"(bound {e['bound']:.3f}, ratio {e['eff_over_bound']:.2f})  c/w/o ms {ranks}")
+    if e.get("inline"):
+        s += f"  | inline-W {1e3 * e['inline']['step_s']:.1f} ms"
     t = e.get("torch")
     if t and "step_s" in t:
         s += f"  | torch {1e3 * t['step_s']:8.1f} ms, parml/torch {t['parml_over_torch_throughput']:.2f}x"

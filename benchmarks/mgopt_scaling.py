@@ -42,13 +42,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from parml.launch import clean_env, free_port, kill_group, mpirun_path
+from parml.launch import clean_env, run_local
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -308,68 +307,15 @@ def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tup
     Results of the runs finished before a failure or timeout are kept."""
     job_path, result_path = tmp / f"{label}.job.json", tmp / f"{label}.result.json"
     job_path.write_text(json.dumps(job))
-    env = base_env()
     cmd = [sys.executable, str(SCRIPT), "--worker", str(job_path), str(result_path)]
-    procs: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(c, e, rank0):
-        err = tmp / f"{label}.{len(procs)}.stderr"
-        with open(err, "wb") as fe:
-            p = subprocess.Popen(c, env=e, cwd=str(ROOT), stdout=None if rank0 else subprocess.DEVNULL,
-                                 stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
-        procs.append((p, err))
-
-    if nprocs == 1:
-        start(cmd, env, True)
-    elif job["backend"] == "torch":
-        port = free_port()
-        for r in range(nprocs):
-            e = dict(env, RANK=str(r), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nprocs),
-                     GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            start(cmd, e, r == 0)
-    else:
-        mpi = [mpirun_path(), "-n", str(nprocs), "--oversubscribe", "--bind-to", "none"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            mpi.insert(3, "--allow-run-as-root")
-        start(mpi + cmd, env, True)
-    sys.stdout.flush()
-    deadline = time.monotonic() + timeout
-    failed_at, timed_out = None, False
-    try:
-        while True:
-            codes = [p.poll() for p, _ in procs]
-            if all(c is not None for c in codes):
-                break
-            now = time.monotonic()
-            if failed_at is None and any(c not in (None, 0) for c in codes):
-                failed_at = now
-            if failed_at is not None and now - failed_at > 10:
-                break
-            if now > deadline:
-                timed_out = True
-                break
-            time.sleep(0.1)
-    finally:
-        for p, _ in procs:
-            kill_group(p)
+    backend = job["backend"] if nprocs > 1 else "self"   # one plain process
+    run = run_local(cmd, nprocs, backend, timeout, tmp, label, base_env(), cwd=ROOT, poll=0.1)
     res = json.loads(result_path.read_text()) if result_path.exists() else None
-    if timed_out:
-        return res, f"{label}: timed out after {timeout:g} s\n" + _tails(procs)
-    if any(p.returncode != 0 for p, _ in procs) or res is None:
-        return res, f"{label}: exit codes {[p.returncode for p, _ in procs]}\n" + _tails(procs)
+    if run.timed_out:
+        return res, f"{label}: timed out after {timeout:g} s\n" + run.tails()
+    if not run.ok or res is None:
+        return res, f"{label}: exit codes {run.returncodes}\n" + run.tails()
     return res, None
-
-
-def _tails(procs) -> str:
-    out = []
-    for i, (_, err) in enumerate(procs):
-        try:
-            text = err.read_text(errors="replace")[-2500:]
-        except OSError:
-            text = ""
-        if text.strip():
-            out.append(f"--- process {i} stderr ---\n{text}")
-    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ _D = TrainConfig()
 @click.option("--T", "T", type=float, default=_D.T, help="Final time; h = T / K.")
 @click.option("--activation", default=_D.activation, help="relu | tanh")
 @click.option("--stepper", default=_D.stepper, help="euler | rk2")
+@click.option("--init", default=_D.init, help="Weight initialization: uniform (±1/√fan_in) | glorot "
+              "(Glorot uniform, ±√(6/(fan_in+fan_out)), the paper's Keras default).")
 @click.option("--levels", "-L", type=int, default=_D.levels, help="Levels of the hierarchy; 1 = plain (S)GD.")
 @click.option("--cycle", default=None, help="Steps per level, finest first, e.g. '[(1),1,2,{2}]' "
               "((n): no post-smoothing; {n}: coarsest). Default: the paper's setup for --levels.")
@@ -96,6 +98,10 @@ _D = TrainConfig()
 @click.option("--device", default=_D.device, help="auto | cpu | cuda")
 @click.option("--schedule", default=_D.schedule, help="Pipeline schedule across ranks: 1f1b | gpipe")
 @click.option("--microbatches", "-M", type=int, default=_D.microbatches, help="Micro-batches per step.")
+@click.option("--weight-grads", default=_D.weight_grads,
+              help="deferred: dense blocks' weight gradients of all micro-batches after the step's last "
+                   "backward (faster; holds every micro-batch's states) | inline: inside each backward "
+                   "(keeps 1f1b's activation memory bound).")
 @click.option("--min-blocks-per-rank", type=int, default=_D.min_blocks_per_rank,
               help="A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
 @click.option("--ranks", type=int, default=None, help="Expected world size; must match the launcher's.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
 from .mgopt import CycleError, CycleSetup
-from .model import ACTIVATIONS, STEPPERS, ModelSpec, StageSpec
+from .model import ACTIVATIONS, INITS, STEPPERS, ModelSpec, StageSpec
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
@@ -36,6 +36,7 @@ class TrainConfig:
     T: float = 1.0                    # final time; h = T / K
     activation: str = "relu"          # σ in F(y) = σ(W y + b)
     stepper: str = "euler"            # euler | rk2
+    init: str = "uniform"             # weights: uniform ±1/√fan_in | glorot (Glorot uniform, the paper's Keras default)
     levels: int = 8                   # L; 1 is plain (S)GD
     cycle: str | None = None          # paper notation, finest first, e.g. "[(1),1,1,1,2,2,2,{2}]"
     optimizer: str = "sgd"            # level optimizer: sgd (Algorithm 3) | momentum | adam
@@ -60,6 +61,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     schedule: str = "1f1b"            # pipeline schedule across ranks
     microbatches: int = 1             # M
+    weight_grads: str = "deferred"    # deferred (after the step's last backward) | inline (in each backward)
     min_blocks_per_rank: int = 16     # a coarse level with fewer blocks per rank is gathered onto fewer ranks
     ranks: int | None = None          # expected world size; checked against the launcher's
     comm_timeout: float = 300.0       # seconds before a blocked communication fails
@@ -75,14 +77,14 @@ class TrainConfig:
     def model_spec(self, in_features: int, out_features: int, task: str, input_shape=None) -> ModelSpec:
         if self.arch == "dense":
             return ModelSpec(in_features, out_features, (StageSpec(self.width, self.blocks),),
-                             self.T, self.activation, self.stepper, task)
+                             self.T, self.activation, self.stepper, task, init=self.init)
         chans = [int(c) for c in self.channels.split(",")] if self.channels else [self.width]
         stages = tuple(StageSpec(c, self.blocks, "conv", 1 if i == 0 else 2) for i, c in enumerate(chans))
         if input_shape is None or len(input_shape) != 3:          # validation without data
             side = 2 ** (len(chans) - 1)
             input_shape, in_features = (1, side, side), side * side
         return ModelSpec(in_features, out_features, stages, self.T, self.activation, self.stepper, task,
-                         tuple(input_shape), self.projection, self.norm, self.head)
+                         tuple(input_shape), self.projection, self.norm, self.head, init=self.init)
 
     def spec_for(self, data) -> ModelSpec:
         """The network for a loaded ``data.Dataset``; a mismatch with the data is a ConfigError."""
@@ -101,7 +103,7 @@ class TrainConfig:
 
     # options that may differ when a run is resumed (they do not change the iterates)
     RESUMABLE = ("max_cycles", "max_epochs", "checkpoint_every", "comm_timeout", "progress", "backend",
-                 "device", "ranks", "eval_every")
+                 "device", "ranks", "eval_every", "weight_grads")
 
     @classmethod
     def from_run(cls, run_dir: str, overrides: dict) -> "TrainConfig":
@@ -149,6 +151,7 @@ class TrainConfig:
              f"--target-accuracy {self.target_accuracy} must be in (0, 1]")
         choice("--activation", self.activation, tuple(ACTIVATIONS))
         choice("--stepper", self.stepper, tuple(STEPPERS))
+        choice("--init", self.init, INITS)
         choice("--optimizer", self.optimizer, OPTIMIZERS)
         choice("--metric", self.metric, METRICS)
         choice("--interpolation", self.interpolation, INTERPOLATIONS)
@@ -164,6 +167,7 @@ class TrainConfig:
         choice("--device", self.device, ("auto", "cpu", "cuda"))
         from .parallel.schedule import SCHEDULES
         choice("--schedule", self.schedule.lower(), tuple(sorted(SCHEDULES)))
+        choice("--weight-grads", self.weight_grads, ("deferred", "inline"))
         choice("--arch", self.arch, ("dense", "conv"))
         need(self.channels is None or all(c.strip().isdigit() and int(c) > 0 for c in self.channels.split(",")),
              f"--channels {self.channels!r} must be comma-separated positive integers, e.g. 16,32,64")

@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # variables of an enclosing launcher that must not leak into the ranks we start
@@ -84,3 +86,85 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+@dataclass
+class LocalRun:
+    """What ``run_local`` saw: exit codes (None: killed), whether the deadline passed, log files."""
+    returncodes: list
+    timed_out: bool
+    logs: list = field(default_factory=list)   # (label, stdout path or None, stderr path)
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and all(c == 0 for c in self.returncodes)
+
+    def tails(self, nchars: int = 2500) -> str:
+        """The end of every process's stderr (and captured stdout), labelled."""
+        parts = []
+        for label, out, err in self.logs:
+            for what, path in (("stderr", err), ("stdout", out)):
+                text = _tail(path, nchars) if path is not None else ""
+                if text.strip():
+                    parts.append(f"--- {label} {what} ---\n{text}")
+        return "\n".join(parts)
+
+
+def _tail(path: Path, nchars: int) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-nchars:]
+    except OSError:
+        return ""
+
+
+def run_local(cmd: list[str], nprocs: int, backend: str, timeout: float, log_dir, label: str,
+              env: dict, cwd=None, capture_stdout: bool = False, grace: float = 10.0,
+              poll: float = 0.05) -> LocalRun:
+    """Run `cmd` as `nprocs` local ranks and wait: torchrun's variables per process ("gloo" or
+    "torch"), one ``mpirun`` ("mpi"), or a single plain process (any other backend).
+
+    Each process gets its own session; all are killed at the deadline, `grace` seconds after the
+    first non-zero exit (so a dead peer never turns into a hang), and when the wait is interrupted.
+    Stderr goes to files in `log_dir`; stdout too with `capture_stdout`, else rank 0's is inherited.
+    """
+    log_dir = Path(log_dir)
+    procs: list[subprocess.Popen] = []
+    logs: list = []
+
+    def start(c, e, rank0):
+        name = f"{label}.{len(procs)}"
+        out, err = (log_dir / f"{name}.stdout" if capture_stdout else None), log_dir / f"{name}.stderr"
+        with open(err, "wb") as fe, (open(out, "wb") if out else open(os.devnull, "wb")) as fo:
+            stdout = fo if capture_stdout or not rank0 else None
+            procs.append(subprocess.Popen(c, env=e, cwd=None if cwd is None else str(cwd), stdout=stdout,
+                                          stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True))
+        logs.append((name, out, err))
+
+    try:
+        if backend in ("gloo", "torch"):
+            port = free_port()
+            for r in range(nprocs):
+                start(cmd, dict(env, **torchrun_env(r, nprocs, port)), r == 0)
+        elif backend == "mpi":
+            start(mpirun_command(nprocs) + list(cmd), env, True)   # only rank 0 prints
+        else:
+            start(cmd, env, True)
+        sys.stdout.flush()
+        deadline, failed_at, timed_out = time.monotonic() + timeout, None, False
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            now = time.monotonic()
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = now
+            if failed_at is not None and now - failed_at > grace:
+                break
+            if now > deadline:
+                timed_out = True
+                break
+            time.sleep(poll)
+    finally:
+        for p in procs:
+            kill_group(p)
+    return LocalRun([p.returncode for p in procs], timed_out, logs)

@@ -73,6 +73,7 @@ STAGE_KINDS = ("dense", "conv")
 PROJECTIONS = ("conv", "avgpool")   # conv stages: strided 1x1 convolution | average pooling + 1x1
 NORMS = ("none", "layer")           # conv blocks: no norm | per-sample norm over (C, H, W), no parameters
 HEADS = ("pool", "flatten")         # conv head: global average pool + linear | linear on the flattened state
+INITS = ("uniform", "glorot")       # weights U(±1/√fan_in) | Glorot uniform U(±√(6/(fan_in+fan_out))), Keras' default
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,11 @@ class ModelSpec:
     projection: str = "conv"       # conv networks: strided 1x1 conv | avgpool + 1x1 conv
     norm: str = "none"             # conv blocks: none | layer
     head: str = "pool"             # conv networks: pool (resolution independent) | flatten (Haber et al.)
+    init: str = "uniform"          # weight initialization: uniform ±1/√fan_in | glorot (Keras default)
 
     def __post_init__(self):
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("init", self.init, {k: k for k in INITS})
         _choice("stepper", self.stepper, STEPPERS)
         if self.task not in ("classification", "regression"):
             raise ValueError(f"unknown task {self.task!r}; valid: classification, regression")
@@ -166,11 +169,74 @@ class ModelSpec:
 
 # --- modules ---------------------------------------------------------------------------------------
 
+def _activation_backward(op, *args):
+    """(adjoint, σ(z), out) -> σ'(z) ⊙ adjoint, written into `out` unless it is None."""
+    return lambda g, s, out: (op(g, s, *args) if out is None
+                              else op.grad_input(g, s, *args, grad_input=out))
+
+
 _ACTIVATION_BACKWARD = {
-    "relu": lambda g, s: torch.ops.aten.threshold_backward(g, s, 0),
-    "tanh": torch.ops.aten.tanh_backward,
-    "sigmoid": torch.ops.aten.sigmoid_backward,
+    "relu": _activation_backward(torch.ops.aten.threshold_backward, 0),
+    "tanh": _activation_backward(torch.ops.aten.tanh_backward),
+    "sigmoid": _activation_backward(torch.ops.aten.sigmoid_backward),
 }
+
+
+class DeferredWeightGrads:
+    """Weight gradients of fused dense Euler chunks, computed later for all micro-batches at once.
+
+    A pipeline stage's backward only has to produce the input adjoint λ_a quickly (the previous
+    rank waits for it); the parameter gradients ∂W_k = h Σ_m g_{a,k,m}ᵀ y_{k,m} are needed only at
+    the end of the step. The chunk's adjoint therefore stores (y_k, g_{a,k}) per micro-batch here
+    and ``flush`` forms every block's gradient with one batched matmul per micro-batch — off the
+    critical path, and with K·M small matmuls replaced by M batched ones (the backward/weight split
+    of zero-bubble pipeline schedules).
+    """
+
+    def __init__(self):
+        self._pending: dict[int, tuple] = {}   # id(chunk) -> (chunk, [(ys, gas, h)])
+        self._free: dict[tuple, list] = {}     # buffers of flushed steps, reused by the next step
+        self.peak_bytes = 0                    # most bytes of states + adjoints held at a flush
+
+    def buffer(self, like: torch.Tensor, blocks: int) -> torch.Tensor:
+        """An uninitialised [blocks, *like.shape] buffer, recycled from an earlier step when one is
+        free: fresh multi-MiB allocations cost a page fault per 4 KiB on every step."""
+        key = ((blocks,) + tuple(like.shape), like.dtype, like.device)
+        free = self._free.get(key)
+        return free.pop() if free else like.new_empty(key[0])
+
+    def add(self, chunk, ys, gas, h):
+        self._pending.setdefault(id(chunk), (chunk, []))[1].append((ys, gas, h))
+
+    def pending(self) -> int:
+        """How many (chunk, micro-batch) gradients wait for ``flush``."""
+        return sum(len(items) for _, items in self._pending.values())
+
+    def discard(self):
+        """Drop what is stored (a step that failed part-way)."""
+        self._pending.clear()
+
+    @torch.no_grad()
+    def flush(self):
+        """Accumulate the stored gradients into ``chunk.weight.grad`` and ``chunk.bias.grad``."""
+        held = sum(t.nbytes for _, items in self._pending.values() for ys, gas, _ in items for t in (ys, gas))
+        self.peak_bytes = max(self.peak_bytes, held)
+        for chunk, items in self._pending.values():
+            gw = gb = None
+            for ys, gas, h in items:
+                if gw is None:
+                    gw, gb = torch.bmm(gas.transpose(1, 2), ys), gas.sum(1)
+                else:
+                    gw.baddbmm_(gas.transpose(1, 2), ys)
+                    gb += gas.sum(1)
+            gw.mul_(h)
+            gb.mul_(h)
+            for p, g in ((chunk.weight, gw), (chunk.bias, gb)):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+            for ys, gas, _ in items:    # nothing else refers to them once the step's backward is done
+                for t in (ys, gas):
+                    self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+        self._pending.clear()
 
 
 class _EulerDense(torch.autograd.Function):
@@ -180,36 +246,53 @@ class _EulerDense(torch.autograd.Function):
     adjoint recursion is 4 ops per block without per-node engine cost, which dominates small widths
     (1.4-1.5x per step on a K = 1024, width 32 model):
         g_a = σ'(z_k) ⊙ λ_{k+1},  ∂W_k = h g_aᵀ y_k,  ∂b_k = h Σ g_a,  λ_k = λ_{k+1} + h g_a W_k
+    With a ``DeferredWeightGrads`` sink the y_k live in one stacked (recycled) buffer, the backward
+    only runs the 2-op λ recursion, and ∂W, ∂b are left to the sink's ``flush``.
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, h, activation):
-        sigma = ACTIVATIONS[activation]
-        ys, ss = [], []
-        for w, b in zip(weight.unbind(0), bias.unbind(0)):
+    def forward(ctx, y, weight, bias, h, activation, deferred):
+        sigma, n = ACTIVATIONS[activation], weight.shape[0]
+        if deferred is None:
+            ys = []
+        else:
+            ys = deferred[0].buffer(y, n)
+            ys[0].copy_(y)
+        ss = []
+        for k, (w, b) in enumerate(zip(weight.unbind(0), bias.unbind(0))):
+            if deferred is None:
+                ys.append(y)
             s = sigma(torch.addmm(b, y, w.t()))
-            ys.append(y)
             ss.append(s)
-            y = torch.add(y, s, alpha=h)
-        ctx.save_for_backward(weight, *ys, *ss)
-        ctx.h, ctx.activation = h, activation
+            y = torch.add(y, s, alpha=h, out=ys[k + 1] if deferred is not None and k + 1 < n else None)
+        ctx.save_for_backward(weight, *([ys] if deferred is not None else ys), *ss)
+        ctx.h, ctx.activation, ctx.deferred = h, activation, deferred   # deferred: (sink, chunk) or None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        dsigma, h = _ACTIVATION_BACKWARD[ctx.activation], ctx.h
+        if ctx.deferred is not None:
+            weight, ys, *ss = ctx.saved_tensors
+            sink, chunk = ctx.deferred
+            gas = sink.buffer(g, weight.shape[0])
+            for k in range(weight.shape[0] - 1, -1, -1):
+                dsigma(g, ss[k], gas[k])                        # dL/da_k / h
+                g = torch.addmm(g, gas[k], weight[k], alpha=h)  # dL/dy_k = g + h ga W_k
+            sink.add(chunk, ys, gas, h)
+            return g, None, None, None, None, None
         weight, *saved = ctx.saved_tensors
         n = weight.shape[0]
         ys, ss = saved[:n], saved[n:]
-        dsigma, h = _ACTIVATION_BACKWARD[ctx.activation], ctx.h
         gw = torch.empty_like(weight)
         gb = torch.empty(weight.shape[:2], dtype=weight.dtype, device=weight.device)
         for k in range(n - 1, -1, -1):
-            ga = dsigma(g, ss[k])                       # dL/da_k / h
+            ga = dsigma(g, ss[k], None)
             torch.mm(ga.t(), ys[k], out=gw[k])
             torch.sum(ga, 0, out=gb[k])
-            g = torch.addmm(g, ga, weight[k], alpha=h)  # dL/dy_k = g + h ga W_k
-        return g, gw.mul_(h), gb.mul_(h), None, None
+            g = torch.addmm(g, ga, weight[k], alpha=h)
+        return g, gw.mul_(h), gb.mul_(h), None, None, None
 
 
 class BlockChunk(nn.Module):
@@ -227,14 +310,17 @@ class BlockChunk(nn.Module):
         self.activation, self.stepper = activation, stepper
         self._sigma = ACTIVATIONS[activation]
         self._step = STEPPERS[stepper].step
+        self.weight_grad_sink: DeferredWeightGrads | None = None   # set by a pipeline stage
 
     @property
     def num_blocks(self) -> int:
         return self.weight.shape[0]
 
     def forward(self, y):
-        if self.stepper == "euler" and self.activation in _ACTIVATION_BACKWARD and torch.is_grad_enabled():
-            return _EulerDense.apply(y, self.weight, self.bias, self.h, self.activation)
+        if (self.stepper == "euler" and self.activation in _ACTIVATION_BACKWARD and self.num_blocks
+                and torch.is_grad_enabled()):
+            deferred = None if self.weight_grad_sink is None else (self.weight_grad_sink, self)
+            return _EulerDense.apply(y, self.weight, self.bias, self.h, self.activation, deferred)
         sigma, step, h = self._sigma, self._step, self.h
         for w, b in zip(self.weight.unbind(0), self.bias.unbind(0)):
             y = step(lambda z: sigma(torch.addmm(b, z, w.t())), y, h)
@@ -354,37 +440,36 @@ class ODEResNet(nn.Module):
             return
         widths = [s.width for s in spec.stages]
         self.opening = nn.Linear(spec.in_features, widths[0], bias=False, dtype=dtype)
-        _init_linear(self.opening, g)
+        _init_linear(self.opening, g, spec.init)
         for i, s in enumerate(spec.stages):
             if i > 0:
                 proj = nn.Linear(widths[i - 1], s.width, bias=False, dtype=dtype)
-                _init_linear(proj, g)
+                _init_linear(proj, g, spec.init)
                 self.projections[str(i)] = proj
             w = torch.empty(s.blocks, s.width, s.width, dtype=dtype)
-            bound = 1.0 / math.sqrt(s.width)
-            w.uniform_(-bound, bound, generator=g)   # weights random, biases zero (paper §4.2)
+            _uniform(w, s.width, g, s.width, spec.init)   # weights random, biases zero (paper §4.2)
             self.chunks.append(BlockChunk(w, torch.zeros(s.blocks, s.width, dtype=dtype),
                                           spec.T / s.blocks, spec.activation, spec.stepper, i, 0))
         self.head = nn.Linear(widths[-1], spec.out_features, dtype=dtype)
-        _init_linear(self.head, g)
+        _init_linear(self.head, g, spec.init)
 
     def _build_conv(self, spec, g, dtype):
         stages = spec.stages
         self.opening = ConvOpening(spec.input_shape, stages[0].width, dtype)
-        _uniform(self.opening.weight, spec.input_shape[0] * 9, g)
+        _uniform(self.opening.weight, spec.input_shape[0] * 9, g, stages[0].width * 9, spec.init)
         for i, s in enumerate(stages):
             if i > 0:
                 proj = ConvProjection(stages[i - 1].width, s.width, s.stride, spec.projection, dtype)
-                _uniform(proj.weight, stages[i - 1].width, g)
+                _uniform(proj.weight, stages[i - 1].width, g, s.width, spec.init)
                 self.projections[str(i)] = proj
             w = torch.empty(s.blocks, s.width, s.width, 3, 3, dtype=dtype)
-            _uniform(w, s.width * 9, g)
+            _uniform(w, s.width * 9, g, s.width * 9, spec.init)
             self.chunks.append(ConvBlockChunk(w, torch.zeros(s.blocks, s.width, dtype=dtype), spec.T / s.blocks,
                                               spec.activation, spec.stepper, i, 0, spec.norm))
         flat = spec.head == "flatten"
         features = math.prod(spec.stage_state_shape(len(stages) - 1)) if flat else stages[-1].width
         self.head = PooledHead(features, spec.out_features, dtype, flat)
-        _uniform(self.head.weight, features, g)
+        _uniform(self.head.weight, features, g, spec.out_features, spec.init)
 
     # -- evaluation
     def forward(self, inp):
@@ -477,16 +562,25 @@ def assemble_state(parts: list[dict]) -> dict:
     return state
 
 
-def _init_linear(lin: nn.Linear, g):
-    bound = 1.0 / math.sqrt(lin.in_features)
+def _init_bound(fan_in: int, fan_out: int, init: str) -> float:
+    """Half-width of the uniform weight distribution: 1/√fan_in, or Glorot's √(6/(fan_in+fan_out))
+    (variance 2/(fan_in+fan_out); Keras' default, which the MG/OPT paper's code uses)."""
+    if _choice("init", init, {k: k for k in INITS}) == "glorot":
+        return math.sqrt(6.0 / (fan_in + fan_out))
+    return 1.0 / math.sqrt(fan_in)
+
+
+def _init_linear(lin: nn.Linear, g, init: str = "uniform"):
+    bound = _init_bound(lin.in_features, lin.out_features, init)
     with torch.no_grad():
         lin.weight.uniform_(-bound, bound, generator=g)
         if lin.bias is not None:
             lin.bias.zero_()
 
 
-def _uniform(t: torch.Tensor, fan_in: int, g):
-    bound = 1.0 / math.sqrt(fan_in)
+def _uniform(t: torch.Tensor, fan_in: int, g, fan_out: int | None = None, init: str = "uniform"):
+    """Fill `t` uniformly; fan_in / fan_out count the inputs / outputs of one weight (× kernel size for convs)."""
+    bound = _init_bound(fan_in, fan_in if fan_out is None else fan_out, init)
     with torch.no_grad():
         t.uniform_(-bound, bound, generator=g)
 

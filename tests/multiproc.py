@@ -22,14 +22,11 @@ Both can be overridden through ``env``.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from parml.launch import (clean_env, free_port, kill_group, mpi_unavailable, mpirun_command,  # noqa: F401
-                          mpirun_path, torchrun_env)
+from parml.launch import clean_env, mpi_unavailable, mpirun_command, mpirun_path, run_local  # noqa: F401
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -55,14 +52,6 @@ def base_env(extra: dict | None = None) -> dict:
     return env
 
 
-def _tail(path: Path, nchars: int = 3000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return text[-nchars:]
-
-
 def run_ranks(
     func: str,
     nprocs: int,
@@ -85,7 +74,6 @@ def run_ranks(
         pytest.skip("mpirun / mpi4py not available")
 
     tmp = Path(tempfile.mkdtemp(prefix="parml-ranks-"))
-    procs: list[tuple[str, subprocess.Popen]] = []
     try:
         torch.save(dict(args or {}), tmp / "args.pt")
         extra = {"PARML_TEST_COMM_TIMEOUT": f"{max(0.75 * timeout, 1.0):g}"}
@@ -93,56 +81,11 @@ def run_ranks(
         penv = base_env(extra)
         cmd_tail = [sys.executable, str(WORKER), str(tmp), func]
 
-        logs: list[tuple[str, Path, Path]] = []
+        run = run_local(cmd_tail, nprocs, backend, timeout, tmp, "rank", penv, cwd=REPO_ROOT,
+                        capture_stdout=True, grace=_GRACE_AFTER_FAILURE, poll=0.02)
+        timed_out = run.timed_out
 
-        def start(label: str, cmd: list[str], e: dict) -> None:
-            out, err = tmp / f"{label}.stdout", tmp / f"{label}.stderr"
-            with open(out, "wb") as fo, open(err, "wb") as fe:
-                p = subprocess.Popen(
-                    cmd, env=e, cwd=str(REPO_ROOT), stdout=fo, stderr=fe,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )
-            procs.append((label, p))
-            logs.append((label, out, err))
-
-        if backend == "gloo":
-            port = free_port()
-            for r in range(nprocs):
-                e = dict(penv)
-                e.update(torchrun_env(r, nprocs, port))
-                start(f"proc{r}", cmd_tail, e)
-        else:
-            start("mpirun", mpirun_command(nprocs) + cmd_tail, penv)
-
-        deadline = time.monotonic() + timeout
-        failed_at = None
-        timed_out = False
-        while True:
-            codes = [p.poll() for _, p in procs]
-            if all(c is not None for c in codes):
-                break
-            now = time.monotonic()
-            if failed_at is None and any(c not in (None, 0) for c in codes):
-                failed_at = now
-            if failed_at is not None and now - failed_at > _GRACE_AFTER_FAILURE:
-                break
-            if now > deadline:
-                timed_out = True
-                break
-            time.sleep(0.02)
-        for _, p in procs:
-            kill_group(p)
-
-        def stderr_tails() -> str:
-            parts = []
-            for label, out, err in logs:
-                t_err, t_out = _tail(err), _tail(out, 1500)
-                part = f"--- {label} stderr ---\n{t_err}"
-                if t_out:
-                    part += f"\n--- {label} stdout ---\n{t_out}"
-                parts.append(part)
-            return "\n".join(parts)
-
+        stderr_tails = run.tails
         errors = []
         for r in range(nprocs):
             ef = tmp / f"rank{r}.err"
@@ -158,7 +101,7 @@ def run_ranks(
                 f"run_ranks({func}, nprocs={nprocs}, backend={backend}): "
                 f"{len(errors)} rank(s) failed\n" + "\n".join(errors) + "\n" + stderr_tails()
             )
-        bad = [(label, p.returncode) for label, p in procs if p.returncode != 0]
+        bad = [(label, code) for (label, _, _), code in zip(run.logs, run.returncodes) if code != 0]
         missing = [r for r in range(nprocs) if not (tmp / f"rank{r}.pt").exists()]
         if bad or missing:
             raise AssertionError(
@@ -167,7 +110,5 @@ def run_ranks(
             )
         return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
     finally:
-        # also reached when pytest-timeout or ^C interrupts the wait: leave no orphans
-        for _, p in procs:
-            kill_group(p)
+        # run_local kills its processes even when pytest-timeout or ^C interrupts the wait
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,6 +45,16 @@ def test_eight_levels_need_fewer_work_units_than_one(tmp_path):
     assert units[8] * 2 < units[1], units
 
 
+@pytest.mark.timeout(120)
+def test_glorot_init_trains_and_is_recorded(tmp_path):
+    r = parml("train", "-K", "64", "-L", "3", "--init", "glorot", "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "reached val acc 1.0" in r.stdout
+    folder = tmp_path / "circles-L3-K64-s0"
+    assert json.loads((folder / "summary.json").read_text())["reached_target"]
+    assert json.loads((folder / "config.json").read_text())["init"] == "glorot"
+
+
 BAD = [
     (["-K", "2048", "-L", "13"], "--levels 13"),
     (["-K", "96", "-L", "7"], "--blocks 96"),
@@ -56,8 +66,10 @@ BAD = [
     (["--blocks", "0"], "--blocks"),
     (["--beta", "-1"], "--beta"),
     (["--schedule", "zigzag"], "--schedule"),
+    (["--weight-grads", "later"], "--weight-grads"),
     (["--activation", "gelu"], "--activation"),
     (["--stepper", "rk9"], "--stepper"),
+    (["--init", "he"], "--init"),
     (["--microbatches", "0"], "--microbatches"),
     (["--target-accuracy", "1.5"], "--target-accuracy"),
     (["--backend", "carrier-pigeon"], "--backend"),
@@ -96,7 +108,7 @@ def test_bad_input_is_one_line_naming_the_option(args, needle, tmp_path):
 def test_help_lists_the_options():
     r = parml("train", "--help")
     assert r.returncode == 0
-    for opt in ("--levels", "--cycle", "--metric", "--microbatches", "--schedule", "--backend"):
+    for opt in ("--levels", "--cycle", "--metric", "--init", "--microbatches", "--schedule", "--backend"):
         assert opt in r.stdout
 
 

@@ -1,5 +1,6 @@
 """Serial core: model, transfers, MG/OPT coherence, work units, GD equivalence."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from parml.data import load_dataset
 from parml.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, restrict_gradient,
                              restrict_parameters)
 from parml.mgopt import CycleError, CycleSetup
-from parml.model import ModelSpec, StageSpec, build_model, tikhonov
+from parml.model import DeferredWeightGrads, ModelSpec, StageSpec, build_model, tikhonov
 from parml.train import build_levels, build_vcycle
 
 torch.set_num_threads(1)
@@ -43,16 +44,30 @@ def test_block_is_the_ode_step(stepper):
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
-def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation):
-    """The hand-written adjoint of a dense Euler chunk against autograd of the plain loop (h = 1/7)."""
+def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation, deferred):
+    """The hand-written adjoint of a dense Euler chunk against autograd of the plain loop (h = 1/7);
+    deferred: 3 micro-batches whose weight gradients are formed by one flush, on the second of two
+    steps (so the recycled buffers are used)."""
     spec = ModelSpec(2, 2, (StageSpec(5, 7),), T=1.0, activation=activation)
     chunk = build_model(spec, seed=4, dtype=torch.float64).chunks[0]
     with torch.no_grad():
         chunk.bias.normal_()
     y0 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     target = torch.randn(6, 5, dtype=torch.float64)
-    (chunk(y0) * target).sum().backward()
+    if deferred:
+        chunk.weight_grad_sink = sink = DeferredWeightGrads()
+        for _ in range(2):
+            for t in (y0, chunk.weight, chunk.bias):
+                t.grad = None
+            for rows in torch.arange(6).tensor_split(3):
+                (chunk(y0[rows]) * target[rows]).sum().backward()
+            assert chunk.weight.grad is None and sink.pending() == 3
+            sink.flush()
+        assert sink.pending() == 0 and sink.peak_bytes == 2 * 7 * 6 * 5 * 8   # states + adjoints, 3 x 2 rows
+    else:
+        (chunk(y0) * target).sum().backward()
     fused = [t.grad.clone() for t in (y0, chunk.weight, chunk.bias)]
     w, b = chunk.weight.detach().clone().requires_grad_(), chunk.bias.detach().clone().requires_grad_()
     x = y0.detach().clone().requires_grad_()
@@ -70,6 +85,31 @@ def test_biases_start_at_zero_and_seed_fixes_weights():
     assert torch.equal(a.chunks[0].weight, b.chunks[0].weight)
     assert a.chunks[0].bias.abs().sum() == 0 and a.head.bias.abs().sum() == 0
     assert not torch.equal(a.chunks[0].weight, build_model(spec, seed=4).chunks[0].weight)
+
+
+def test_glorot_init_has_glorot_bounds_and_variance():
+    """--init glorot: U(±√(6/(fan_in+fan_out))), variance 2/(fan_in+fan_out) (Keras' default, the
+    paper's code); the default stays U(±1/√fan_in). Biases start at zero either way."""
+    dense = ModelSpec(2, 2, (StageSpec(3, 4096), StageSpec(5, 8)), init="glorot")
+    conv = ModelSpec(16, 2, (StageSpec(4, 512, "conv"), StageSpec(6, 2, "conv", 2)), input_shape=(1, 4, 4),
+                     init="glorot")
+    for spec, fan in ((dense, 3), (conv, 4 * 9)):
+        model = build_model(spec, seed=5, dtype=torch.float64)
+        w = model.chunks[0].weight                          # fan_in = fan_out = width (× 3x3 kernel)
+        bound = math.sqrt(6 / (2 * fan))
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert abs(w.std().item() / math.sqrt(2 / (2 * fan)) - 1) < 0.02
+        assert abs(w.mean().item()) < 0.02 * bound
+        assert model.chunks[0].bias.abs().sum() == 0 and model.head.bias.abs().sum() == 0
+        uniform = build_model(replace(spec, init="uniform"), seed=5, dtype=torch.float64)
+        assert uniform.chunks[0].weight.abs().max() <= 1 / math.sqrt(fan) < w.abs().max()
+    # every weight of the dense model: opening 2 -> 3, projection 3 -> 5, head 5 -> 2
+    model = build_model(dense, seed=5, dtype=torch.float64)
+    for weight, fan_in, fan_out in ((model.opening.weight, 2, 3), (model.projections["1"].weight, 3, 5),
+                                    (model.chunks[1].weight, 5, 5), (model.head.weight, 5, 2)):
+        assert weight.abs().max() <= math.sqrt(6 / (fan_in + fan_out))
+    with pytest.raises(ValueError, match="init"):
+        ModelSpec(2, 2, init="he")
 
 
 def test_shards_compose_to_the_full_model():

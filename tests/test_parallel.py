@@ -20,7 +20,9 @@ torch.set_num_threads(1)
 
 SPEC = ModelSpec(2, 3, (StageSpec(4, 6), StageSpec(5, 5)), T=1.0, activation="tanh")   # K = 11
 BATCH = 13
-CASES = [(s, m, d) for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
+# (schedule, micro-batches, dtype, weight gradients): deferred is the default, inline the ablation
+CASES = ([(s, m, d, "deferred") for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
+         + [(s, 3, "float64", "inline") for s in ("gpipe", "1f1b")])
 
 
 def _data(dtype):
@@ -41,13 +43,14 @@ def _local_grads(model):
 
 def _grads_worker(comm):
     results = {}
-    for schedule, m, dtype in CASES:
+    for schedule, m, dtype, wg in CASES:
         dt = getattr(torch, dtype)
-        lp = LayerParallel(build_model(SPEC, seed=2, dtype=dt), comm, schedule, m)
+        lp = LayerParallel(build_model(SPEC, seed=2, dtype=dt), comm, schedule, m, weight_grads=wg)
         x, y = _data(dt)
+        lp.forward_backward(x, y)               # twice: the second step reuses the deferred buffers
         loss = lp.forward_backward(x, y)
         val_loss, acc = lp.evaluate(x, y)
-        results[(schedule, m, dtype)] = (loss, val_loss, acc, _local_grads(lp.model), lp.partition.bounds)
+        results[(schedule, m, dtype, wg)] = (loss, val_loss, acc, _local_grads(lp.model), lp.partition.bounds)
     return results
 
 
@@ -79,7 +82,7 @@ def test_loss_and_every_gradient_equal_serial(backend, nprocs):
     ranks = run_ranks("tests.test_parallel:_grads_worker", nprocs, backend, timeout=150)
     serial = {d: _serial(getattr(torch, d)) for d in ("float64", "float32")}
     for case in CASES:
-        _, _, dtype = case
+        dtype = case[2]
         ref_loss, ref_acc, ref_model = serial[dtype]
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
         covered = []
@@ -184,3 +187,25 @@ def test_single_rank_layer_parallel_is_the_model():
     ref_loss, _, ref_model = _serial(torch.float64)
     assert abs(loss - ref_loss) < 1e-12
     _check_rank_grads(_local_grads(lp.model), ref_model, rtol=1e-10, atol=1e-12)
+
+
+def test_deferred_weight_gradients_leave_no_state_behind():
+    """After a step the chunks route gradients through autograd again, and both modes agree."""
+    x, y = _data(torch.float64)
+    grads = {}
+    for wg in ("deferred", "inline"):
+        lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), "1f1b", 3, weight_grads=wg)
+        lp.forward_backward(x, y)
+        assert all(c.weight_grad_sink is None for c in lp.model.block_chunks())
+        grads[wg] = _local_grads(lp.model)
+        lp.model.zero_grad(set_to_none=True)
+        lp.model.loss(lp.model(x), y).backward()          # plain autograd outside the executor
+        for c in lp.model.block_chunks():
+            torch.testing.assert_close(c.weight.grad, grads[wg][("chunk", c.stage, c.first)][0])
+    for key, g in grads["deferred"].items():
+        for a, b in zip(g if isinstance(g, tuple) else (g,), grads["inline"][key] if isinstance(g, tuple)
+                        else (grads["inline"][key],)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert lp.stage.deferred is None
+    with pytest.raises(ValueError, match="weight_grads must be one of deferred, inline"):
+        LayerParallel(build_model(SPEC, seed=2), SelfComm(), "gpipe", 1, weight_grads="later")

@@ -39,7 +39,7 @@ class LayerParallel:
     """
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
-                 partition: Partition | None = None, device=None):
+                 partition: Partition | None = None, device=None, weight_grads: str = "deferred"):
         self.comm = comm
         self.schedule = get_schedule(schedule)
         self.microbatches = microbatches
@@ -51,7 +51,7 @@ class LayerParallel:
         start, stop = self.partition.range(comm.rank)
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
-        self.stage = PipelineStage(self.model, comm, self.device)
+        self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
 
@@ -67,14 +67,21 @@ class LayerParallel:
         xs, ys = x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)
         total = x.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        for action in self.schedule.stage_actions(self.comm.rank, self.comm.size, self.microbatches):
-            m = action.microbatch
-            if action.kind == "F":
-                loss_m, _ = self.stage.forward(m, xs[m], ys[m], total)
-                if loss_m is not None:
-                    loss += loss_m.detach()
-            else:
-                self.stage.backward(m)
+        self.stage.deferring(True)
+        try:
+            for action in self.schedule.stage_actions(self.comm.rank, self.comm.size, self.microbatches):
+                m = action.microbatch
+                if action.kind == "F":
+                    loss_m, _ = self.stage.forward(m, xs[m], ys[m], total)
+                    if loss_m is not None:
+                        loss += loss_m.detach()
+                else:
+                    self.stage.backward(m)
+            self.stage.flush_weight_grads()     # after the last adjoint went out
+        finally:
+            self.stage.deferring(False)
+            if self.stage.deferred is not None:
+                self.stage.deferred.discard()
         self.stage.finish_sends()
         t1 = time.perf_counter()
         value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done

@@ -4,6 +4,10 @@ Forward of micro-batch m: receive y_a (tag 2m) from the previous rank — or rea
 first rank — run the local steps [a, b), send y_b on. Backward: receive the adjoint λ_b (tag 2m+1)
 — or start from the loss on the last rank — backpropagate through the local steps and send λ_a
 back. Buffers are preallocated from the model's shape plan, never inferred from a trial send.
+
+With ``weight_grads="deferred"`` a backward only computes and sends the input adjoint; the dense
+blocks' weight gradients of all micro-batches are formed by ``flush_weight_grads`` after the
+stage's last backward, while the previous rank is still working (``model.DeferredWeightGrads``).
 """
 from __future__ import annotations
 
@@ -11,12 +15,19 @@ import time
 
 import torch
 
+from ..model import DeferredWeightGrads
+
+WEIGHT_GRADS = ("deferred", "inline")
+
 
 class PipelineStage:
     """Rank `rank` of `size` holding `shard` (an ``ODEResNet`` shard), talking over `comm`."""
 
-    def __init__(self, shard, comm, device=None):
+    def __init__(self, shard, comm, device=None, weight_grads: str = "deferred"):
+        if weight_grads not in WEIGHT_GRADS:
+            raise ValueError(f"weight_grads must be one of {', '.join(WEIGHT_GRADS)}, got {weight_grads!r}")
         self.shard, self.comm = shard, comm
+        self.deferred = DeferredWeightGrads() if weight_grads == "deferred" else None
         self.rank, self.size = comm.rank, comm.size
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.device = device or comm.device
@@ -45,6 +56,17 @@ class PipelineStage:
             req.wait()
         self._sends.clear()
         self.wait_seconds += time.perf_counter() - t0
+
+    def deferring(self, on: bool):
+        """Route the dense chunks' weight gradients to the deferred sink (training steps only)."""
+        for chunk in self.shard.block_chunks():
+            chunk.weight_grad_sink = self.deferred if on else None
+
+    def flush_weight_grads(self):
+        if self.deferred is not None and self.deferred.pending():
+            t0 = time.perf_counter()
+            self.deferred.flush()
+            self.compute_seconds += time.perf_counter() - t0
 
     # -- compute
     def forward(self, m, x_m, y_m, total, train=True):
