@@ -10,7 +10,9 @@ tensors); shared parameters (opening, projections, head) are transferred as the 
 - ``restrict_parameters``: a left inverse of I (average of pairs for "constant", injection for "linear").
 
 Every operator takes a list of tensors in ``ordered_parameters`` order and works chunk by chunk,
-so on a layer-parallel rank whose chunk boundaries are aligned across levels it is local.
+so on a layer-parallel rank whose chunk boundaries are aligned across levels "constant" is local;
+"linear" reads one row across each rank boundary inside a stage (the halos of
+``parallel.agglomerate.time_halos``).
 """
 from __future__ import annotations
 
@@ -72,21 +74,29 @@ def step_sizes(model: ODEResNet) -> list[float]:
 
 # --- time transfers on one stacked tensor (dim 0 = time) ----------------------------------------
 
-def _prolongate(c: torch.Tensor, interpolation: str) -> torch.Tensor:
+def _prolongate(c: torch.Tensor, interpolation: str, after: torch.Tensor | None = None) -> torch.Tensor:
+    """`after`: the next coarse row when the stage continues on the next rank (else c_J := c_{J-1})."""
     if interpolation == "constant":
         return c.repeat_interleave(2, dim=0)
-    nxt = torch.cat([c[1:], c[-1:]], dim=0)
+    nxt = torch.cat([c[1:], c[-1:] if after is None else after], dim=0)
     return torch.stack([c, (c + nxt) / 2], dim=1).flatten(0, 1)
 
 
-def _restrict_gradient(g: torch.Tensor, interpolation: str) -> torch.Tensor:
+def _restrict_gradient(g: torch.Tensor, interpolation: str, before: torch.Tensor | None = None,
+                       closes: bool = True) -> torch.Tensor:
+    """The adjoint of ``_prolongate``: `before` is the previous rank's last (odd) fine row when the
+    stage started there; `closes` says whether this chunk ends its stage (else its last odd row
+    belongs to the next rank's first coarse row)."""
     pairs = g.unflatten(0, (g.shape[0] // 2, 2))
     if interpolation == "constant":
         return pairs.sum(1)
     even, odd = pairs[:, 0], pairs[:, 1]
     out = even + odd / 2
     out[1:] += odd[:-1] / 2
-    out[-1] += odd[-1] / 2
+    if before is not None:
+        out[0] += before[0] / 2
+    if closes:
+        out[-1] += odd[-1] / 2
     return out
 
 
@@ -95,18 +105,27 @@ def _restrict_parameters(f: torch.Tensor, interpolation: str) -> torch.Tensor:
     return pairs.mean(1) if interpolation == "constant" else pairs[:, 0].clone()
 
 
-def _apply(op, tensors, mask, interpolation):
-    return [op(t, interpolation) if is_block else t.clone() for t, is_block in zip(tensors, mask)]
+def _apply(op, tensors, mask, interpolation, **per_entry):
+    """`op` on every block entry (with the i-th value of each `per_entry` list, if given)."""
+    out = []
+    for i, (t, is_block) in enumerate(zip(tensors, mask)):
+        kw = {k: v[i] for k, v in per_entry.items() if v is not None}
+        out.append(op(t, interpolation, **kw) if is_block else t.clone())
+    return out
 
 
-def prolongate(coarse: list[torch.Tensor], mask: list[bool], interpolation: str = "constant"):
-    """I: coarse-level tensors (parameters or corrections) to the fine level."""
-    return _apply(_prolongate, coarse, mask, interpolation)
+def prolongate(coarse: list[torch.Tensor], mask: list[bool], interpolation: str = "constant",
+               after: list | None = None):
+    """I: coarse-level tensors (parameters or corrections) to the fine level. For "linear" on a
+    layer-parallel rank, `after[i]` is the next rank's first row of entry i where the stage goes on
+    (``parallel.agglomerate.time_halos``)."""
+    return _apply(_prolongate, coarse, mask, interpolation, after=after)
 
 
-def restrict_gradient(fine: list[torch.Tensor], mask: list[bool], interpolation: str = "constant"):
-    """R = I^T: fine-level gradients to the coarse level."""
-    return _apply(_restrict_gradient, fine, mask, interpolation)
+def restrict_gradient(fine: list[torch.Tensor], mask: list[bool], interpolation: str = "constant",
+                      before: list | None = None, closes: list | None = None):
+    """R = I^T: fine-level gradients to the coarse level (halos as in ``prolongate``)."""
+    return _apply(_restrict_gradient, fine, mask, interpolation, before=before, closes=closes)
 
 
 def restrict_parameters(fine: list[torch.Tensor], mask: list[bool], interpolation: str = "constant"):

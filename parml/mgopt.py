@@ -19,6 +19,7 @@ import torch
 
 from .hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gradient,
                         restrict_parameters, step_sizes)
+from .parallel.agglomerate import time_halos
 
 
 class CycleError(ValueError):
@@ -245,7 +246,10 @@ class VCycle:
         if dg is not None:
             g = [a + b for a, b in zip(g, dg)]
         restricted = theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
-        rg = restrict_gradient(g, lev.mask, self.interpolation)
+        before = closes = None
+        if self.interpolation == "linear" and lev.comm.size > 1:
+            before, closes = time_halos(lev.model, lev.comm, g, lev.mask, "previous_last")
+        rg = restrict_gradient(g, lev.mask, self.interpolation, before, closes)
         coarse = self.levels[i - 1]
         down, up = self.movers[i - 1] if self.movers else (None, None)
         if down is not None:
@@ -259,6 +263,9 @@ class VCycle:
             correction = [a - b for a, b in zip(coarse.values(), theta0)]
         if up is not None:
             correction = up(correction, restricted, 0)
-        lev.add(prolongate(correction, lev.mask, self.interpolation))
+        after = None
+        if self.interpolation == "linear" and lev.comm.size > 1:
+            after, _ = time_halos(lev.model, lev.comm, correction, lev.mask, "next_first")
+        lev.add(prolongate(correction, lev.mask, self.interpolation, after))
         lev.smooth(post, dg, batch, batch_id)
         return first

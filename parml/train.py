@@ -45,9 +45,6 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     dtype = getattr(torch, cfg.dtype)
     spec = cfg.spec_for(data)
     specs = level_specs(spec, cfg.levels)
-    if cfg.interpolation == "linear" and cfg.levels > 1 and comm.size > 1:
-        raise ConfigError("--interpolation linear runs MG/OPT on one rank only (its stencil crosses chunk "
-                          "boundaries); use --interpolation constant across ranks")
     try:
         plans = plan_levels([s.total_blocks for s in specs], comm.size, cfg.min_blocks_per_rank)
     except LayoutError as e:

@@ -270,3 +270,23 @@ def test_mgopt_reduces_the_finest_loss():
 def test_level_specs_halve_blocks():
     spec = ModelSpec(2, 2, (StageSpec(3, 64),))
     assert [s.stages[0].blocks for s in level_specs(spec, 4)] == [8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("interpolation", ["constant", "linear"])
+def test_transfers_split_at_rank_boundaries_equal_the_whole(interpolation):
+    """Chunks of one stage transferred separately with the time halos (next chunk's first coarse
+    row, previous chunk's last fine row) give exactly the transfer of the whole stage."""
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randn(8, 3, 2, generator=g, dtype=torch.float64)
+    fine = torch.randn(16, 3, 2, generator=g, dtype=torch.float64)
+    cuts = [(0, 2), (2, 6), (6, 8)]                      # coarse rows per "rank"; fine rows are twice
+    mask = [True] * len(cuts)
+    parts_c = [coarse[a:b] for a, b in cuts]
+    parts_f = [fine[2 * a:2 * b] for a, b in cuts]
+    after = [coarse[b:b + 1] if b < 8 else None for _, b in cuts]
+    before = [fine[2 * a - 1:2 * a] if a > 0 else None for a, _ in cuts]
+    closes = [b == 8 for _, b in cuts]
+    torch.testing.assert_close(torch.cat(prolongate(parts_c, mask, interpolation, after)),
+                               prolongate([coarse], [True], interpolation)[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(torch.cat(restrict_gradient(parts_f, mask, interpolation, before, closes)),
+                               restrict_gradient([fine], [True], interpolation)[0], rtol=0, atol=1e-15)

@@ -111,3 +111,52 @@ def test_flattened_classifier_keeps_its_response_on_smooth_states():
     coarse_logits = coarse.head(restrict_image(y))
     torch.testing.assert_close(coarse_logits, fine_logits, rtol=0.03, atol=0)
     assert prolongate_model(coarse).head.weight.shape == (3, 2 * 16 * 16)
+
+
+def _mnist_digit():
+    """One real MNIST digit (float64, [1, 1, 28, 28], centred), or skip when the IDX files are absent."""
+    import os
+    from parml.data import read_idx
+    for name in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
+        path = os.path.join("/work/shared/data/mnist", name)
+        if os.path.exists(path):
+            x = read_idx(path, "images", "mnist")[:1].to(torch.float64) / 255
+            return (x - x.mean())[:, None]
+    pytest.skip("no MNIST IDX files")
+
+
+def _blur(y, sigma=1.5):
+    r = torch.arange(-4, 5, dtype=y.dtype)
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return tf.conv2d(y, torch.outer(g, g)[None, None], padding=4)
+
+
+def test_one_conv_on_a_blurred_digit_commutes_with_restriction():
+    """End to end on real data: K_H (R y) ~ R (K_h y) for a blurred MNIST digit and a derivative
+    stencil (gradient + Laplacian, h-scaled by G), far better than the unadapted stencil."""
+    y = _blur(_mnist_digit())
+    s = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64) \
+        + torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    target = restrict_image(tf.conv2d(y, s[None, None], padding=1))
+    adapted = tf.conv2d(restrict_image(y), restrict_kernel(s)[None, None], padding=1)
+    unadapted = tf.conv2d(restrict_image(y), s[None, None], padding=1)
+    err = float((adapted - target).norm() / target.norm())
+    err_unadapted = float((unadapted - target).norm() / target.norm())
+    assert err < 0.3 and err < err_unadapted / 4, (err, err_unadapted)
+
+
+def test_prolongation_inverts_the_rp_smoothing():
+    """Why prolongated kernels misbehave on rough fine images: RP is a blur, so the coarse identity
+    comes from a sharpening fine stencil and a generic stencil grows several-fold under G^-1."""
+    delta = torch.zeros(3, 3, dtype=torch.float64)
+    delta[1, 1] = 1
+    rp = torch.tensor([0.125, 0.75, 0.125], dtype=torch.float64)
+    torch.testing.assert_close(restrict_kernel(delta), torch.outer(rp, rp))
+    sharp = torch.tensor([-0.5, 2.0, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(prolongate_kernel(delta), torch.outer(sharp, sharp))
+    s = torch.randn(200, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(prolongate_kernel(s).norm() / s.norm()) > 4
+    smooth = torch.ones(3, 3, dtype=torch.float64) + 0.3 * torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)[None, :]
+    torch.testing.assert_close(restrict_kernel(prolongate_kernel(smooth)), smooth)
+

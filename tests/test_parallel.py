@@ -101,11 +101,12 @@ def test_loss_and_every_gradient_equal_serial(backend, nprocs):
 
 # --- training: 20 GD steps and 5 MG/OPT V-cycles equal the serial run -------------------------------
 
-def _run_cycles(comm, levels, cycles, microbatches=1, schedule="1f1b", min_blocks_per_rank=1):
+def _run_cycles(comm, levels, cycles, microbatches=1, schedule="1f1b", min_blocks_per_rank=1,
+                interpolation="constant"):
     data = load_dataset("circles", seed=0, n_train=40, n_val=8, dtype=torch.float64)
     cfg = TrainConfig(blocks=32, width=3, levels=levels, dtype="float64", lr=0.1, beta=1e-3,
                       microbatches=microbatches, schedule=schedule, min_blocks_per_rank=min_blocks_per_rank,
-                      progress=False)
+                      interpolation=interpolation, progress=False)
     vcycle = build_vcycle(cfg, data, comm)
     losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(cycles)]
     finest = vcycle.levels[-1].executor
@@ -116,10 +117,11 @@ def _train_worker(comm, runs):
     return {key: _run_cycles(comm, *key) for key in runs}
 
 
-# (levels, cycles, micro-batches, schedule, min blocks per rank): min 1 keeps every level on all
-# ranks; min 4 gathers the coarse levels of K = 32 onto fewer ranks (agglomeration)
+# (levels, cycles, micro-batches, schedule, min blocks per rank[, interpolation]): min 1 keeps every
+# level on all ranks; min 4 gathers the coarse levels of K = 32 onto fewer ranks (agglomeration);
+# "linear" reads one row across every rank boundary (time halos)
 RUNS = [(1, 20, 3, "1f1b", 1), (2, 5, 1, "gpipe", 1), (4, 5, 2, "1f1b", 1), (2, 5, 1, "1f1b", 16),
-        (4, 5, 1, "gpipe", 4)]
+        (4, 5, 1, "gpipe", 4), (4, 5, 1, "gpipe", 1, "linear"), (3, 5, 2, "1f1b", 8, "linear")]
 
 
 @pytest.mark.timeout(240)
@@ -131,7 +133,7 @@ def test_training_iterates_equal_serial(backend, nprocs):
         ref_losses, ref_state, ref_units, _ = _run_cycles(SelfComm(), *key)
         losses, state, units, level_ranks = ranks[0][key]
         assert units == ref_units
-        if key[-1] > 1 and key[0] > 1:
+        if key[4] > 1 and key[0] > 1:
             assert level_ranks[0] < nprocs, level_ranks    # the coarsest level really was gathered
         for a, b in zip(losses, ref_losses):
             assert abs(a - b) <= 1e-9 * abs(b), (key, losses, ref_losses)

@@ -102,3 +102,46 @@ class Mover:
         for req in sends:
             req.wait()
         return out
+
+
+HALO_TAG = TAG_BASE - 8   # below the movers' tags, above any pipeline tag of a sane micro-batch count
+
+
+def time_halos(model, comm, tensors: list[torch.Tensor], mask: list[bool], kind: str):
+    """The rows of neighbouring ranks that the linear time stencil reads across rank boundaries.
+
+    `tensors` are in ``ordered_parameters`` order of `model` (this rank's shard). Where a chunk's
+    stage goes on past this rank, ``kind="next_first"`` fetches the next rank's first row of each
+    of its entries (prolongation: fine 2j+1 <- (c_j + c_{j+1}) / 2); where it started on an earlier
+    rank, ``kind="previous_last"`` fetches the previous rank's last row (the transposed stencil of
+    the gradient restriction). Returns (halos, closes): per entry the fetched [1, ...] row or None,
+    and for block entries whether the chunk ends its stage (None for shared entries).
+    """
+    if kind not in ("next_first", "previous_last"):
+        raise ValueError(f"kind must be 'next_first' or 'previous_last', got {kind!r}")
+    chunks = model.block_chunks()
+    halos, closes = [None] * len(tensors), [None] * len(tensors)
+    sends, recvs = [], []
+    for i, c in enumerate(chunks):
+        ends = c.first + c.num_blocks == model.spec.stages[c.stage].blocks
+        starts = c.first == 0
+        for f in (0, 1):                    # weight, bias
+            n = 2 * i + f
+            assert mask[n], "block entries come first, two per chunk"
+            closes[n] = ends
+            tag = HALO_TAG + 2 * (kind == "previous_last") + f
+            if kind == "next_first":
+                if not starts:
+                    sends.append(comm.isend(tensors[n][:1].contiguous(), comm.rank - 1, tag))
+                if not ends:
+                    halos[n] = torch.empty_like(tensors[n][:1])
+                    recvs.append(comm.irecv(halos[n], comm.rank + 1, tag))
+            else:
+                if not ends:
+                    sends.append(comm.isend(tensors[n][-1:].contiguous(), comm.rank + 1, tag))
+                if not starts:
+                    halos[n] = torch.empty_like(tensors[n][-1:])
+                    recvs.append(comm.irecv(halos[n], comm.rank - 1, tag))
+    for req in recvs + sends:
+        req.wait()
+    return halos, closes
