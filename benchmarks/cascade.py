@@ -85,21 +85,10 @@ def _instrument():
     VCycle.__call__ = vcycle_call
 
 
-def _curve(folder: str) -> dict:
-    rows = []
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    rows = [r for r in rows if r.get("val_acc") is not None]
-    return {"phase": [r.get("phase", "train") for r in rows], "cycle": [r["cycle"] for r in rows],
-            "work_units": [round(r["work_units"], 5) for r in rows], "seconds": [round(r["seconds"], 4) for r in rows],
-            "val_acc": [r["val_acc"] for r in rows], "val_loss": [float(f"{r['val_loss']:.6g}") for r in rows]}
-
-
 def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) -> dict:
     from parml.comm import SelfComm
     from parml.config import TrainConfig
+    from parml.report import validation_curve
     from parml.train import train
 
     B = setup["budget"]
@@ -118,7 +107,7 @@ def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) ->
     folder = summary["folder"]
     with open(os.path.join(folder, "config.json")) as f:
         stages = json.load(f).get("cascade_stages", [])
-    curve = _curve(folder)
+    curve = validation_curve(folder)
     return {"dataset": setup["dataset"], "mode": mode, "seed": seed, "blocks": setup["blocks"], "budget": B,
             "steps": _VC["calls"], "cycles": summary["cycles"], "work_units": summary["work_units"],
             "cascade_work_units": summary["cascade_work_units"], "seconds": summary["seconds"],

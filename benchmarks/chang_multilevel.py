@@ -70,6 +70,7 @@ import torch  # noqa: E402
 from parml.cascade import theoretical_saving  # noqa: E402
 from parml.hierarchy import prolongate_model  # noqa: E402
 from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
+from parml.report import validation_curve  # noqa: E402
 
 CHANNELS = (16, 32, 64)
 DOUBLINGS = 2
@@ -150,18 +151,6 @@ def load_data(name: str, data_dir: str, setup: dict, seed: int):
     return d
 
 
-def _curve(folder: str) -> dict:
-    rows = []
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    rows = [r for r in rows if r.get("val_acc") is not None]
-    return {"phase": [r.get("phase", "train") for r in rows], "cycle": [r["cycle"] for r in rows],
-            "work_units": [round(r["work_units"], 5) for r in rows], "seconds": [round(r["seconds"], 4) for r in rows],
-            "val_acc": [r["val_acc"] for r in rows], "val_loss": [float(f"{r['val_loss']:.6g}") for r in rows]}
-
-
 def run_one(name: str, setup: dict, mode: str, seed: int, data, runs_dir: str) -> dict:
     """One training run through ``parml.train.train``: mode "direct" or "multilevel"."""
     from parml.comm import SelfComm
@@ -184,7 +173,7 @@ def run_one(name: str, setup: dict, mode: str, seed: int, data, runs_dir: str) -
     summary.pop("levels", None)
     with open(os.path.join(summary["folder"], "config.json")) as f:
         stages = json.load(f).get("cascade_stages", [])
-    curve = _curve(summary["folder"])
+    curve = validation_curve(summary["folder"])
     by_depth = {}
     for cost, s in calls:
         by_depth.setdefault(round(cost * setup["blocks"]), []).append(s)

@@ -65,6 +65,14 @@ def read_metrics(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def validation_curve(folder: str) -> dict:
+    """The rows of a run's metrics.jsonl that carry a validation result, as columns (benchmarks)."""
+    rows = [r for r in read_metrics(folder) if r.get("val_acc") is not None]
+    return {"phase": [r.get("phase", "train") for r in rows], "cycle": [r["cycle"] for r in rows],
+            "work_units": [round(r["work_units"], 5) for r in rows], "seconds": [round(r["seconds"], 4) for r in rows],
+            "val_acc": [r["val_acc"] for r in rows], "val_loss": [float(f"{r['val_loss']:.6g}") for r in rows]}
+
+
 def plot_run(folder: str, title: str = "") -> str:
     """Loss and validation accuracy against V-cycles, work units and seconds (paper Fig. 5)."""
     import matplotlib
