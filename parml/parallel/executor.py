@@ -67,6 +67,7 @@ class LayerParallel:
         xs, ys = x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)
         total = x.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stage.post_receives([x_m.shape[0] for x_m in xs])
         self.stage.deferring(True)
         try:
             for action in self.schedule.stage_actions(self.comm.rank, self.comm.size, self.microbatches):

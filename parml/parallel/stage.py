@@ -34,14 +34,37 @@ class PipelineStage:
         self.dtype = next(shard.parameters()).dtype
         self._held = {}        # micro-batch -> (input, output or loss)
         self._sends = []
+        self._posted = {}      # tag -> (request, buffer) of receives posted ahead
         self.compute_seconds = 0.0
         self.wait_seconds = 0.0
 
     # -- communication helpers
-    def _recv(self, shape, src, tag):
+    def post_receives(self, sizes):
+        """Post every receive of a training step up front (`sizes`: rows per micro-batch).
+
+        A rendezvous transport (gloo's TCP pairs send only after the receiver posted its buffer)
+        then moves each state and adjoint while this rank computes, instead of starting the
+        handshake when the rank already waits for the data."""
+        for m, rows in enumerate(sizes):
+            if not self.first:
+                self._post(self.shard.state_shape(self.shard.start, rows), self.rank - 1, 2 * m)
+            if not self.last:
+                self._post(self.shard.state_shape(self.shard.stop, rows), self.rank + 1, 2 * m + 1)
+
+    def _post(self, shape, src, tag):
         buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._posted[tag] = (self.comm.irecv(buf, src, tag), buf)
+
+    def _recv(self, shape, src, tag):
         t0 = time.perf_counter()
-        self.comm.recv(buf, src, tag)
+        if tag in self._posted:
+            req, buf = self._posted.pop(tag)
+            req.wait()
+            if tuple(buf.shape) != tuple(shape):
+                raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, expected {tuple(shape)}")
+        else:
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.comm.recv(buf, src, tag)
         self.wait_seconds += time.perf_counter() - t0
         return buf
 
