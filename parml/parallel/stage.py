@@ -3,7 +3,8 @@
 Forward of micro-batch m: receive y_a (tag 2m) from the previous rank — or read the data on the
 first rank — run the local steps [a, b), send y_b on. Backward: receive the adjoint λ_b (tag 2m+1)
 — or start from the loss on the last rank — backpropagate through the local steps and send λ_a
-back. Buffers are preallocated from the model's shape plan, never inferred from a trial send.
+back. Buffers are preallocated from the model's shape plan, never inferred from a trial send;
+a training step posts all of its receives up front (``post_receives``).
 
 With ``weight_grads="deferred"`` a backward only computes and sends the input adjoint; the dense
 blocks' weight gradients of all micro-batches are formed by ``flush_weight_grads`` after the
