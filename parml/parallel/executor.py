@@ -81,8 +81,7 @@ class LayerParallel:
             self.stage.flush_weight_grads()     # after the last adjoint went out
         finally:
             self.stage.deferring(False)
-            if self.stage.deferred is not None:
-                self.stage.deferred.discard()
+            self.stage.end_step()
         self.stage.finish_sends()
         t1 = time.perf_counter()
         value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done

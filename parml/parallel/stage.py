@@ -86,6 +86,12 @@ class PipelineStage:
         for chunk in self.shard.block_chunks():
             chunk.weight_grad_sink = self.deferred if on else None
 
+    def end_step(self):
+        """Forget what a step that failed part-way left behind (stored gradients, posted receives)."""
+        if self.deferred is not None:
+            self.deferred.discard()
+        self._posted.clear()
+
     def flush_weight_grads(self):
         if self.deferred is not None and self.deferred.pending():
             t0 = time.perf_counter()
