@@ -47,6 +47,9 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from parml.data import default_mnist_dir  # noqa: E402
+from _step_timer import step_timer  # noqa: E402  (benchmarks/, the script's folder)
+
 DOUBLINGS = 2
 SETUPS = {
     "circles": {"dataset": "circles", "blocks": 1024, "budget": 300, "width": 3, "lr": 0.5, "lr_min": 0.001,
@@ -59,30 +62,6 @@ QUICK = {"seeds": 1, "mnist_seeds": 1, "datasets": ["circles"], "quick": True,
          "override": {"circles": {"blocks": 128, "budget": 150, "eval_every": 5}}}
 GOAL_SAVED = 0.40
 EQUAL_ACC = 0.005          # |accuracy difference| counted as equal
-
-
-def default_data_dir() -> str | None:
-    path = (ROOT / ".." / "shared" / "data" / "mnist").resolve()
-    return str(path) if path.is_dir() else None
-
-
-_VC = {"seconds": 0.0, "calls": 0}
-
-
-def _instrument():
-    """Accumulate the wall time of the GD-step (V-cycle) calls: training time without validation."""
-    from parml.mgopt import VCycle
-    call = VCycle.__call__
-
-    def vcycle_call(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return call(self, *a, **k)
-        finally:
-            _VC["seconds"] += time.perf_counter() - t0
-            _VC["calls"] += 1
-
-    VCycle.__call__ = vcycle_call
 
 
 def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) -> dict:
@@ -100,8 +79,8 @@ def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) ->
                       batch_size=setup["batch_size"], seed=seed, target_accuracy=None,
                       eval_every=setup["eval_every"], out=runs_dir, run_name=name, backend="self", progress=False,
                       **extra)
-    _VC.update(seconds=0.0, calls=0)
-    with contextlib.redirect_stdout(io.StringIO()):
+    calls = []
+    with step_timer(calls), contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg, SelfComm(), data)
     summary.pop("levels", None)
     folder = summary["folder"]
@@ -109,9 +88,9 @@ def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) ->
         stages = json.load(f).get("cascade_stages", [])
     curve = validation_curve(folder)
     return {"dataset": setup["dataset"], "mode": mode, "seed": seed, "blocks": setup["blocks"], "budget": B,
-            "steps": _VC["calls"], "cycles": summary["cycles"], "work_units": summary["work_units"],
+            "steps": len(calls), "cycles": summary["cycles"], "work_units": summary["work_units"],
             "cascade_work_units": summary["cascade_work_units"], "seconds": summary["seconds"],
-            "train_s": _VC["seconds"], "val_acc": summary["val_acc"], "val_loss": summary["val_loss"],
+            "train_s": sum(sec for _, sec in calls), "val_acc": summary["val_acc"], "val_loss": summary["val_loss"],
             "final_loss": summary["final_loss"], "best_val_acc": max(curve["val_acc"]),
             "stages": stages, "curve": curve}
 
@@ -290,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="circles seeds (default 3)")
     ap.add_argument("--mnist-seeds", type=int, default=None, help="MNIST seeds (default 3)")
     ap.add_argument("--datasets", default=None, help="comma-separated: circles,mnist")
-    ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--data-dir", default=default_mnist_dir())
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders under OUT/runs")
     args = ap.parse_args(argv)
 
@@ -323,7 +302,6 @@ def main(argv=None) -> int:
     meta = {"command": " ".join(["python", "benchmarks/cascade.py"] + (argv if argv is not None else sys.argv[1:])),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-    _instrument()
     t0 = time.perf_counter()
     runs = []
     try:

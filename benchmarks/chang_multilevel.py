@@ -68,13 +68,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from parml.cascade import theoretical_saving  # noqa: E402
+from parml.data import default_mnist_dir  # noqa: E402
 from parml.hierarchy import prolongate_model  # noqa: E402
 from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
 from parml.report import validation_curve  # noqa: E402
+from _step_timer import step_timer  # noqa: E402  (benchmarks/, the script's folder)
 
 CHANNELS = (16, 32, 64)
 DOUBLINGS = 2
-DEFAULT_MNIST = "/work/shared/data/mnist"
 # one training setup per dataset; --quick overrides a few entries
 SETUPS = {
     "mnist": {"resolution": 14, "n_train": 8000, "n_val": 2000, "channels": "8,16", "head": "flatten",
@@ -115,24 +116,6 @@ def gaps(interpolation, depths=(2, 4, 8, 16)):
 
 
 # --------------------------------------------------------------------------- training comparison
-@contextlib.contextmanager
-def step_timer(calls: list):
-    """Record (cost of the trained level = depth / K, seconds) of every GD step (V-cycle call)."""
-    from parml.mgopt import VCycle
-    original = VCycle.__call__
-
-    def timed(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            calls.append((self.levels[-1].cost, time.perf_counter() - t0))
-
-    VCycle.__call__ = timed
-    try:
-        yield calls
-    finally:
-        VCycle.__call__ = original
 
 
 def load_data(name: str, data_dir: str, setup: dict, seed: int):
@@ -345,7 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 3; --quick 1)")
     ap.add_argument("--data-dir", default=None, help="CIFAR-10 binary batches (data_batch_*.bin / test_batch.bin); "
                     "default: MNIST from --mnist-dir")
-    ap.add_argument("--mnist-dir", default=DEFAULT_MNIST, help="MNIST IDX files (used without --data-dir)")
+    ap.add_argument("--mnist-dir", default=default_mnist_dir(), help="MNIST IDX files (used without --data-dir)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Haber et al.: classify across resolutions with Galerkin-restricted / prolongated conv kernels.
 
-    python benchmarks/haber_resolution.py [--data-dir /work/shared/data/mnist] [--epochs 2]
+    python benchmarks/haber_resolution.py [--data-dir ../shared/data/mnist] [--epochs 2]
 
 Two conv ODE ResNets are trained independently, one on 28x28 MNIST and one on the same images
 restricted to 14x14 (full weighting, ``parml.multiscale.restrict_image``). Then, with no further
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from parml.data import batches, load_dataset
+from parml.data import batches, default_mnist_dir, load_dataset
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.multiscale import prolongate_image, prolongate_kernel, prolongate_model, restrict_image, restrict_model
 
@@ -130,7 +130,7 @@ def accuracy(model, x, y):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--data-dir", default=default_mnist_dir())
     ap.add_argument("--out", default="benchmarks/results/haber")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.01)

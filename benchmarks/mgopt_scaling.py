@@ -47,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from parml.data import default_mnist_dir
 from parml.launch import clean_env, run_local
 
 HERE = Path(__file__).resolve().parent
@@ -67,11 +68,6 @@ FULL = {"blocks": 2048, "seeds": 3, "mnist_seeds": 1, "datasets": ["circles", "m
         "launch_timeout": 4 * 3600}
 QUICK = {**FULL, "blocks": 128, "seeds": 1, "datasets": ["circles"], "launch_timeout": 80}
 GOAL_WORK, GOAL_WALL = 4.0, 3.5
-
-
-def default_data_dir() -> str | None:
-    path = (ROOT / ".." / "shared" / "data" / "mnist").resolve()
-    return str(path) if path.is_dir() else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -675,7 +671,7 @@ def main(argv=None) -> int:
     ap.add_argument("--P", default="1,2", help="world sizes to launch, comma-separated (default 1,2)")
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--metric", choices=("l2", "euclidean"), default="l2")
-    ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--data-dir", default=default_mnist_dir())
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders under OUT/runs")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the tables and the plot from OUT/results.json (no training)")

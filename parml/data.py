@@ -262,6 +262,13 @@ DATASETS = {
 """Registry: name -> loader(data_dir, seed, flatten, **options) -> Dataset."""
 
 
+def default_mnist_dir() -> str | None:
+    """``../shared/data/mnist`` next to the repository root, if it exists (the workplace's MNIST files)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.normpath(os.path.join(root, "..", "shared", "data", "mnist"))
+    return path if os.path.isdir(path) else None
+
+
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, dtype=torch.float32,
                  flatten: bool = True, **options) -> Dataset:
     """Load dataset ``name`` with x (and y for regression) in ``dtype``.

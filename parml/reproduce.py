@@ -33,6 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .data import default_mnist_dir
 from .mgopt import CycleSetup
 
 MODES = ("table1", "table2", "sensitivity")
@@ -85,13 +86,6 @@ QUICK = {"blocks": 128, "seeds": 2, "max_cycles": 600, "table1_levels": (1, 2, 4
 
 class ReproduceError(ValueError):
     """A bad option of ``parml reproduce``; the message is the one line the user sees."""
-
-
-def default_data_dir() -> str | None:
-    """``../shared/data/mnist`` next to the repository root, if it exists."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.normpath(os.path.join(root, "..", "shared", "data", "mnist"))
-    return path if os.path.isdir(path) else None
 
 
 # --- the plan: which runs, with which paper numbers -----------------------------------------------
@@ -205,7 +199,7 @@ def build_plan(mode: str, task: str = "circles", seeds: int | None = None, quick
         setup["target_accuracy"] = target_accuracy
     notes = []
     if task == "mnist":
-        data_dir = data_dir or default_data_dir()
+        data_dir = data_dir or default_mnist_dir()
         if data_dir is None:
             raise ReproduceError("--data-dir is required for --task mnist (a folder with the MNIST IDX files)")
         setup["data_dir"] = data_dir
@@ -732,4 +726,4 @@ def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick:
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_SENSITIVITY", "TASK_SETUP", "ReproduceError", "Row", "Plan",
            "build_plan", "run_plan", "reproduce", "render_markdown", "to_json", "write_outputs",
            "table1_rows", "table2_rows", "sensitivity_rows", "table1_ratio", "sensitivity_summary",
-           "default_data_dir", "relative_u", "load_results", "reach_table", "first_reach", "THRESHOLDS"]
+           "relative_u", "load_results", "reach_table", "first_reach", "THRESHOLDS"]

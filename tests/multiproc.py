@@ -83,30 +83,27 @@ def run_ranks(
 
         run = run_local(cmd_tail, nprocs, backend, timeout, tmp, "rank", penv, cwd=REPO_ROOT,
                         capture_stdout=True, grace=_GRACE_AFTER_FAILURE, poll=0.02)
-        timed_out = run.timed_out
-
-        stderr_tails = run.tails
         errors = []
         for r in range(nprocs):
             ef = tmp / f"rank{r}.err"
             if ef.exists():
                 errors.append(f"--- rank {r} failed ---\n{ef.read_text(errors='replace')}")
-        if timed_out:
+        if run.timed_out:
             msg = f"run_ranks({func}, nprocs={nprocs}, backend={backend}) timed out after {timeout:g} s"
             if errors:
                 msg += "\n" + "\n".join(errors)
-            raise AssertionError(msg + "\n" + stderr_tails())
+            raise AssertionError(msg + "\n" + run.tails(3000))
         if errors:
             raise AssertionError(
                 f"run_ranks({func}, nprocs={nprocs}, backend={backend}): "
-                f"{len(errors)} rank(s) failed\n" + "\n".join(errors) + "\n" + stderr_tails()
+                f"{len(errors)} rank(s) failed\n" + "\n".join(errors) + "\n" + run.tails(3000)
             )
         bad = [(label, code) for (label, _, _), code in zip(run.logs, run.returncodes) if code != 0]
         missing = [r for r in range(nprocs) if not (tmp / f"rank{r}.pt").exists()]
         if bad or missing:
             raise AssertionError(
                 f"run_ranks({func}, nprocs={nprocs}, backend={backend}): exit codes {bad}, "
-                f"no result from ranks {missing}\n" + stderr_tails()
+                f"no result from ranks {missing}\n" + run.tails(3000)
             )
         return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
     finally:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from parml.cascade import theoretical_saving
+from parml.data import default_mnist_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "chang_multilevel.py"
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(default_mnist_dir() or "/nonexistent")
 
 
 def _run(*args, timeout=150):
@@ -25,7 +26,7 @@ def _run(*args, timeout=150):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     if not any(MNIST.glob("*-images-idx3-ubyte*")):
-        pytest.skip("no MNIST IDX files in /work/shared/data/mnist")
+        pytest.skip("no MNIST IDX files in ../shared/data/mnist")
     out = tmp_path_factory.mktemp("chang")
     proc = _run("--quick", "--out", out)
     assert proc.returncode == 0, f"chang_multilevel.py failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

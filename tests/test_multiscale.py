@@ -116,9 +116,9 @@ def test_flattened_classifier_keeps_its_response_on_smooth_states():
 def _mnist_digit():
     """One real MNIST digit (float64, [1, 1, 28, 28], centred), or skip when the IDX files are absent."""
     import os
-    from parml.data import read_idx
+    from parml.data import default_mnist_dir, read_idx
     for name in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
-        path = os.path.join("/work/shared/data/mnist", name)
+        path = os.path.join(default_mnist_dir() or "/nonexistent", name)
         if os.path.exists(path):
             x = read_idx(path, "images", "mnist")[:1].to(torch.float64) / 255
             return (x - x.mean())[:, None]
