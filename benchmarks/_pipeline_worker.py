@@ -349,8 +349,8 @@ def run_parallel(job):
                         ttimes.append(tp.step(x, y))
                 gdiff = grad_diff(lp.model.parameters(), tp.shard.parameters()) if tp is not None else None
                 peak = peak_saved(comm, lp.model.parameters(), lp.forward_backward, x, y)
-                # deferred weight gradients keep each micro-batch's states (and adjoints) until the
-                # step's end, outside autograd: count them too
+                # deferred weight gradients keep a micro-batch's states until its weight gradients
+                # are formed, right after its backward, plus one micro-batch's adjoints: count them too
                 peak = max(peak, lp.stage.deferred.peak_bytes if lp.stage.deferred is not None else 0)
                 ipeak = (peak_saved(comm, ip.model.parameters(), ip.forward_backward, x, y)
                          if ip is not None else None)

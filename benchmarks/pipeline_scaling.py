@@ -186,9 +186,11 @@ def write_markdown(res: dict, path: Path) -> None:
          "(torch median time / parml median time; > 1: parml faster; results.json also holds the median of "
          "the step-by-step paired ratios). "
          "*inline-W* = the same executor with `weight_grads=\"inline\"` (weight gradients inside each "
-         "backward instead of deferred to the step's end; gloo, alternating in the same processes). "
+         "backward, before its adjoint is sent, instead of one batched matmul per chunk after the send; gloo, "
+         "alternating in the same processes). "
          "*peak act.* = peak bytes autograd keeps saved for backward on each rank (parameters excluded), "
-         "or, when larger, the states and adjoints the deferred weight gradients hold at the step's end.",
+         "or, when larger, the states and adjoints the deferred weight gradients hold (a micro-batch's "
+         "until its weight gradients are formed, right after its backward).",
          ""]
     serial = res.get("serial", {}).get("models", {})
     for name, m in cfg["models"].items():

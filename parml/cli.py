@@ -99,9 +99,8 @@ _D = TrainConfig()
 @click.option("--schedule", default=_D.schedule, help="Pipeline schedule across ranks: 1f1b | gpipe")
 @click.option("--microbatches", "-M", type=int, default=_D.microbatches, help="Micro-batches per step.")
 @click.option("--weight-grads", default=_D.weight_grads,
-              help="deferred: dense blocks' weight gradients of all micro-batches after the step's last "
-                   "backward (faster; holds every micro-batch's states) | inline: inside each backward "
-                   "(keeps 1f1b's activation memory bound).")
+              help="deferred: a backward sends its adjoint first, then forms the dense blocks' weight "
+                   "gradients in one batched matmul per chunk (faster) | inline: inside the backward.")
 @click.option("--min-blocks-per-rank", type=int, default=_D.min_blocks_per_rank,
               help="A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
 @click.option("--ranks", type=int, default=None, help="Expected world size; must match the launcher's.")

@@ -793,16 +793,19 @@ def _mpi_finalize():
 
 
 class _PinnedPool:
-    """Reusable pinned host buffers for staging CUDA tensors through MPI."""
+    """Reusable pinned host buffers for staging CUDA tensors through MPI (pageable without CUDA)."""
 
     def __init__(self):
         self._free: dict[int, list[torch.Tensor]] = {}
+        self.allocated = 0          # buffers ever created; reuse keeps it at the most in flight
 
     def get(self, like: torch.Tensor) -> torch.Tensor:
         n = _nbytes(like)
         free = self._free.get(n)
-        raw = free.pop() if free else torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        return raw
+        if free:
+            return free.pop()
+        self.allocated += 1
+        return torch.empty(n, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
 
     def put(self, raw: torch.Tensor) -> None:
         self._free.setdefault(raw.numel(), []).append(raw)
@@ -881,6 +884,9 @@ class MPIComm(Communicator):
             torch.cuda.set_device(dev)
         self.device = dev
         self.cuda_aware = os.environ.get("PARML_CUDA_AWARE_MPI", "0") == "1"
+        # PARML_MPI_STAGE_HOST=1 sends CPU tensors through the staging buffers as well, so the
+        # CUDA path's copy-in / copy-back logic is exercised on machines without a GPU (tests)
+        self.stage_host = os.environ.get("PARML_MPI_STAGE_HOST", "0") == "1"
         self._pinned = _PinnedPool()
 
     def _object_device(self):
@@ -902,7 +908,7 @@ class MPIComm(Communicator):
 
     # ---- buffers ----------------------------------------------------------------
     def _staged(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cuda" and not self.cuda_aware
+        return (tensor.device.type == "cuda" and not self.cuda_aware) or self.stage_host
 
     def _mpi_buffer(self, t: torch.Tensor):
         """A buffer object MPI can use for the bytes of contiguous ``t``."""
@@ -987,9 +993,8 @@ class MPIComm(Communicator):
             work_dtype = torch.float32
         elif tensor.dtype == torch.bool:
             work_dtype = torch.uint8
-        on_cuda = tensor.device.type == "cuda"
-        if on_cuda and not self.cuda_aware:
-            work = torch.empty(tensor.shape, dtype=work_dtype, pin_memory=True)
+        if self._staged(tensor):
+            work = torch.empty(tensor.shape, dtype=work_dtype, pin_memory=torch.cuda.is_available())
             work.copy_(tensor)
         elif work_dtype != tensor.dtype or not tensor.is_contiguous():
             work = tensor.to(dtype=work_dtype, memory_format=torch.contiguous_format, copy=True)
@@ -1014,7 +1019,7 @@ class MPIComm(Communicator):
             return tensor
         staged = self._staged(tensor)
         if staged:
-            work = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            work = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
             if self.rank == root:
                 work.copy_(tensor)
         elif not tensor.is_contiguous():
@@ -1057,6 +1062,7 @@ class MPIComm(Communicator):
         sub._tag_ub = self._tag_ub
         sub.device = self.device
         sub.cuda_aware = self.cuda_aware
+        sub.stage_host = self.stage_host
         sub._pinned = self._pinned
         return sub
 

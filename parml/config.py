@@ -61,7 +61,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     schedule: str = "1f1b"            # pipeline schedule across ranks
     microbatches: int = 1             # M
-    weight_grads: str = "deferred"    # deferred (after the step's last backward) | inline (in each backward)
+    weight_grads: str = "deferred"    # deferred (after the backward's adjoint is sent) | inline (in the backward)
     min_blocks_per_rank: int = 16     # a coarse level with fewer blocks per rank is gathered onto fewer ranks
     ranks: int | None = None          # expected world size; checked against the launcher's
     comm_timeout: float = 300.0       # seconds before a blocked communication fails

@@ -44,12 +44,13 @@ def test_block_is_the_ode_step(stepper):
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("deferred", [None, "each", "end"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
 def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation, deferred):
     """The hand-written adjoint of a dense Euler chunk against autograd of the plain loop (h = 1/7);
-    deferred: 3 micro-batches whose weight gradients are formed by one flush, on the second of two
-    steps (so the recycled buffers are used)."""
+    deferred: 3 micro-batches whose weight gradients are formed after each one's backward ("each",
+    as a pipeline stage does) or all at the step's end ("end"), on the second of two steps (so the
+    recycled buffers are used)."""
     spec = ModelSpec(2, 2, (StageSpec(5, 7),), T=1.0, activation=activation)
     chunk = build_model(spec, seed=4, dtype=torch.float64).chunks[0]
     with torch.no_grad():
@@ -61,11 +62,16 @@ def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation, def
         for _ in range(2):
             for t in (y0, chunk.weight, chunk.bias):
                 t.grad = None
-            for rows in torch.arange(6).tensor_split(3):
+            for m, rows in enumerate(torch.arange(6).tensor_split(3)):
+                sink.microbatch = m
                 (chunk(y0[rows]) * target[rows]).sum().backward()
-            assert chunk.weight.grad is None and sink.pending() == 3
-            sink.flush()
-        assert sink.pending() == 0 and sink.peak_bytes == 2 * 7 * 6 * 5 * 8   # states + adjoints, 3 x 2 rows
+                if deferred == "each":
+                    assert sink.pending() == 1 + (m > 0)      # m's (y, g_a), plus the sums of 0..m-1
+                    sink.flush(m)
+            assert chunk.weight.grad is None and sink.pending() == (3 if deferred == "end" else 1)
+            sink.finish()
+        held = 3 if deferred == "end" else 1                   # micro-batches stored at once
+        assert sink.pending() == 0 and sink.peak_bytes == held * 2 * 7 * 2 * 5 * 8   # states + adjoints
     else:
         (chunk(y0) * target).sum().backward()
     fused = [t.grad.clone() for t in (y0, chunk.weight, chunk.bias)]

@@ -211,3 +211,49 @@ def test_deferred_weight_gradients_leave_no_state_behind():
     assert lp.stage.deferred is None
     with pytest.raises(ValueError, match="weight_grads must be one of deferred, inline"):
         LayerParallel(build_model(SPEC, seed=2), SelfComm(), "gpipe", 1, weight_grads="later")
+
+
+@pytest.mark.parametrize("schedule, held_rows", [("gpipe", BATCH), ("1f1b", 4)])
+def test_deferred_weight_gradients_keep_the_schedules_memory_bound(schedule, held_rows):
+    """A micro-batch's stored states are released at its weight-gradient flush, right after its
+    backward: one process with M = 4 (rows 4, 3, 3, 3) holds the states of every micro-batch under
+    GPipe but of one at a time under 1F1B, plus one micro-batch's adjoints (4 rows) while it is
+    backpropagated: (held rows + 4) x (6 blocks x width 4 + 5 blocks x width 5) x 8 bytes."""
+    x, y = _data(torch.float64)
+    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), schedule, 4)
+    for _ in range(2):                   # the second step runs on recycled buffers
+        lp.forward_backward(x, y)
+    assert lp.stage.deferred.peak_bytes == (held_rows + 4) * (6 * 4 + 5 * 5) * 8
+    _, _, ref_model = _serial(torch.float64)
+    _check_rank_grads(_local_grads(lp.model), ref_model, rtol=1e-10, atol=1e-12)
+
+
+def _host_staged_worker(comm):
+    """The MPI staging path of CUDA tensors (copy into a pooled host buffer, send; receive into
+    one, copy back at completion), forced on CPU tensors by PARML_MPI_STAGE_HOST=1."""
+    assert comm.backend == "mpi" and comm.stage_host
+    out = {}
+    for schedule, m in (("1f1b", 3), ("gpipe", 4)):
+        lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), comm, schedule, m)
+        x, y = _data(torch.float64)
+        lp.forward_backward(x, y)
+        buffers = comm._pinned.allocated
+        loss = lp.forward_backward(x, y)
+        out[schedule] = (loss, _local_grads(lp.model), comm._pinned.allocated - buffers)
+    total = comm.allreduce(torch.tensor([float(comm.rank + 1)], dtype=torch.float64))
+    root = comm.broadcast(torch.full((3,), float(comm.rank)), comm.size - 1)
+    return out, float(total), root.tolist()
+
+
+@pytest.mark.timeout(120)
+def test_mpi_staging_path_is_exact_on_host_buffers():
+    """What the GPU path adds to MPI, run without a GPU: exact gradients, buffers reused."""
+    ranks = run_ranks("tests.test_parallel:_host_staged_worker", 2, "mpi", timeout=90,
+                      env={"PARML_MPI_STAGE_HOST": "1"})
+    ref_loss, _, ref_model = _serial(torch.float64)
+    for out, total, root in ranks:
+        for loss, grads, new_buffers in out.values():
+            assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
+            _check_rank_grads(grads, ref_model, rtol=1e-10, atol=1e-12)
+            assert new_buffers == 0                 # the second step ran on the first step's buffers
+        assert total == 3.0 and root == [1.0, 1.0, 1.0]

@@ -6,9 +6,11 @@ first rank — run the local steps [a, b), send y_b on. Backward: receive the ad
 back. Buffers are preallocated from the model's shape plan, never inferred from a trial send;
 a training step posts all of its receives up front (``post_receives``).
 
-With ``weight_grads="deferred"`` a backward only computes and sends the input adjoint; the dense
-blocks' weight gradients of all micro-batches are formed by ``flush_weight_grads`` after the
-stage's last backward, while the previous rank is still working (``model.DeferredWeightGrads``).
+With ``weight_grads="deferred"`` a backward first computes and sends the input adjoint and only
+then forms the dense blocks' weight gradients of that micro-batch, one batched matmul per chunk
+(``model.DeferredWeightGrads``): the previous rank gets its adjoint without waiting for them, and
+they fill the time until this rank's next message arrives. ``flush_weight_grads`` writes the
+step's sums to ``.grad`` after the last backward.
 """
 from __future__ import annotations
 
@@ -93,9 +95,10 @@ class PipelineStage:
         self._posted.clear()
 
     def flush_weight_grads(self):
+        """Write the step's deferred weight gradients to ``.grad`` (after the stage's last backward)."""
         if self.deferred is not None and self.deferred.pending():
             t0 = time.perf_counter()
-            self.deferred.flush()
+            self.deferred.finish()
             self.compute_seconds += time.perf_counter() - t0
 
     # -- compute
@@ -124,7 +127,13 @@ class PipelineStage:
         else:
             grad = self._recv(out.shape, self.rank + 1, 2 * m + 1)
         t0 = time.perf_counter()
+        if self.deferred is not None:
+            self.deferred.microbatch = m
         torch.autograd.backward(out, grad)
         self.compute_seconds += time.perf_counter() - t0
         if not self.first:
             self._send(inp.grad, self.rank - 1, 2 * m + 1)
+        if self.deferred is not None:   # W of m, after its adjoint is on the way (zero-bubble's B/W split)
+            t0 = time.perf_counter()
+            self.deferred.flush(m)
+            self.compute_seconds += time.perf_counter() - t0
