@@ -2,12 +2,13 @@
 
 Usage: python benchmarks/_pipeline_worker.py JOB.json RESULT.json
 
-``JOB.json`` says which backend this launch is ("serial", "gloo" or "mpi"), the models, the
-micro-batch counts, the schedules and how many warm-up and timed steps to run.  Every rank
+``JOB.json`` says which backend this launch is ("serial", "gloo", "nccl" or "mpi"), the device
+("cpu" or "cuda"), the models, the micro-batch counts, the schedules and how many warm-up and
+timed steps to run.  Every rank
 builds the same full model (``build_model`` with seed 0) and the same batch; rank 0 prints one
 progress line per configuration and writes ``RESULT.json``.
 
-* gloo / mpi: ``LayerParallel.forward_backward`` for every (schedule, M), and on gloo also
+* gloo / nccl / mpi: ``LayerParallel.forward_backward`` for every (schedule, M), and on gloo / nccl also
   ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe``/``Schedule1F1B``) on
   the identical shard (``model.shard(a, b)`` at parml's block boundaries).  parml and torch steps
   alternate, so both see the same machine load.  Before every timed step all ranks meet in a
@@ -18,6 +19,10 @@ progress line per configuration and writes ``RESULT.json``.
 ``comm.isend`` and ``comm.broadcast`` are wrapped with timers on this launch's communicator so
 that the "other" time of ``LayerParallel.times`` can be split into posting sends, the final loss
 broadcast and the rest.
+
+On CUDA every timed step is bracketed by ``torch.cuda.synchronize``, so step times are device
+times; the per-rank compute / wait split of ``LayerParallel.times`` stays host-side there (kernel
+launches, plus the waits the communication makes), so its efficiency is approximate.
 
 Activation memory is measured in one extra (untimed) step per configuration with
 ``torch.autograd.graph.saved_tensors_hooks``: the live bytes of the distinct storages autograd
@@ -108,14 +113,29 @@ def med(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def make_model(m: dict):
+def make_model(m: dict, device=torch.device("cpu")):
     spec = ModelSpec(m["in_features"], m["classes"], (StageSpec(m["width"], m["blocks"]),),
                      activation="relu")
-    model = build_model(spec, seed=0, dtype=torch.float32)
+    model = build_model(spec, seed=0, dtype=torch.float32).to(device)
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(m["batch"], m["in_features"], generator=g, dtype=torch.float32)
     y = torch.randint(0, m["classes"], (m["batch"],), generator=g)
-    return model, x, y
+    return model, x.to(device), y.to(device)
+
+
+def synchronize(device: torch.device):
+    """Wait for the device's queued kernels (a no-op on CPU), so that host timers see device time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn, *args):
+    """(seconds, result) of fn(*args), the device synchronised before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    synchronize(device)
+    return time.perf_counter() - t0, out
 
 
 def log(rank, text):
@@ -176,25 +196,26 @@ def dispatch_cost(reps=2000):
 
 
 def run_serial(job):
-    out = {"models": {}, "dispatch_s": dispatch_cost()}
+    device = torch.device(job.get("device", "cpu"))
+    cpu = device.type == "cpu"
+    out = {"models": {}, "dispatch_s": dispatch_cost() if cpu else None}
     for name, m in job["models"].items():
-        model, x, y = make_model(m)
+        model, x, y = make_model(m, device)
         res = {}
         for M in job["microbatches"]:
             for _ in range(job["warmup"]):
                 serial_step(model, x, y, M)
             ts = []
             for _ in range(job["steps"]):
-                t0 = time.perf_counter()
-                loss = serial_step(model, x, y, M)
-                ts.append(time.perf_counter() - t0)
+                dt, loss = timed(device, serial_step, model, x, y, M)
+                ts.append(dt)
             with SavedTensorMeter(model.parameters()) as meter:
                 serial_step(model, x, y, M)
             res[str(M)] = {"step_s": med(ts), "steps_s": ts, "loss": loss, "peak_saved_bytes": meter.peak}
             log(0, f"[serial] {name:8s} P=1 M={M:<2d} step {1e3 * med(ts):8.1f} ms  "
                    f"peak saved {meter.peak / 2**20:7.2f} MiB")
         mbs = sorted({m["batch"] // M for M in job["microbatches"]} | {m["batch"]})
-        out["models"][name] = {"by_M": res, "block_profile": block_profile(m["width"], mbs)}
+        out["models"][name] = {"by_M": res, "block_profile": block_profile(m["width"], mbs) if cpu else None}
     return out
 
 
@@ -205,10 +226,10 @@ def run_serial(job):
 class TorchPipe:
     """torch.distributed.pipelining on the same shard: one PipelineStage + one schedule."""
 
-    def __init__(self, shard, rank, size, schedule, M):
+    def __init__(self, shard, rank, size, schedule, M, device):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        self.shard, self.rank, self.size = shard, rank, size
-        self.stage = PipelineStage(shard, rank, size, torch.device("cpu"))
+        self.shard, self.rank, self.size, self.device = shard, rank, size, device
+        self.stage = PipelineStage(shard, rank, size, device)
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
         # mean cross-entropy per micro-batch, gradients divided by M (scale_grads): the same
         # mean-over-the-batch loss as parml's sum / batch for equal micro-batches
@@ -219,12 +240,14 @@ class TorchPipe:
     def step(self, x, y):
         for p in self.shard.parameters():
             p.grad = None
+        synchronize(self.device)
         t0 = time.perf_counter()
         first, last = self.rank == 0, self.rank == self.size - 1
         losses = [] if last else None
         args = (x,) if first else ()
         kw = {"target": y, "losses": losses} if last else {}
         self.sched.step(*args, return_outputs=False, **kw)
+        synchronize(self.device)
         dt = time.perf_counter() - t0
         if last:
             self.loss = float(sum(float(v.detach()) for v in losses) / len(losses))
@@ -253,7 +276,7 @@ def ping_pong(comm, nbytes_list, reps=200):
     """One-way latency (s) of a parml comm.send/recv round trip between ranks 0 and 1."""
     out = {}
     for n in nbytes_list:
-        buf = torch.zeros(max(n // 4, 1), dtype=torch.float32)
+        buf = torch.zeros(max(n // 4, 1), dtype=torch.float32, device=comm.device)
         comm.barrier()
         t0 = time.perf_counter()
         if comm.rank < 2:
@@ -276,9 +299,12 @@ def run_parallel(job):
     from parml.parallel.layout import partition_blocks
 
     kind = job["backend"]
-    comm = make_communicator("torch" if kind == "gloo" else "mpi", timeout=job["comm_timeout"],
-                             device="cpu")
+    comm = make_communicator("mpi" if kind == "mpi" else "torch", timeout=job["comm_timeout"],
+                             device=job.get("device", "cpu"))
+    device = comm.device                     # cuda:LOCAL_RANK (modulo the GPUs) on a GPU node
     rank, P = comm.rank, comm.size
+    # a rank of its own per core (CPU) or per GPU; else ranks time-slice and bubbles fill up
+    units = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
     # split "other" further: seconds inside comm.isend (posting a send) and inside the loss
     # broadcast of LayerParallel (the last rank waits there for rank 0 to finish)
     spent = {"isend": 0.0, "broadcast": 0.0}
@@ -295,7 +321,7 @@ def run_parallel(job):
     comm.isend = _timed(comm.isend, "isend")
     comm.broadcast = _timed(comm.broadcast, "broadcast")
     torch_ok, torch_err = False, None
-    if job["torch_pipelining"] and kind == "gloo":
+    if job["torch_pipelining"] and kind != "mpi":
         try:
             import torch.distributed.pipelining  # noqa: F401
             torch_ok = True
@@ -303,7 +329,7 @@ def run_parallel(job):
             torch_err = f"import failed: {exc}"
     out = {"backend": kind, "P": P, "models": {}, "torch_pipelining_error": torch_err}
     for name, m in job["models"].items():
-        model, x, y = make_model(m)
+        model, x, y = make_model(m, device)
         part = partition_blocks(model.spec.total_blocks, P)
         a, b = part.range(rank)
         entries = []
@@ -312,14 +338,14 @@ def run_parallel(job):
                 lp = LayerParallel(model, comm, schedule=schedule, microbatches=M)
                 # ablation: the same executor computing weight gradients inside each backward
                 ip = (LayerParallel(model, comm, schedule=schedule, microbatches=M, weight_grads="inline")
-                      if job.get("inline_ablation") and kind == "gloo" else None)
+                      if job.get("inline_ablation") and kind != "mpi" else None)
                 tp, tp_err = None, None
                 if torch_ok:
                     if schedule == "1f1b" and M < P:
                         tp_err = f"Schedule1F1B needs M >= P (M={M}, P={P})"
                     else:
                         try:
-                            tp = TorchPipe(model.shard(a, b), rank, P, schedule, M)
+                            tp = TorchPipe(model.shard(a, b).to(device), rank, P, schedule, M, device)
                         except Exception as exc:
                             tp_err = f"{type(exc).__name__}: {exc}"
                 comm.barrier()
@@ -336,14 +362,15 @@ def run_parallel(job):
                 for _ in range(job["steps"]):
                     comm.barrier()
                     i0, b0 = spent["isend"], spent["broadcast"]
-                    loss = lp.forward_backward(x, y)
+                    dt, loss = timed(device, lp.forward_backward, x, y)
                     t = lp.times
-                    rows.append((t.step, t.compute, t.wait, t.other, spent["isend"] - i0,
-                                 spent["broadcast"] - b0))
+                    step = t.step if device.type == "cpu" else dt
+                    rows.append((step, t.compute, t.wait, max(step - t.compute - t.wait, 0.0),
+                                 spent["isend"] - i0, spent["broadcast"] - b0))
                     if ip is not None:
                         comm.barrier()
-                        ip.forward_backward(x, y)
-                        itimes.append(ip.times.step)
+                        dt, _ = timed(device, ip.forward_backward, x, y)
+                        itimes.append(ip.times.step if device.type == "cpu" else dt)
                     if tp is not None:
                         comm.barrier()
                         ttimes.append(tp.step(x, y))
@@ -362,7 +389,8 @@ def run_parallel(job):
                         "bytes_sent": comm.bytes_sent, "range": [a, b]}
                 allr = comm.allgather_object(mine)
                 if rank == 0:
-                    e = summarize(name, m, kind, P, schedule, M, allr, tp is not None, tp_err or torch_err)
+                    e = summarize(name, m, kind, P, schedule, M, allr, tp is not None, tp_err or torch_err,
+                                  oversubscribed=P > units)
                     entries.append(e)
                     print(progress_line(e), flush=True)
                 del lp, ip, tp
@@ -379,7 +407,7 @@ def run_parallel(job):
     return out if rank == 0 else None
 
 
-def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
+def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err, oversubscribed=False):
     steps = len(allr[0]["rows"])
     step_each = [max(r["rows"][i][0] for r in allr) for i in range(steps)]
     step = med(step_each)
@@ -397,7 +425,7 @@ def summarize(name, m, kind, P, schedule, M, allr, have_torch, torch_err):
     bound = M / (M + P - 1)
     eff = busiest / step
     e = {"model": name, "backend": kind, "P": P, "M": M, "schedule": schedule,
-         "oversubscribed": P > (os.cpu_count() or 1),
+         "oversubscribed": oversubscribed,
          "step_s": step, "step_min_s": min(step_each), "steps_s": step_each, "per_rank": per_rank,
          "busiest_compute_s": busiest, "efficiency": eff, "bound": bound, "eff_over_bound": eff / bound,
          "samples_per_s": m["batch"] / step, "loss": allr[-1]["loss"],

@@ -1,6 +1,7 @@
 """Pipeline scaling of layer-parallel training: parml's LayerParallel vs torch.distributed.pipelining.
 
     python benchmarks/pipeline_scaling.py [--quick] [--out benchmarks/results/pipeline] [--report-only]
+    python benchmarks/pipeline_scaling.py --device cuda     # GPU node: NCCL and MPI (staged) rows
 
 Times one training step (forward + backward, ``LayerParallel.forward_backward``) of two ODE
 ResNets for P = 1, 2, 4 processes, M = 1, 2, 4, 8 micro-batches, the "gpipe" and "1f1b"
@@ -17,6 +18,12 @@ run under ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe`
 ``Schedule1F1B``), alternating step by step with parml; one serial process (no communicator)
 gives the reference.  Every launch runs under a timeout; rank 0 prints one line per
 configuration.
+
+``--device cuda`` runs the same on GPUs: the torch backend becomes NCCL (one GPU per rank, so its
+P is capped at the GPU count), MPI stages CUDA tensors through pinned host memory unless
+``PARML_CUDA_AWARE_MPI=1`` (ranks beyond the GPU count share GPUs and are marked oversubscribed),
+every timed step is bracketed by ``torch.cuda.synchronize``, and results go to
+``results/pipeline_cuda`` unless ``--out`` says otherwise.
 
 Outputs in ``--out``: ``results.json`` (every number), ``pipeline_scaling.md`` (tables) and
 ``pipeline_scaling.png`` (step time and efficiency against M).
@@ -82,7 +89,8 @@ def launch(job: dict, nprocs: int, timeout: float, tmp: Path, label: str) -> tup
     job_path, result_path = tmp / f"{label}.job.json", tmp / f"{label}.result.json"
     job_path.write_text(json.dumps(job))
     cmd = [sys.executable, str(WORKER), str(job_path), str(result_path)]
-    run = run_local(cmd, nprocs, job["backend"], timeout, tmp, label, base_env(), cwd=ROOT)
+    how = "torch" if job["backend"] == "nccl" else job["backend"]     # torchrun-style environment
+    run = run_local(cmd, nprocs, how, timeout, tmp, label, base_env(), cwd=ROOT)
     if run.timed_out:
         return None, f"{label}: timed out after {timeout:g} s\n" + run.tails()
     if not run.ok or not result_path.exists():
@@ -109,12 +117,17 @@ def _ranks(e, key, fmt=ms) -> str:
     return " / ".join(fmt(p[key]) for p in e["per_rank"])
 
 
+def torch_backend(res: dict) -> str:
+    """The torch.distributed backend of this run: gloo on CPU, NCCL with ``--device cuda``."""
+    return "nccl" if res["config"].get("device") == "cuda" else "gloo"
+
+
 def goals(res: dict) -> dict:
     """The two goals, from the measured entries."""
     out = {"torch_ratio": [], "efficiency": []}
     for e in res["entries"]:
         t = e.get("torch")
-        if e["backend"] == "gloo" and t and "parml_over_torch_throughput" in t:
+        if e["backend"] == torch_backend(res) and t and "parml_over_torch_throughput" in t:
             out["torch_ratio"].append({k: e[k] for k in ("model", "P", "M", "schedule", "oversubscribed")}
                                       | {"ratio": t["parml_over_torch_throughput"],
                                          "paired_ratio": t["parml_over_torch_paired"]})
@@ -164,29 +177,40 @@ def _load_note(res: dict) -> list[str]:
 def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
     ncpu = res["meta"]["cpu_count"]
+    tb = torch_backend(res)
+    if tb == "nccl":
+        machine = (f"Machine: {res['meta'].get('gpu_count')} × {res['meta'].get('gpu_name')}, torch "
+                   f"{res['meta']['torch']}, float32; every timed step is bracketed by "
+                   "`torch.cuda.synchronize`. compute / wait / efficiency are host-side times (kernel "
+                   "launches and the waits communication makes), so they are approximate on GPUs; step "
+                   "times and the parml/torch ratio are device times.")
+        over = (f"**Rows marked \\* are oversubscribed**: more ranks than the {res['meta'].get('gpu_count')} "
+                "GPU(s), so ranks share a GPU (MPI only; NCCL needs a GPU per rank).")
+    else:
+        machine = (f"Machine: {ncpu} CPU cores ({res['meta']['processor']}), torch {res['meta']['torch']}, "
+                   f"float32, one thread per rank (OMP_NUM_THREADS=1, torch.set_num_threads(1)). "
+                   f"Load average before/after: {res['meta']['loadavg_start']} / {res['meta']['loadavg_end']}.")
+        over = (f"**P = 4 is oversubscribed** (marked 4\\*): 4 single-threaded ranks share {ncpu} cores, so "
+                "ranks time-slice and per-rank compute includes time spent descheduled.")
     L = [f"# Pipeline scaling: parml LayerParallel vs torch.distributed.pipelining",
          "",
-         f"{'Quick run (reduced sizes). ' if cfg['quick'] else ''}"
-         f"Machine: {ncpu} CPU cores ({res['meta']['processor']}), torch {res['meta']['torch']}, "
-         f"float32, one thread per rank (OMP_NUM_THREADS=1, torch.set_num_threads(1)). "
-         f"Load average before/after: {res['meta']['loadavg_start']} / {res['meta']['loadavg_end']}.",
+         f"{'Quick run (reduced sizes). ' if cfg['quick'] else ''}" + machine,
          f"Each configuration: {cfg['warmup']} warm-up steps, then the median of {cfg['steps']} timed "
          "steps; a barrier precedes every step and a step's time is the slowest rank's. parml and torch "
-         "pipelining steps alternate in the same processes (gloo).",
+         f"pipelining steps alternate in the same processes ({tb}).",
          "",
-         *(_load_note(res)),
-         f"**P = 4 is oversubscribed** (marked 4\\*): 4 single-threaded ranks share {ncpu} cores, so "
-         "ranks time-slice and per-rank compute includes time spent descheduled.",
+         *(_load_note(res) if tb == "gloo" else []),
+         over,
          "",
          "Columns: *compute / wait / other* are per rank (rank 0 / rank 1 / …) from `LayerParallel.times` "
          "(wait = blocked in receives and in completing sends; other = step − compute − wait). "
          "*eff* = busiest rank's compute / step time; *bound* = M/(M+P−1); *vs serial* = serial time "
          "(one process, no communicator, same M) / step time; *min* = fastest timed step; "
-         "*torch* = torch.distributed.pipelining step time (gloo only); *parml/torch* = throughput ratio "
+         f"*torch* = torch.distributed.pipelining step time ({tb} only); *parml/torch* = throughput ratio "
          "(torch median time / parml median time; > 1: parml faster; results.json also holds the median of "
          "the step-by-step paired ratios). "
          "*inline-W* = the same executor with `weight_grads=\"inline\"` (weight gradients inside each "
-         "backward, before its adjoint is sent, instead of one batched matmul per chunk after the send; gloo, "
+         f"backward, before its adjoint is sent, instead of one batched matmul per chunk after the send; {tb}, "
          "alternating in the same processes). "
          "*peak act.* = peak bytes autograd keeps saved for backward on each rank (parameters excluded), "
          "or, when larger, the states and adjoints the deferred weight gradients hold (a micro-batch's "
@@ -221,7 +245,7 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append("")
         # memory summary
         Ms = cfg["microbatches"]
-        L += [f"Peak activation memory (MiB, largest rank) vs P at M = {max(Ms)}, gloo:", "",
+        L += [f"Peak activation memory (MiB, largest rank) vs P at M = {max(Ms)}, {tb}:", "",
               "| schedule | " + " | ".join(f"P={p}" for p in cfg["P"]) + " | " +
               " | ".join(f"P={p} / P=1" for p in cfg["P"][1:]) + " |",
               "|---|" + "---|" * (2 * len(cfg["P"]) - 1)]
@@ -229,7 +253,7 @@ def write_markdown(res: dict, path: Path) -> None:
             vals = []
             for p in cfg["P"]:
                 hit = [e for e in rows if e["P"] == p and e["M"] == max(Ms) and e["schedule"] == s
-                       and e["backend"] == "gloo"]
+                       and e["backend"] == tb]
                 src = hit[0] if hit and wg == "deferred" else (hit[0].get("inline") if hit else None)
                 vals.append(src["peak_saved_bytes_max"] if src else None)
             if not any(vals):
@@ -246,7 +270,7 @@ def write_markdown(res: dict, path: Path) -> None:
     g = res["goals"]
     L += ["## Goals", ""]
     if g["torch_ratio"]:
-        L += [f"* parml ≥ 1.1× torch pipelining throughput at every M (P ≥ 2 with a core per rank, gloo): "
+        L += [f"* parml ≥ 1.1× torch pipelining throughput at every M (P ≥ 2 with a core per rank, {tb}): "
               f"**{'met' if g['torch_ratio_goal_met'] else 'not met'}**. Smallest ratio per M: " +
               ", ".join(f"M={m}: {v:.2f}" for m, v in g["torch_ratio_min_by_M_pipelined"].items()) + "."]
         if g.get("torch_ratio_min_by_M_oversubscribed"):
@@ -259,7 +283,7 @@ def write_markdown(res: dict, path: Path) -> None:
                 f". Median over pipelined rows of the step-by-step paired ratio: "
                 f"{g['torch_ratio_paired_median_pipelined']:.2f}.")
         if g.get("deferred_over_inline_by_M"):
-            L.append("  Where the margin comes from (P ≥ 2, gloo, step-by-step paired): deferred over inline "
+            L.append(f"  Where the margin comes from (P ≥ 2, {tb}, step-by-step paired): deferred over inline "
                      "weight gradients " + ", ".join(f"M={m}: {min(v):.2f}–{max(v):.2f}"
                                                      for m, v in g["deferred_over_inline_by_M"].items() if v) +
                      "; parml with inline weight gradients over torch pipelining " +
@@ -319,7 +343,7 @@ def write_plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(names), 2, figsize=(13, 4.6 * len(names)), squeeze=False)
     colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:red"}
     markers = {"gpipe": "o", "1f1b": "s"}
-    styles = {"gloo": "-", "mpi": ":"}
+    styles = {"gloo": "-", "nccl": "-", "mpi": ":"}
     serial = res.get("serial", {}).get("models", {})
     for i, name in enumerate(names):
         ax_t, ax_e = axes[i]
@@ -337,7 +361,7 @@ def write_plot(res: dict, path: Path) -> None:
                               color=colors.get(P, "k"), label=tag, alpha=0.85)
                     ax_e.plot(Ms, [e["efficiency"] for _, e in pts], styles[b], marker=markers[s],
                               color=colors.get(P, "k"), label=tag, alpha=0.85)
-                    if b == "gloo":
+                    if b == torch_backend(res):
                         tp = [(m, e["torch"]["step_s"]) for m, e in pts if e.get("torch") and "step_s" in e["torch"]]
                         if tp:
                             ax_t.plot([m for m, _ in tp], [1e3 * t for _, t in tp], "--", marker=markers[s],
@@ -380,13 +404,17 @@ def _loadavg() -> list[float] | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes (K/8, batch/4, M in {1,4}, P in {1,2})")
-    ap.add_argument("--out", default=str(HERE / "results" / "pipeline"), help="output folder")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default benchmarks/results/pipeline, or pipeline_cuda with --device cuda)")
     ap.add_argument("--only", default=None, metavar="MODEL[:P]",
                     help="run one model (overhead or compute), optionally one world size, e.g. compute:2")
-    ap.add_argument("--backends", default=None, help="comma-separated subset of gloo,mpi")
+    ap.add_argument("--backends", default=None, help="comma-separated subset of gloo,mpi (nccl,mpi with --device cuda)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu (gloo and MPI) or cuda (NCCL and MPI with staged or CUDA-aware buffers)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the markdown and the plot from an existing OUT/results.json")
     args = ap.parse_args(argv)
+    args.out = args.out or str(HERE / "results" / ("pipeline_cuda" if args.device == "cuda" else "pipeline"))
     if args.report_only:
         out = Path(args.out)
         res = json.loads((out / "results.json").read_text())
@@ -411,9 +439,22 @@ def main(argv=None) -> int:
             ap.error(f"--only {args.only!r}: expected MODEL[:P] with MODEL in {', '.join(models)}")
         models = {name: models[name]}
         Ps = [int(p)] if p else Ps
-    backends = list(base["backends"])
+    import torch
+    gpus = 0
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: CUDA is not available on this machine (torch "
+                     f"{torch.__version__}); use --device cpu")
+        gpus = torch.cuda.device_count()
+    tb = "nccl" if args.device == "cuda" else "gloo"
+    all_backends = [tb, "mpi"]
+    backends = list(all_backends)
     if args.backends:
-        backends = [b for b in base["backends"] if b in args.backends.split(",")]
+        wanted = args.backends.split(",")
+        unknown = [b for b in wanted if b not in all_backends]
+        if unknown:
+            ap.error(f"--backends {args.backends!r}: valid with --device {args.device}: {','.join(all_backends)}")
+        backends = [b for b in all_backends if b in wanted]
     why_no_mpi = mpi_unavailable()
     if why_no_mpi and "mpi" in backends:
         print(f"skipping the mpi backend: {why_no_mpi}", flush=True)
@@ -421,12 +462,12 @@ def main(argv=None) -> int:
     cfg = {"quick": args.quick, "models": models, "P": Ps, "microbatches": base["microbatches"],
            "schedules": base["schedules"], "backends": backends, "warmup": base["warmup"],
            "steps": base["steps"], "serial_steps": base["serial_steps"], "dtype": "float32",
-           "threads_per_rank": 1, "inline_ablation": base["inline_ablation"]}
-    import torch
+           "threads_per_rank": 1, "inline_ablation": base["inline_ablation"], "device": args.device}
     res = {"meta": {"torch": torch.__version__, "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "loadavg_start": _loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "mpi_skipped": why_no_mpi},
+                    "mpi_skipped": why_no_mpi, "gpu_count": gpus,
+                    "gpu_name": torch.cuda.get_device_name(0) if gpus else None},
            "config": cfg, "entries": [], "latency": {}, "failures": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,7 +475,8 @@ def main(argv=None) -> int:
     worker_models = {k: {kk: v[kk] for kk in ("in_features", "classes", "width", "blocks", "batch")}
                      for k, v in models.items()}
     common = {"models": worker_models, "microbatches": cfg["microbatches"], "schedules": cfg["schedules"],
-              "warmup": cfg["warmup"], "comm_timeout": 120.0, "inline_ablation": cfg["inline_ablation"]}
+              "warmup": cfg["warmup"], "comm_timeout": 120.0, "inline_ablation": cfg["inline_ablation"],
+              "device": args.device}
     lat_bytes = sorted({m["batch"] // M * m["width"] * 4 for m in models.values() for M in cfg["microbatches"]})
     with tempfile.TemporaryDirectory(prefix="parml-pipe-") as tmpd:
         tmp = Path(tmpd)
@@ -446,11 +488,15 @@ def main(argv=None) -> int:
             res["failures"].append(err)
         else:
             res["serial"] = r
+        units, what = (gpus, "GPUs") if args.device == "cuda" else (os.cpu_count() or 1, "cores")
         for P in cfg["P"]:
             for b in backends:
-                over = " (oversubscribed: more ranks than cores)" if P > (os.cpu_count() or 1) else ""
+                if b == "nccl" and P > gpus:
+                    print(f"== nccl P={P}: skipped (NCCL needs a GPU per rank; {gpus} here)", flush=True)
+                    continue
+                over = f" (oversubscribed: more ranks than {what})" if P > units else ""
                 print(f"== {b} P={P}{over}", flush=True)
-                job = dict(common, backend=b, steps=cfg["steps"], torch_pipelining=(b == "gloo"),
+                job = dict(common, backend=b, steps=cfg["steps"], torch_pipelining=(b != "mpi"),
                            latency_bytes=lat_bytes if P == 2 else [], latency_reps=base["latency_reps"])
                 r, err = launch(job, P, base["launch_timeout"].get(P, 420), tmp, f"{b}-P{P}")
                 if err:

@@ -80,3 +80,18 @@ def test_quick_torch_pipelining_comparison(quick_run):
         assert t["loss_abs_diff"] < 1e-4
         assert t["grad_max_rel_diff"] < 1e-3
     assert res["goals"]["torch_ratio"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "nccl"], "--backends 'nccl': valid with --device cpu: gloo,mpi"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+])
+def test_bad_device_or_backend_is_one_line(argv, message):
+    import torch
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", *argv], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
