@@ -1,6 +1,6 @@
 """MG/OPT vs plain gradient descent, serial and layer-parallel: cycles, work units, wall time, efficiency.
 
-    python benchmarks/mgopt_scaling.py [--quick] [--out benchmarks/results/mgopt] [--seeds 3]
+    python benchmarks/mgopt_scaling.py [--quick] [--out benchmarks/results/mgopt] [--seeds 10]
 
 Trains ODE ResNets with K = 2048 blocks on
 
@@ -61,7 +61,7 @@ DATASETS = {
     "mnist": {"dataset": "mnist", "width": 10, "lr": 0.01, "beta": 1e-5, "batch_size": 1000,
               "target_accuracy": 0.93, "thresholds": [0.7, 0.75, 0.8, 0.82, 0.85, 0.88, 0.9, 0.93]},
 }
-FULL = {"blocks": 2048, "seeds": 3, "mnist_seeds": 1, "datasets": ["circles", "mnist"], "P": [1, 2],
+FULL = {"blocks": 2048, "seeds": 10, "mnist_seeds": 1, "datasets": ["circles", "mnist"], "P": [1, 2],
         "circles_max_cycles": {1: 2000, 8: 400},
         # MNIST: equal work budget (work units) for L = 1 and L = 8; validation every ~5 work units
         "mnist_work_budget": 600, "mnist_eval_every": {1: 5, 8: 1},
@@ -323,6 +323,19 @@ def mean(xs):
     return statistics.fmean(xs) if xs else None
 
 
+def ratio_of_means_interval(pairs, draws: int = 20000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval of mean(a) / mean(b) over (a, b) pairs resampled by seed: how
+    far the ratio of a handful of seeds can be from the ratio the method has on average."""
+    import random
+    rng, n = random.Random(seed), len(pairs)
+    if n < 2:
+        return None
+    rs = sorted(sum(a for a, _ in draw) / sum(b for _, b in draw)
+                for draw in ([pairs[rng.randrange(n)] for _ in range(n)] for _ in range(draws)))
+    lo = int((1 - level) / 2 * draws)
+    return [rs[lo], rs[draws - 1 - lo]]
+
+
 def first_reaching(curve: dict, thr: float, key: str):
     for acc, x in zip(curve["val_acc"], curve[key]):
         if acc is not None and acc >= thr - 1e-12:
@@ -358,6 +371,11 @@ def analyse(res: dict) -> dict:
                     entry["per_seed"].append({"seed": a["seed"], "work_ratio": a["work_units"] / b["work_units"],
                                               "wall_ratio": a["seconds"] / b["seconds"],
                                               "train_ratio": a["train_s"] / b["train_s"]})
+            pairs = [(a["work_units"], find(l8, seed=a["seed"])[0]["work_units"]) for a in l1
+                     if find(l8, seed=a["seed"])]
+            entry["work_ratio_ci95"] = ratio_of_means_interval(pairs)
+            if len(pairs) > 3:          # the issue's 3 seeds: the first three of this run
+                entry["work_ratio_first3"] = sum(a for a, _ in pairs[:3]) / sum(b for _, b in pairs[:3])
             thr = {}
             for t in DATASETS[name]["thresholds"]:
                 u1 = [first_reaching(r["curve"], t, "work_units") for r in l1]
@@ -522,15 +540,19 @@ def write_markdown(res: dict, path: Path) -> None:
     for P in cfg["P"]:
         e = an["ratios"].get(f"circles-P{P}")
         if e:
-            L.append(f"* P = {P}: work units {e['work_ratio']:.2f}x (**{'met' if e['goal_work_met'] else 'not met'}**), "
-                     f"wall time {e['wall_ratio']:.2f}x (**{'met' if e['goal_wall_met'] else 'not met'}**), training "
-                     f"time only {e['train_ratio']:.2f}x" + ("" if e["all_reached"] else "; not every run reached the target"))
+            ci = e.get("work_ratio_ci95")
+            L.append(f"* P = {P}: work units {e['work_ratio']:.2f}x (**{'met' if e['goal_work_met'] else 'not met'}**"
+                     + (f"; 95 % bootstrap interval over seeds {ci[0]:.2f}–{ci[1]:.2f}" if ci else "")
+                     + (f"; seeds 0–2 alone {e['work_ratio_first3']:.2f}x" if e.get("work_ratio_first3") else "")
+                     + f"), wall time {e['wall_ratio']:.2f}x (**{'met' if e['goal_wall_met'] else 'not met'}**), "
+                     f"training time only {e['train_ratio']:.2f}x"
+                     + ("" if e["all_reached"] else "; not every run reached the target"))
     other = path.parent / "euclidean" / "results.json"
     if cfg["metric"] == "l2" and other.is_file():
         e = json.loads(other.read_text()).get("analysis", {}).get("ratios", {}).get("circles-P1")
         if e:
             L.append(f"* For comparison, `--metric euclidean` (plain steps on the raw parameters, Tikhonov weight "
-                     f"2^(L−l) as in the paper; `euclidean/`, P = 1): mean {e['mean_L1']['work_units']:.1f} vs "
+                     f"2^(L−l) as in the paper; `euclidean/`, P = 1, seeds {', '.join(map(str, e['seeds']))}): mean {e['mean_L1']['work_units']:.1f} vs "
                      f"{e['mean_L8']['work_units']:.1f} work units = {e['work_ratio']:.2f}x, wall time "
                      f"{e['wall_ratio']:.2f}x, training time only {e['train_ratio']:.2f}x.")
     L.append("")
@@ -663,7 +685,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="K=128, one seed, circles only (< 90 s)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mgopt"))
-    ap.add_argument("--seeds", type=int, default=None, help="circles seeds (default 3; quick 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="circles seeds (default 10; quick 1)")
     ap.add_argument("--mnist-seeds", type=int, default=None, help="MNIST seeds (default 1)")
     ap.add_argument("--datasets", default=None, help="comma-separated: circles,mnist")
     ap.add_argument("--backend", choices=("torch", "mpi"), default="torch",

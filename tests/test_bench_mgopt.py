@@ -135,3 +135,19 @@ def test_cascade_quick(cascade_run):
     assert c["curve"]["phase"][0].startswith("cascade") and c["curve"]["phase"][-1] == "train"
     md = (out / "cascade.md").read_text()
     assert "## circles" in md and "## Goal" in md and "41.7 %" in md
+
+
+def test_bootstrap_interval_of_the_work_ratio():
+    """The interval over seeds brackets the ratio of means, shrinks to it when every seed agrees,
+    and is the same on every call (fixed resampling seed)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mgopt_scaling", MGOPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pairs = [(391, 108.9), (274, 77.8), (521, 155.6), (1006, 191.9), (603, 119.3)]
+    lo, hi = mod.ratio_of_means_interval(pairs, draws=4000)
+    point = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+    assert lo < point < hi and hi - lo > 0.3
+    assert [lo, hi] == mod.ratio_of_means_interval(pairs, draws=4000)
+    assert mod.ratio_of_means_interval([(8.0, 2.0)] * 4, draws=500) == [4.0, 4.0]
+    assert mod.ratio_of_means_interval([(8.0, 2.0)]) is None
