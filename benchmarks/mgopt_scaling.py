@@ -364,6 +364,7 @@ def analyse(res: dict) -> dict:
                      "wall_ratio": m["seconds"][0] / m["seconds"][1],
                      "train_ratio": m["train_s"][0] / m["train_s"][1],
                      "per_seed": []}
+            pairs = []          # (U of L = 1, U of L = 8) per seed, for the interval below
             for a in l1:
                 b = find(l8, seed=a["seed"])
                 if b:
@@ -371,8 +372,7 @@ def analyse(res: dict) -> dict:
                     entry["per_seed"].append({"seed": a["seed"], "work_ratio": a["work_units"] / b["work_units"],
                                               "wall_ratio": a["seconds"] / b["seconds"],
                                               "train_ratio": a["train_s"] / b["train_s"]})
-            pairs = [(a["work_units"], find(l8, seed=a["seed"])[0]["work_units"]) for a in l1
-                     if find(l8, seed=a["seed"])]
+                    pairs.append((a["work_units"], b["work_units"]))
             entry["work_ratio_ci95"] = ratio_of_means_interval(pairs)
             if len(pairs) > 3:          # the 3 seeds: the first three of this run
                 entry["work_ratio_first3"] = sum(a for a, _ in pairs[:3]) / sum(b for _, b in pairs[:3])
