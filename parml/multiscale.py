@@ -7,8 +7,8 @@ is the Galerkin product (paper eq. 8-9)
     K_H = R K_h P,
 
 which for a stencil that does not vary over the image is again a 3x3 stencil s_H = G s_h, G a 9x9
-matrix (per pair of channels). Prolongating a kernel solves G s_h = s_H for s_h (least squares;
-G is invertible for the transfers here, so ``restrict_kernel(prolongate_kernel(s)) == s``).
+matrix (per pair of channels). Prolongating a kernel solves the 9x9 system G s_h = s_H for s_h (G is
+invertible for the transfers here, so ``restrict_kernel(prolongate_kernel(s)) == s``).
 
 Transfers are vertex-centred: coarse pixel i sits on fine pixel 2i, P is bilinear interpolation
 (1D weights 1/2, 1, 1/2) and R = P^T / 4 is full weighting (1D weights 1/4, 1/2, 1/4), both with the
@@ -16,6 +16,10 @@ zero padding of the network's convolutions. Pointwise pieces (biases, activation
 projections, the pooled head) do not depend on the resolution and are copied. A classifier on the
 flattened final state (``head="flatten"``) is moved so that <W, y> is kept: W_H = P^T W = 4 R W
 on restriction, W_h = R^T W_H = P W_H / 4 on prolongation (per class and channel, as images).
+
+The Galerkin identity is exact per operator on states in the range of P, not for a chain of them:
+R K2 K1 P - (R K2 P)(R K1 P) = R K2 (I - P R) K1 P. A moved network is therefore only as good as
+its states are smooth on the coarse mesh (``benchmarks/haber_resolution.py`` measures this).
 """
 from __future__ import annotations
 
@@ -82,11 +86,20 @@ def restrict_kernel(weight: torch.Tensor) -> torch.Tensor:
     return galerkin_kernel(weight)
 
 
+def prolongation_matrix(dtype=torch.float64) -> torch.Tensor:
+    """G^-1 (9 x 9): vec(s_h) = G^-1 vec(s_H), the solution of the paper's 9x9 system (G is invertible:
+    eigenvalues 2^-(a+b), a, b = 0..2, so G^-1 scales a stencil's smoothest parts by 1 and its roughest by 16)."""
+    return torch.linalg.inv(galerkin_matrix(torch.float64)).to(dtype)
+
+
 def prolongate_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Coarse-resolution 3x3 kernels -> the fine kernels whose Galerkin product they are (least squares)."""
-    g = galerkin_matrix(torch.float64)
-    flat = weight.detach().reshape(-1, 9).to(torch.float64).T            # [9, N]
-    fine = torch.linalg.lstsq(g, flat).solution.T
+    """Coarse-resolution 3x3 kernels -> the fine kernels whose Galerkin product they are."""
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"prolongate_kernel needs 3x3 kernels, got {tuple(weight.shape[-2:])}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("prolongate_kernel: the kernels contain NaN or inf (did training diverge?)")
+    flat = weight.detach().reshape(-1, 9).to(torch.float64)              # [N, 9]
+    fine = flat @ prolongation_matrix(torch.float64).T
     return fine.reshape(weight.shape).to(weight.dtype)
 
 

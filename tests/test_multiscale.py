@@ -7,8 +7,8 @@ import torch.nn.functional as tf
 
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.multiscale import (galerkin_kernel, galerkin_matrix, prolongate_image, prolongate_kernel,
-                              prolongate_model, resolution_spec, restrict_image, restrict_kernel,
-                              restrict_model)
+                              prolongate_model, prolongation_matrix, resolution_spec, restrict_image,
+                              restrict_kernel, restrict_model)
 
 torch.set_num_threads(1)
 
@@ -58,6 +58,21 @@ def test_prolongate_then_restrict_is_the_identity():
     torch.testing.assert_close(restrict_kernel(coarse).sum((-1, -2)), coarse.sum((-1, -2)))
     with pytest.raises(ValueError, match="3x3"):
         galerkin_kernel(torch.zeros(2, 2, 1, 1))
+
+
+def test_galerkin_eigenvalues_are_the_derivative_scalings():
+    """G scales a stencil's parts by 2^-(a+b), a, b = 0..2 (derivative order in each direction), so
+    G^-1 amplifies the roughest part 16x; prolongation_matrix is that inverse."""
+    g = galerkin_matrix()
+    eig = torch.linalg.eigvals(g)
+    assert eig.imag.abs().max() < 1e-12
+    want = sorted(2.0 ** -(a + b) for a in range(3) for b in range(3))
+    torch.testing.assert_close(torch.sort(eig.real).values, torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(prolongation_matrix() @ g, torch.eye(9, dtype=torch.float64), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        prolongate_kernel(torch.full((2, 1, 3, 3), float("nan")))
+    with pytest.raises(ValueError, match="3x3"):
+        prolongate_kernel(torch.zeros(2, 2, 5, 5))
 
 
 def _spec(size=8):
