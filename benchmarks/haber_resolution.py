@@ -26,7 +26,7 @@ file split 8000/2000 (the only MNIST file here; the paper used 50,000/10,000 and
 block-coordinate descent).
 
 Outputs in ``--out``: ``results.json`` (every seed), ``haber_resolution.md`` (mean and range over
-seeds, per-seed rows), ``haber_resolution.png``. About 80 s per seed; ``--quick`` (1 seed, 1000
+seeds, per-seed rows), ``haber_resolution.png``. About 65 s per seed; ``--quick`` (1 seed, 1000
 images, 1 epoch) takes seconds and only checks that the pipeline runs.
 """
 from __future__ import annotations
