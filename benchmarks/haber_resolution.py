@@ -39,12 +39,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as tf
 
 from parml.data import DataError, batches, default_mnist_dir, load_dataset
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.multiscale import (prolongate_image, prolongate_kernel, prolongate_model, prolongation_matrix,
-                              restrict_image, restrict_model)
+from parml.multiscale import (gaussian_blur, prolongate_image, prolongate_kernel, prolongate_model,
+                              prolongation_matrix, restrict_image, restrict_model)
 
 DIAGNOSIS = """## What decides whether a transfer works
 
@@ -102,29 +101,17 @@ def spec_for(size, pool=False):
                      T=1.0, activation="tanh", input_shape=(1, size, size), projection="avgpool", head="flatten")
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x [n, C, H, W] convolved with a Gaussian of standard deviation `sigma` pixels (zero padding)."""
-    if sigma == 0:
-        return x
-    r = int(3 * sigma + 0.5)
-    t = torch.arange(-r, r + 1, dtype=x.dtype)
-    g = torch.exp(-t.square() / (2 * sigma ** 2))
-    g = g / g.sum()
-    c = x.shape[1]
-    return tf.conv2d(x, torch.outer(g, g).expand(c, 1, 2 * r + 1, 2 * r + 1), padding=r, groups=c)
-
-
 def stencils(model):
     return [model.opening.weight] + [c.weight for c in model.chunks]
 
 
-def fine_scale_roughness(model, coarse: bool):
+def fine_scale_roughness(model, ginv=None):
     """sum over every 3x3 stencil of ||D s_h||^2, s_h the stencil at the 28x28 resolution: s itself,
-    or G^-1 s for a 14x14 network (``coarse``), i.e. the kernel ``prolongate_kernel`` will produce."""
-    ginv = prolongation_matrix(model.opening.weight.dtype) if coarse else None
+    or, for a 14x14 network, G^-1 s (``ginv`` = ``prolongation_matrix()``), the kernel
+    ``prolongate_kernel`` will produce."""
     total = 0
     for k in stencils(model):
-        if coarse:
+        if ginv is not None:
             k = (k.reshape(-1, 9) @ ginv.T).reshape(k.shape)
         total = total + (k[..., 1:, :] - k[..., :-1, :]).square().sum() + (k[..., 1:] - k[..., :-1]).square().sum()
     return total
@@ -132,12 +119,13 @@ def fine_scale_roughness(model, coarse: bool):
 
 def train(model, x, y, epochs, lr, seed, beta, coarse):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ginv = prolongation_matrix(model.opening.weight.dtype) if coarse else None
     for e in range(epochs):
         for idx in batches(x.shape[0], 100, seed, e):
             opt.zero_grad()
             loss = model.loss(model(x[idx]), y[idx])
             if beta:
-                loss = loss + beta * fine_scale_roughness(model, coarse)
+                loss = loss + beta * fine_scale_roughness(model, ginv)
             loss.backward()
             opt.step()
     return model

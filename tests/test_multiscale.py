@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as tf
 
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.multiscale import (galerkin_kernel, galerkin_matrix, prolongate_image, prolongate_kernel,
-                              prolongate_model, prolongation_matrix, resolution_spec, restrict_image,
-                              restrict_kernel, restrict_model)
+from parml.multiscale import (galerkin_kernel, galerkin_matrix, gaussian_blur, prolongate_image,
+                              prolongate_kernel, prolongate_model, prolongation_matrix, resolution_spec,
+                              restrict_image, restrict_kernel, restrict_model)
 
 torch.set_num_threads(1)
 
@@ -140,17 +140,10 @@ def _mnist_digit():
     pytest.skip("no MNIST IDX files")
 
 
-def _blur(y, sigma=1.5):
-    r = torch.arange(-4, 5, dtype=y.dtype)
-    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return tf.conv2d(y, torch.outer(g, g)[None, None], padding=4)
-
-
 def test_one_conv_on_a_blurred_digit_commutes_with_restriction():
     """End to end on real data: K_H (R y) ~ R (K_h y) for a blurred MNIST digit and a derivative
     stencil (gradient + Laplacian, h-scaled by G), far better than the unadapted stencil."""
-    y = _blur(_mnist_digit())
+    y = gaussian_blur(_mnist_digit(), 1.5)
     s = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64) \
         + torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     target = restrict_image(tf.conv2d(y, s[None, None], padding=1))
