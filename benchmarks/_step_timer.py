@@ -8,7 +8,7 @@ import time
 @contextlib.contextmanager
 def step_timer(calls: list):
     """Record (cost of the trained level = depth / K, seconds) of every GD step (V-cycle call)."""
-    from parml.mgopt import VCycle
+    from parml.multilevel.mgopt import VCycle
     original = VCycle.__call__
 
     def timed(self, *a, **k):

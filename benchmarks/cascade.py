@@ -67,8 +67,8 @@ EQUAL_ACC = 0.005          # |accuracy difference| counted as equal
 def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) -> dict:
     from parml.comm import SelfComm
     from parml.config import TrainConfig
-    from parml.report import validation_curve
-    from parml.train import train
+    from parml.training.report import validation_curve
+    from parml.training.trainer import train
 
     B = setup["budget"]
     extra = ({"max_cycles": B} if mode == "direct" else
@@ -116,7 +116,7 @@ def _stage_ms(run: dict) -> list[tuple[int, float]]:
 
 
 def analyse(res: dict) -> dict:
-    from parml.cascade import theoretical_saving
+    from parml.multilevel.cascade import theoretical_saving
     out = {"theoretical_saving": theoretical_saving(DOUBLINGS), "pairs": [], "datasets": {}}
     for name in res["config"]["datasets"]:
         pairs = []

@@ -5,7 +5,7 @@
 
 1. Training comparison (Chang et al., "Multi-level residual networks from dynamical systems
    view"). For every seed, two runs with the same data, seed and step budget N, both through
-   ``parml.train.train`` with ``arch="conv"``, one process:
+   ``parml.training.trainer.train`` with ``arch="conv"``, one process:
 
    * direct: the conv network with K blocks per stage trained N steps, learning rate
      cosine-annealed from lr to lr_min over the N steps;
@@ -67,11 +67,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from parml.cascade import theoretical_saving  # noqa: E402
+from parml.multilevel.cascade import theoretical_saving  # noqa: E402
 from parml.data import default_mnist_dir  # noqa: E402
-from parml.hierarchy import prolongate_model  # noqa: E402
+from parml.multilevel.hierarchy import prolongate_model  # noqa: E402
 from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
-from parml.report import validation_curve  # noqa: E402
+from parml.training.report import validation_curve  # noqa: E402
 from _step_timer import step_timer  # noqa: E402  (benchmarks/, the script's folder)
 
 CHANNELS = (16, 32, 64)
@@ -135,10 +135,10 @@ def load_data(name: str, data_dir: str, setup: dict, seed: int):
 
 
 def run_one(name: str, setup: dict, mode: str, seed: int, data, runs_dir: str) -> dict:
-    """One training run through ``parml.train.train``: mode "direct" or "multilevel"."""
+    """One training run through ``parml.training.trainer.train``: mode "direct" or "multilevel"."""
     from parml.comm import SelfComm
     from parml.config import TrainConfig
-    from parml.train import train
+    from parml.training.trainer import train
 
     n = setup["budget"]
     per_stage = n // (DOUBLINGS + 1)

@@ -42,7 +42,7 @@ import torch
 
 from parml.data import DataError, batches, default_mnist_dir, load_dataset
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.multiscale import (gaussian_blur, prolongate_image, prolongate_kernel, prolongate_model,
+from parml.multilevel.multiscale import (gaussian_blur, prolongate_image, prolongate_kernel, prolongate_model,
                               prolongation_matrix, restrict_image, restrict_model)
 
 DIAGNOSIS = """## What decides whether a transfer works

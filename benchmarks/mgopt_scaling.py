@@ -14,7 +14,7 @@ and P = 2 processes. P = 2 runs are real processes (torchrun-style environment w
 and L = 8 of a seed back to back so that both see the same machine load. Rank 0 prints one line
 per run.
 
-Every run is ``parml.train.train`` on the launch's communicator. Per run: V-cycles to the target,
+Every run is ``parml.training.trainer.train`` on the launch's communicator. Per run: V-cycles to the target,
 work units, wall time (``summary["seconds"]``: training and the validation after every cycle),
 training time (time inside the V-cycle / GD-step calls only), time per level
 (``summary["level_seconds"]``), and per rank the compute / wait time of every level's
@@ -118,7 +118,7 @@ _VC = {"seconds": 0.0, "calls": 0, "comm_wait": 0.0, "world": None}
 
 def _instrument():
     """Accumulate LayerParallel.times per executor and the wall time of V-cycle calls."""
-    from parml.mgopt import VCycle
+    from parml.multilevel.mgopt import VCycle
     from parml.parallel.executor import LayerParallel
 
     fb = LayerParallel.forward_backward
@@ -135,7 +135,7 @@ def _instrument():
         return value
 
     def vcycle_call(self, *a, **k):
-        comms = {id(c): c for c in [_VC["world"]] + [lev.comm for lev in self.levels if lev is not None]
+        comms = {id(c): c for c in [_VC["world"]] + [lev.executor.comm for lev in self.levels if lev is not None]
                  if c is not None}
         w0 = sum(c.wait_seconds for c in comms.values())
         t0 = time.perf_counter()
@@ -172,7 +172,8 @@ def run_worker(job_path: str, result_path: str) -> None:
     from parml.comm import make_communicator
     from parml.config import TrainConfig
     from parml.data import load_dataset
-    from parml.train import TrainingError, train
+    from parml.training.loop import TrainingError
+    from parml.training.trainer import train
 
     job = json.loads(Path(job_path).read_text())
     _instrument()
@@ -223,7 +224,7 @@ def run_worker(job_path: str, result_path: str) -> None:
                 per_level.append(None)
                 continue
             b = lev.executor.__dict__.get("_bench", [0, 0.0, 0.0, 0.0])
-            per_level.append({"ranks": lev.comm.size, "fb_calls": b[0], "fb_s": b[1], "compute_s": b[2],
+            per_level.append({"ranks": lev.executor.comm.size, "fb_calls": b[0], "fb_s": b[1], "compute_s": b[2],
                               "wait_s": b[3], "level_s": lev.stats.seconds, "gradients": lev.stats.gradients})
         mine = {"rank": rank, "train_s": _VC["seconds"], "calls": _VC["calls"], "comm_wait_s": _VC["comm_wait"],
                 "levels": per_level}

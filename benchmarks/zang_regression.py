@@ -20,7 +20,7 @@ Depth is a power of two so that the hierarchy halves it: shallow K = 2, deep K =
 and 3 blocks), and the same at K = 8 / 16 for a deeper pair. Besides the cascade, MG/OPT
 (multilevel SGD, L = 2 and 3) is run on the deep networks with the same epoch budget.
 
-Every run is ``parml.train.train`` on one process (float32). Outputs in ``--out``: ``results.json``,
+Every run is ``parml.training.trainer.train`` on one process (float32). Outputs in ``--out``: ``results.json``,
 ``zang_regression.md`` (table: final test MSE, seconds, work units) and ``zang_regression.png`` (the
 fitted curves against the truth). Runs in about three minutes.
 """
@@ -76,7 +76,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    from parml.train import train
+    from parml.training.trainer import train
 
     data = {fn: load_dataset("regression", seed=args.seed, function=fn) for fn in ("cos2sin", "coscos_sin")}
     grid = torch.linspace(0, 2 * math.pi, 600, dtype=torch.float64)[:, None]

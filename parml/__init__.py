@@ -8,11 +8,11 @@ hierarchy transfers, the V-cycle (``CycleSetup``, ``VCycle``), the layer-paralle
 
 from .comm import make_communicator
 from .config import TrainConfig
-from .hierarchy import level_specs, prolongate, restrict_gradient, restrict_parameters
-from .mgopt import CycleSetup, VCycle
 from .model import ModelSpec, ODEResNet, StageSpec, build_model
+from .multilevel.hierarchy import level_specs, prolongate, restrict_gradient, restrict_parameters
+from .multilevel.mgopt import CycleSetup, VCycle
 from .parallel.executor import LayerParallel
-from .train import train
+from .training.trainer import train
 
 __version__ = "0.1.0"
 

@@ -115,7 +115,7 @@ _D = TrainConfig()
 @click.option("--progress/--no-progress", default=True, help="Progress bar on rank 0.")
 def train(**options):
     """Train an ODE ResNet (default: the paper's circles setup, K=2048, 8 levels)."""
-    from .train import run_from_cli
+    from .training.trainer import run_from_cli
     threads = options.pop("threads")
     if threads < 1:
         fail(f"--threads {threads} must be at least 1")

@@ -6,12 +6,14 @@ what is allowed; the CLI prints it once (rank 0) and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
-from .hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
-from .mgopt import CycleError, CycleSetup
 from .model import ACTIVATIONS, INITS, STEPPERS, ModelSpec, StageSpec
+from .multilevel.hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
+from .multilevel.mgopt import CycleError, CycleSetup
+from .parallel.schedule import SCHEDULES
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
@@ -108,7 +110,6 @@ class TrainConfig:
     @classmethod
     def from_run(cls, run_dir: str, overrides: dict) -> "TrainConfig":
         """The configuration saved in `run_dir`, with the resumable `overrides`, set to resume it."""
-        import json
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
             raise ConfigError(f"--resume {run_dir!r}: no config.json there (not a parml run folder)")
@@ -165,7 +166,6 @@ class TrainConfig:
         choice("--dtype", self.dtype, DTYPES)
         choice("--backend", self.backend, ("auto", "torch", "mpi", "self"))
         choice("--device", self.device, ("auto", "cpu", "cuda"))
-        from .parallel.schedule import SCHEDULES
         choice("--schedule", self.schedule.lower(), tuple(sorted(SCHEDULES)))
         choice("--weight-grads", self.weight_grads, ("deferred", "inline"))
         choice("--arch", self.arch, ("dense", "conv"))

@@ -15,11 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# variables of an enclosing launcher that must not leak into the ranks we start
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                 "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_")
+from .comm.environment import LAUNCHER_PREFIXES, LAUNCHER_VARS, mpi4py_available
+
 
 
 def free_port() -> int:
@@ -59,9 +56,7 @@ def mpi_unavailable() -> str | None:
     """None when mpirun and mpi4py are both there, else the reason."""
     if mpirun_path() is None:
         return "mpirun not found"
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
+    if not mpi4py_available():
         return "mpi4py not installed"
     return None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parml.cascade import theoretical_saving
+from parml.multilevel.cascade import theoretical_saving
 from parml.data import default_mnist_dir
 
 ROOT = Path(__file__).resolve().parent.parent

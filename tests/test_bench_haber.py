@@ -12,7 +12,7 @@ import torch
 
 from parml.data import default_mnist_dir
 from parml.model import build_model
-from parml.multiscale import gaussian_blur, prolongate_model, prolongation_matrix
+from parml.multilevel.multiscale import gaussian_blur, prolongate_model, prolongation_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "haber_resolution.py"

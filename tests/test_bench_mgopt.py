@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from parml.cascade import theoretical_saving
-from parml.mgopt import CycleSetup
+from parml.multilevel.cascade import theoretical_saving
+from parml.multilevel.mgopt import CycleSetup
 
 ROOT = Path(__file__).resolve().parent.parent
 MGOPT = ROOT / "benchmarks" / "mgopt_scaling.py"

@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from parml.cascade import cascade_depths, theoretical_saving
+from parml.multilevel.cascade import cascade_depths, theoretical_saving
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import load_dataset
-from parml.hierarchy import prolongate_model
+from parml.multilevel.hierarchy import prolongate_model
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.train import train
+from parml.training.trainer import train
 
 torch.set_num_threads(1)
 

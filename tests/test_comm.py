@@ -489,7 +489,7 @@ def test_poll_backoff_and_deadline():
 
     t0 = time.monotonic()
     with pytest.raises(CommTimeout):
-        pcomm._poll(never, time.monotonic() + 0.2, boom)
+        pcomm.base.poll_until(never, time.monotonic() + 0.2, boom)
     elapsed = time.monotonic() - t0
     assert 0.2 <= elapsed < 1.0
     # with the back-off capped at ~1 ms, 0.2 s means a few hundred polls, not millions

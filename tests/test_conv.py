@@ -15,12 +15,12 @@ from test_parallel import _local_grads
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import Dataset, load_dataset
-from parml.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, prolongate_model,
+from parml.multilevel.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, prolongate_model,
                              restrict_gradient, restrict_parameters)
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.parallel.agglomerate import shard_entries
+from parml.parallel.sharding import shard_entries
 from parml.parallel.executor import LayerParallel
-from parml.train import build_vcycle
+from parml.training.build import build_vcycle
 
 torch.set_num_threads(1)
 

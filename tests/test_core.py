@@ -8,11 +8,12 @@ import torch
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import load_dataset
-from parml.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, restrict_gradient,
+from parml.multilevel.hierarchy import (block_mask, level_specs, ordered_parameters, prolongate, restrict_gradient,
                              restrict_parameters)
-from parml.mgopt import CycleError, CycleSetup
-from parml.model import DeferredWeightGrads, ModelSpec, StageSpec, build_model, tikhonov
-from parml.train import build_levels, build_vcycle
+from parml.multilevel.mgopt import CycleError, CycleSetup
+from parml.kernels import DeferredWeightGrads, attach_kernels
+from parml.model import ModelSpec, StageSpec, build_model, tikhonov
+from parml.training.build import build_levels, build_vcycle
 
 torch.set_num_threads(1)
 
@@ -52,13 +53,14 @@ def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation, def
     as a pipeline stage does) or all at the step's end ("end"), on the second of two steps (so the
     recycled buffers are used)."""
     spec = ModelSpec(2, 2, (StageSpec(5, 7),), T=1.0, activation=activation)
-    chunk = build_model(spec, seed=4, dtype=torch.float64).chunks[0]
+    model = build_model(spec, seed=4, dtype=torch.float64)
+    kernel, chunk = attach_kernels(model), model.chunks[0]
     with torch.no_grad():
         chunk.bias.normal_()
     y0 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     target = torch.randn(6, 5, dtype=torch.float64)
     if deferred:
-        chunk.weight_grad_sink = sink = DeferredWeightGrads()
+        kernel.sink = sink = DeferredWeightGrads()
         for _ in range(2):
             for t in (y0, chunk.weight, chunk.bias):
                 t.grad = None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as tf
 
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.multiscale import (galerkin_kernel, galerkin_matrix, gaussian_blur, prolongate_image,
+from parml.multilevel.multiscale import (galerkin_kernel, galerkin_matrix, gaussian_blur, prolongate_image,
                               prolongate_kernel, prolongate_model, prolongation_matrix, resolution_spec,
                               restrict_image, restrict_kernel, restrict_model)
 

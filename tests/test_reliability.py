@@ -87,7 +87,7 @@ def test_truncated_shard_falls_back_to_the_previous_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     shard = tmp_path / "ck" / "checkpoints" / "cycle-000006" / "rank0.pt"
     shard.write_bytes(shard.read_bytes()[:100])
-    from parml.checkpoint import load_latest
+    from parml.training.checkpoint import load_latest
     with pytest.warns(UserWarning, match="cycle-000006.*unusable"):
         manifest, state, _ = load_latest(str(tmp_path / "ck"))
     assert manifest["cycle"] == 3 and "chunks.0.weight" in state

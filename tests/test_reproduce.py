@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from parml.comm import SelfComm
-from parml.mgopt import CycleSetup
-from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row, _config,
+from parml.multilevel.mgopt import CycleSetup
+from parml.reproduce.run import run_config
+from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row,
                              build_plan, load_results, render_markdown, reproduce, sensitivity_summary, table1_rows,
                              table2_rows)
 
@@ -114,9 +115,9 @@ def test_sensitivity_statistics():
 @pytest.mark.timeout(30)
 def test_work_budget_caps_each_setup_by_its_cost(tmp_path):
     plan = build_plan("table1", "circles", max_cycles=2500, max_work_units=2500)
-    caps = {r.levels: _config(plan, r, 0, str(tmp_path)).max_cycles for r in plan.rows}
+    caps = {r.levels: run_config(plan, r, 0, str(tmp_path)).max_cycles for r in plan.rows}
     assert caps == {1: 2500, 2: 834, 4: 500, 6: 477, 8: 482}      # ⌈2500 / U_c⌉, U_c = 1, 3, 5, 5.25, 5.1875
-    assert _config(build_plan("table1"), plan.rows[0], 0, str(tmp_path)).max_cycles == 3000
+    assert run_config(build_plan("table1"), plan.rows[0], 0, str(tmp_path)).max_cycles == 3000
 
 
 @pytest.mark.timeout(120)

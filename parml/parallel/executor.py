@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import assemble_state, shard_state
+from ..kernels import attach_kernels
 from .layout import Partition, check_microbatches, partition_blocks
 from .schedule import get_schedule
+from .sharding import assemble_state, shard_state
+from .transfer import time_halos
 from .stage import PipelineStage
 
 
@@ -39,7 +41,8 @@ class LayerParallel:
     """
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
-                 partition: Partition | None = None, device=None, weight_grads: str = "deferred"):
+                 partition: Partition | None = None, device=None, weight_grads: str = "deferred",
+                 kernel: str = "torch"):
         self.comm = comm
         self.schedule = get_schedule(schedule)
         self.microbatches = microbatches
@@ -51,6 +54,7 @@ class LayerParallel:
         start, stop = self.partition.range(comm.rank)
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
+        self.kernel = attach_kernels(self.model, kernel)
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
@@ -114,6 +118,25 @@ class LayerParallel:
         if self.comm.size > 1:
             self.comm.broadcast(value, self.comm.size - 1)
         return float(value)
+
+    # -- what a multilevel ``Level`` needs from its ranks (parml.multilevel never sees a communicator)
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the level's ranks, in place."""
+        return self.comm.allreduce(tensor)
+
+    def allgather_object(self, obj) -> list:
+        return self.comm.allgather_object(obj)
+
+    def time_halos(self, tensors, mask, kind):
+        """The neighbouring ranks' rows the linear time stencil reads (``transfer.time_halos``);
+        (None, None) on one rank, where every chunk holds its whole stage."""
+        if self.comm.size == 1:
+            return None, None
+        return time_halos(self.model, self.comm, tensors, mask, kind)
 
     # -- export
     def gather_state(self) -> dict | None:

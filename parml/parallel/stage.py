@@ -8,7 +8,7 @@ a training step posts all of its receives up front (``post_receives``).
 
 With ``weight_grads="deferred"`` a backward first computes and sends the input adjoint and only
 then forms the dense blocks' weight gradients of that micro-batch, one batched matmul per chunk
-(``model.DeferredWeightGrads``): the previous rank gets its adjoint without waiting for them, and
+(``kernels.DeferredWeightGrads``): the previous rank gets its adjoint without waiting for them, and
 they fill the time until this rank's next message arrives. ``flush_weight_grads`` writes the
 step's sums to ``.grad`` after the last backward.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..model import DeferredWeightGrads
+from ..kernels import DeferredWeightGrads
 
 WEIGHT_GRADS = ("deferred", "inline")
 
@@ -86,7 +86,8 @@ class PipelineStage:
     def deferring(self, on: bool):
         """Route the dense chunks' weight gradients to the deferred sink (training steps only)."""
         for chunk in self.shard.block_chunks():
-            chunk.weight_grad_sink = self.deferred if on else None
+            if chunk.kernel is not None:
+                chunk.kernel.sink = self.deferred if on else None
 
     def end_step(self):
         """Forget what a step that failed part-way left behind (stored gradients, posted receives)."""

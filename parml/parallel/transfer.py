@@ -11,39 +11,13 @@ the rank holds on that level; every rank derives every other rank's layout from 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..model import ModelSpec
 from .layout import Partition
+from .sharding import shard_entries
 
 TAG_BASE = 1 << 20   # above any pipeline tag (2 * micro-batch + direction)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of a shard: block rows [lo, hi) of (stage, field), or a shared parameter."""
-    key: tuple            # ("block", stage, field) or ("shared", name)
-    lo: int = 0
-    hi: int = 0
-
-
-def shard_entries(spec: ModelSpec, start: int, stop: int) -> list[Entry]:
-    """The entries of shard [start, stop) in ``ordered_parameters`` order (stage-local rows)."""
-    blocks, shared, offset = [], [], 0
-    if start == 0:
-        shared.append(Entry(("shared", "opening.weight")))
-    for i, s in enumerate(spec.stages):
-        lo, hi = max(start, offset), min(stop, offset + s.blocks)
-        if lo < hi:
-            blocks += [Entry(("block", i, f), lo - offset, hi - offset) for f in ("weight", "bias")]
-            if i > 0 and lo == offset:
-                shared.append(Entry(("shared", f"projections.{i}.weight")))
-        offset += s.blocks
-    if stop == spec.total_blocks:
-        shared += [Entry(("shared", "head.weight")), Entry(("shared", "head.bias"))]
-    return blocks + shared
 
 
 def _pieces(spec: ModelSpec, src: Partition, dst: Partition):

@@ -1,295 +1,22 @@
-"""``parml reproduce``: the paper's Tables 1 and 2 and the §4.5 sensitivity study, rerun with parml.
-
-Gaedke-Merzhäuser et al. report, for ODE ResNets with K = 2048 blocks trained by MG/OPT:
-
-- Table 1: V-cycles, cost per V-cycle U_c (eq. 10) and total cost U = V-cycles x U_c to reach the
-  target validation accuracy, for L = 1, 2, 4, 6, 8 levels, on co-centric circles (width 3,
-  lr 0.1, β 1e-4, full-batch GD, target 1.0) and MNIST (width 10, lr 0.01, β 1e-5, mini-batches
-  of 1000, target 0.93);
-- Table 2: six level-optimizer setups of the 8-level method on circles;
-- §4.5: U(L=1) / U(L=8) on circles over the 3 x 3 grid lr ∈ {0.05, 0.1, 0.5} x β ∈ {1e-3, 1e-4, 1e-5}
-  (paper: 3.54 on average, relative standard deviation 8.02 %).
-
-Every run is one ``TrainConfig`` passed to ``parml.train.train`` on the communicator of
-``make_communicator("auto")``, so the same command also runs layer-parallel under torchrun or
-mpirun; only rank 0 writes and prints. Seed s sets everything random in a run, exactly as
-``parml train --seed s`` does: the initialization, the circles draw / MNIST split and the
-mini-batch order.
-
-Results (under ``--out``): ``<mode>.md`` (the table), ``<mode>.json`` (every number, per seed),
-``<mode>-cycles.png`` and ``<mode>-work-units.png`` (loss and validation accuracy of the first seed
-against V-cycles and against work units, one curve per setup: the paper's Figure 5), and one run
-folder per training run under ``runs/``.
-"""
+"""A reproduction's outputs: statistics over seeds, the markdown table, the JSON, the plots."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 import platform
 import statistics
-import time
-from dataclasses import dataclass, field
 
-from .data import default_mnist_dir
-from .mgopt import CycleSetup
+import torch
+from matplotlib.figure import Figure
 
-MODES = ("table1", "table2", "sensitivity")
-TASKS = ("circles", "mnist")
-
-# --- what the paper reports (hard-coded as printed) ------------------------------------------------
-
-#: Table 1: L -> (setup as printed, # V-cycles, U_c, U)
-PAPER_TABLE1 = {
-    "circles": {1: ("[{1}]", 95, 1.00, 95), 2: ("[(1),{2}]", 32, 3.00, 96), 4: ("[(1),1,2,{2}]", 12, 5.00, 60),
-                6: ("[(1),1,1,2,2,{2}]", 7, 5.25, 37), 8: ("[(1),1,1,1,2,2,2,{2}]", 5, 5.19, 26)},
-    "mnist": {1: ("[{1}]", 460, 1.00, 460), 2: ("[(1),{2}]", 152, 3.00, 456), 4: ("[(1),1,2,{2}]", 55, 5.00, 275),
-              6: ("[(1),1,1,2,2,{2}]", 33, 5.25, 173), 8: ("[(1),1,1,1,2,2,2,{2}]", 28, 5.19, 145)},
-}
-
-#: Table 2 (circles, 8 levels): (setup, # V-cycles, U_c as printed, U). The first two printed U_c are
-#: swapped with respect to eq. (10) (5.96 for {1}, 5.97 for {2}); the table shows eq. (10)'s values.
-PAPER_TABLE2 = (
-    ("[1,1,1,1,1,1,1,{1}]", 7, 5.97, 42),
-    ("[1,1,1,1,1,1,1,{2}]", 7, 5.96, 42),
-    ("[1,1,1,1,1,1,1,{5}]", 6, 5.99, 36),
-    ("[1,1,1,1,1,1,1,{10}]", 5, 6.03, 30),
-    ("[1,1,1,1,2,2,2,{2}]", 5, 6.19, 31),
-    ("[(1),1,1,1,2,2,2,{2}]", 5, 5.19, 26),
-)
-TABLE2_SWAPPED = (0, 1)   # rows whose printed U_c disagree with eq. (10)
-
-#: §4.5: the grid and the reported mean and relative standard deviation of U(L=1) / U(L=8)
-PAPER_SENSITIVITY = {"lrs": (0.05, 0.1, 0.5), "betas": (1e-3, 1e-4, 1e-5),
-                     "cycle_L8": "[(1),1,1,1,2,2,2,{2}]", "mean_ratio": 3.54, "rsd_percent": 8.02}
-
-#: the paper's setups (§4.1-4.2) per task
-TASK_SETUP = {
-    "circles": {"dataset": "circles", "width": 3, "lr": 0.1, "beta": 1e-4, "batch_size": None,
-                "target_accuracy": 1.0},
-    "mnist": {"dataset": "mnist", "width": 10, "lr": 0.01, "beta": 1e-5, "batch_size": 1000,
-              "target_accuracy": 0.93},
-}
-#: the method of §2-4 pinned, so that later changes of TrainConfig's defaults do not change the reproduction:
-#: ReLU blocks, forward Euler on [0, 1], plain (S)GD on every level with a constant learning rate, constant
-#: (piecewise-constant) interpolation in time, no multilevel initialization.
-PAPER_METHOD = {"T": 1.0, "activation": "relu", "stepper": "euler", "optimizer": "sgd", "interpolation": "constant",
-                "lr_schedule": "constant", "cascade": 0, "dtype": "float32"}
-#: validation accuracies at which the work spent so far is read off the logs (Table 1), so that levels can be
-#: compared even where a run misses the paper's target
-THRESHOLDS = {"circles": (0.9, 0.95, 0.99, 1.0), "mnist": (0.8, 0.85, 0.88, 0.9, 0.93)}
-FULL = {"blocks": 2048, "seeds": 3, "max_cycles": 3000}
-QUICK = {"blocks": 128, "seeds": 2, "max_cycles": 600, "table1_levels": (1, 2, 4)}
-
-
-class ReproduceError(ValueError):
-    """A bad option of ``parml reproduce``; the message is the one line the user sees."""
-
-
-# --- the plan: which runs, with which paper numbers -----------------------------------------------
-
-@dataclass(frozen=True)
-class Row:
-    """One line of a table: a setup (levels, cycle, lr, β) and what the paper reports for it."""
-    key: str                      # unique within the mode, used in run names
-    label: str                    # first column
-    levels: int
-    cycle: str
-    lr: float
-    beta: float
-    paper_cycles: int | None = None
-    paper_uc: float | None = None  # shown in the table (eq. (10) where the print disagrees)
-    paper_u: float | None = None
-    paper_uc_printed: float | None = None
-    note: str = ""                # footnote marker
-
-    @property
-    def eq10(self) -> float:
-        return CycleSetup.parse(self.cycle).cost()
-
-
-@dataclass
-class Plan:
-    mode: str                     # table1 | table2 | sensitivity
-    task: str
-    rows: list[Row]
-    seeds: list[int]
-    base: dict                    # TrainConfig fields shared by every run
-    quick: bool = False
-    notes: list[str] = field(default_factory=list)
-    max_work_units: float | None = None   # same work budget for every row: max_cycles <= W / U_c
-
-    @property
-    def name(self) -> str:
-        return f"table1-{self.task}" if self.mode == "table1" else self.mode
-
-
-def _fmt_beta(b: float) -> str:
-    return f"{b:.0e}".replace("e-0", "e-")
-
-
-def table1_rows(task: str, levels=None) -> list[Row]:
-    s = TASK_SETUP[task]
-    rows = []
-    for L, (cycle, n, uc, u) in PAPER_TABLE1[task].items():
-        if levels is None or L in levels:
-            rows.append(Row(f"L{L}", f"{L} {cycle}", L, cycle, s["lr"], s["beta"], n, uc, u, uc))
-    return rows
-
-
-def table2_rows() -> list[Row]:
-    s = TASK_SETUP["circles"]
-    rows = []
-    for i, (cycle, n, uc, u) in enumerate(PAPER_TABLE2):
-        swapped = i in TABLE2_SWAPPED
-        shown = round(CycleSetup.parse(cycle).cost(), 2) if swapped else uc
-        rows.append(Row(f"r{i + 1}", f"8 {cycle}", 8, cycle, s["lr"], s["beta"], n, shown, u, uc,
-                        "[a]" if swapped else ""))
-    return rows
-
-
-def sensitivity_rows() -> list[Row]:
-    rows = []
-    for lr in PAPER_SENSITIVITY["lrs"]:
-        for beta in PAPER_SENSITIVITY["betas"]:
-            for L, cycle in ((1, "[{1}]"), (8, PAPER_SENSITIVITY["cycle_L8"])):
-                rows.append(Row(f"lr{lr:g}-b{_fmt_beta(beta)}-L{L}", f"α={lr:g}, β={_fmt_beta(beta)}: {L} {cycle}",
-                                L, cycle, lr, beta))
-    return rows
-
-
-def build_plan(mode: str, task: str = "circles", seeds: int | None = None, quick: bool = False,
-               max_cycles: int | None = None, target_accuracy: float | None = None,
-               data_dir: str | None = None, levels=None, blocks: int | None = None,
-               max_work_units: float | None = None) -> Plan:
-    """Check the options and list the runs; raises ReproduceError with a one-line message."""
-    if mode not in MODES:
-        raise ReproduceError(f"unknown table {mode!r} (valid: {', '.join(MODES)})")
-    if task not in TASKS:
-        raise ReproduceError(f"--task {task!r} is not one of: {', '.join(TASKS)}")
-    if mode != "table1" and task != "circles":
-        raise ReproduceError(f"--task {task}: {mode} is the co-centric circles example only (paper §4.5)")
-    if seeds is not None and seeds < 1:
-        raise ReproduceError(f"--seeds {seeds} must be at least 1")
-    if max_cycles is not None and max_cycles < 1:
-        raise ReproduceError(f"--max-cycles {max_cycles} must be at least 1")
-    if max_work_units is not None and not max_work_units > 0:
-        raise ReproduceError(f"--max-work-units {max_work_units} must be positive")
-    if target_accuracy is not None and not 0 < target_accuracy <= 1:
-        raise ReproduceError(f"--target-accuracy {target_accuracy} must be in (0, 1]")
-    if levels is not None:
-        if mode != "table1":
-            raise ReproduceError(f"--levels applies to table1 only, not {mode}")
-        bad = [L for L in levels if L not in PAPER_TABLE1[task]]
-        if bad or not levels:
-            raise ReproduceError(f"--levels {','.join(map(str, levels)) or '(empty)'}: Table 1 has L = "
-                                 f"{', '.join(map(str, PAPER_TABLE1[task]))}")
-    sizes = QUICK if quick else FULL
-    if mode == "table1":
-        rows = table1_rows(task, levels if levels is not None else (QUICK["table1_levels"] if quick else None))
-    elif mode == "table2":
-        rows = table2_rows()
-    else:
-        rows = sensitivity_rows()
-    setup = dict(TASK_SETUP[task])
-    setup.pop("lr"), setup.pop("beta")
-    if target_accuracy is not None:
-        setup["target_accuracy"] = target_accuracy
-    notes = []
-    if task == "mnist":
-        data_dir = data_dir or default_mnist_dir()
-        if data_dir is None:
-            raise ReproduceError("--data-dir is required for --task mnist (a folder with the MNIST IDX files)")
-        setup["data_dir"] = data_dir
-        notes.append("MNIST: the paper trains on the 60,000 training images and validates on the 10,000 "
-                     "test images; here only the official test set (t10k) is available, so parml trains on a "
-                     "seeded 8000-image split of it and validates on the other 2000 (the split follows the seed).")
-    K = blocks or sizes["blocks"]
-    base = {**setup, **PAPER_METHOD, "blocks": K, "max_cycles": max_cycles or sizes["max_cycles"], "eval_every": 1,
-            "progress": False}
-    if quick:
-        notes.append(f"--quick: K = {K} instead of 2048, {len(rows)} setups, at most {base['max_cycles']} "
-                     "V-cycles; the counts are not comparable with the paper's.")
-    if max_work_units is not None:
-        notes.append(f"Work budget: every run stops after at most {max_work_units:g} work units "
-                     f"(V-cycles <= min({base['max_cycles']}, ⌈{max_work_units:g} / U_c⌉)).")
-    n = seeds if seeds is not None else sizes["seeds"]
-    return Plan(mode, task, rows, list(range(n)), base, quick, notes, max_work_units)
-
-
-# --- running -----------------------------------------------------------------------------------------
-
-def _config(plan: Plan, row: Row, seed: int, out: str):
-    from .config import TrainConfig
-    base = dict(plan.base)
-    if plan.max_work_units is not None:
-        base["max_cycles"] = max(1, min(base["max_cycles"], math.ceil(plan.max_work_units / row.eq10 - 1e-9)))
-    cfg = TrainConfig(**base, levels=row.levels, cycle=row.cycle, lr=row.lr, beta=row.beta, seed=seed,
-                      out=os.path.join(out, "runs"),
-                      run_name=f"{plan.name}-{row.key}-K{plan.base['blocks']}-s{seed}")
-    return cfg
-
-
-def _run_one(cfg, comm, data) -> dict:
-    """One training run; a non-finite loss is a result ("diverged"), not a failure of the whole table."""
-    from .train import TrainingError, train
-
-    t0 = time.perf_counter()
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink):
-            s = train(cfg, comm, data)
-    except TrainingError as e:
-        folder = os.path.join(cfg.out, cfg.name)
-        last = {}
-        if comm.rank == 0 and os.path.exists(os.path.join(folder, "metrics.jsonl")):
-            from .report import read_metrics
-            rows = read_metrics(folder)
-            last = rows[-1] if rows else {}
-        return {"seed": cfg.seed, "status": "diverged", "error": str(e), "cycles": last.get("cycle", 0),
-                "work_units": last.get("work_units", 0.0), "uc": None, "seconds": time.perf_counter() - t0,
-                "compute_seconds": None, "reached_target": False, "val_acc": last.get("val_acc"),
-                "final_loss": last.get("loss"), "folder": folder}
-    s.pop("levels", None)
-    return {"seed": cfg.seed, "status": "reached" if s["reached_target"] else "not reached",
-            "cycles": s["cycles"], "epochs": s["epochs"], "work_units": s["work_units"],
-            "uc": s["work_units"] / s["cycles"] if s["cycles"] else None,
-            "seconds": s["seconds"], "compute_seconds": sum(s["level_seconds"]),
-            "reached_target": s["reached_target"], "val_acc": s["val_acc"], "val_loss": s["val_loss"],
-            "final_loss": s["final_loss"], "level_seconds": s["level_seconds"],
-            "level_gradients": s["level_gradients"], "folder": s["folder"]}
-
-
-def _comparable(d: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(d, default=str)).items() if k not in ("progress",)}
-
-
-def _reusable(cfg) -> dict | None:
-    """The finished run of exactly `cfg` already in its folder (rank 0), as `_run_one` reports it; else None."""
-    folder = os.path.join(cfg.out, cfg.name)
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            old = json.load(f)
-        with open(os.path.join(folder, "summary.json")) as f:
-            s = json.load(f)
-    except (OSError, ValueError):
-        return None
-    new = _comparable(cfg.to_dict())
-    if any(old.get(k) != v for k, v in new.items()):
-        return None
-    return {"seed": cfg.seed, "status": "reached" if s["reached_target"] else "not reached", "reused": True,
-            "cycles": s["cycles"], "epochs": s.get("epochs"), "work_units": s["work_units"],
-            "uc": s["work_units"] / s["cycles"] if s["cycles"] else None, "seconds": s["seconds"],
-            "compute_seconds": sum(s.get("level_seconds") or [0.0]), "reached_target": s["reached_target"],
-            "val_acc": s.get("val_acc"), "val_loss": s.get("val_loss"), "final_loss": s.get("final_loss"),
-            "level_seconds": s.get("level_seconds"), "level_gradients": s.get("level_gradients"), "folder": folder}
+from ..training.report import read_metrics
+from .paper import PAPER_SENSITIVITY, THRESHOLDS
+from .plan import Plan, Row, _fmt_beta
 
 
 def first_reach(folder: str, thresholds) -> dict:
     """For each accuracy t: [V-cycle, work units] of the first validation with val acc >= t (None if never)."""
-    from .report import read_metrics
     try:
         recs = read_metrics(folder)
     except OSError:
@@ -301,51 +28,14 @@ def first_reach(folder: str, thresholds) -> dict:
     return out
 
 
-def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print, reuse: bool = False) -> dict:
-    """Train every (row, seed) of `plan` on `comm`; returns the results (complete on rank 0).
-    `reuse`: keep a run whose folder already holds the summary of exactly the same config."""
-    from .data import load_dataset
-
-    if comm.rank == 0:
-        os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    data_cache = {}
-    results, total, done = [], len(plan.rows) * len(plan.seeds), 0
-    for row in plan.rows:
-        runs = []
-        for seed in plan.seeds:
-            cfg = _config(plan, row, seed, out)
-            r = None
-            if reuse:
-                r = _reusable(cfg) if comm.rank == 0 else None
-                if comm.size > 1:
-                    r = comm.broadcast_object(r, 0)
-            if r is None:
-                if seed not in data_cache:   # the same data train() would load from cfg.seed
-                    data_cache[seed] = load_dataset(cfg.dataset, cfg.data_dir, seed=seed)
-                r = _run_one(cfg, comm, data_cache[seed])
-            if comm.rank == 0:
-                r["first_reach"] = first_reach(r["folder"], THRESHOLDS[plan.task])
-            runs.append(r)
-            done += 1
-            if progress and comm.rank == 0:
-                acc = r["val_acc"] if r["val_acc"] is not None else float("nan")
-                echo(f"[{done}/{total}] {plan.name} {row.label} seed {seed}: {r['cycles']} V-cycles, "
-                     f"{r['work_units']:.1f} U, {r['seconds']:.1f} s, val acc {acc:.4f} ({r['status']}"
-                     f"{', reused' if r.get('reused') else ''})")
-        results.append({"row": row, "runs": runs, "median": _medians(runs)})
-    return {"plan": plan, "rows": results, "elapsed_s": time.perf_counter() - t0,
-            "world_size": comm.size, "backend": comm.backend, "device": str(getattr(comm, "device", "cpu"))}
-
-
-def _median(values):
+def median(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.median(values) if values else None
 
 
-def _medians(runs: list[dict]) -> dict:
+def medians(runs: list[dict]) -> dict:
     keys = ("cycles", "work_units", "uc", "seconds", "compute_seconds", "val_acc")
-    m = {k: _median([r.get(k) for r in runs]) for k in keys}
+    m = {k: median([r.get(k) for r in runs]) for k in keys}
     cyc = [r["cycles"] for r in runs]
     m.update(cycles_min=min(cyc), cycles_max=max(cyc), reached=sum(r["reached_target"] for r in runs),
              diverged=sum(r["status"] == "diverged" for r in runs), n=len(runs))
@@ -409,8 +99,8 @@ def reach_table(results: dict) -> dict | None:
         for t in ts:
             hits = [run.get("first_reach", {}).get(t) for run in r["runs"]]
             got = [h for h in hits if h]
-            cells[t] = {"U": _median([h[1] for h in got]) if len(got) == len(hits) else None,
-                        "cycles": _median([h[0] for h in got]) if len(got) == len(hits) else None,
+            cells[t] = {"U": median([h[1] for h in got]) if len(got) == len(hits) else None,
+                        "cycles": median([h[0] for h in got]) if len(got) == len(hits) else None,
                         "seeds_reached": len(got)}
         rows.append({"levels": r["row"].levels, "label": r["row"].label, "cells": cells})
     by_l = {x["levels"]: x for x in rows}
@@ -480,7 +170,7 @@ def render_markdown(results: dict, command: str = "") -> str:
               f"{b['target_accuracy']:g}, at most {b['max_cycles']} V-cycles; seeds "
               f"{', '.join(map(str, plan.seeds))} (the seed sets the initialization, the data draw/split and "
               f"the batch order). {results['world_size']} rank(s) [{results['backend']}], {results['device']}, "
-              f"torch {_torch_version()}. Wall time of the whole table: {results['elapsed_s']:.0f} s"
+              f"torch {torch.__version__}. Wall time of the whole table: {results['elapsed_s']:.0f} s"
               + (f" ({reused} run(s) reused from an earlier invocation: their own seconds are in their rows, "
                  f"not in this total)." if reused else "."), ""]
     lines += [f"- {n}" for n in plan.notes]
@@ -565,11 +255,6 @@ def render_markdown(results: dict, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _torch_version() -> str:
-    import torch
-    return torch.__version__
-
-
 def to_json(results: dict, command: str = "") -> dict:
     plan: Plan = results["plan"]
     rows = []
@@ -584,8 +269,8 @@ def to_json(results: dict, command: str = "") -> dict:
            "max_work_units": plan.max_work_units,
            "seeds": plan.seeds, "config": plan.base, "notes": plan.notes, "rows": rows,
            "elapsed_s": results["elapsed_s"], "world_size": results["world_size"], "backend": results["backend"],
-           "device": results["device"], "torch": _torch_version(), "python": platform.python_version(),
-           "cpu_count": os.cpu_count(), "torch_threads": _threads()}
+           "device": results["device"], "torch": torch.__version__, "python": platform.python_version(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if plan.mode == "table1":
         out["ratio"] = table1_ratio(results)
     if plan.mode in ("table1", "table2"):
@@ -597,20 +282,10 @@ def to_json(results: dict, command: str = "") -> dict:
     return out
 
 
-def _threads() -> int:
-    import torch
-    return torch.get_num_threads()
-
-
 def plot_curves(results: dict, out: str) -> list[str]:
     """Loss (solid, log scale) and validation accuracy (dashed) of the first seed, one curve per setup,
     against V-cycles and against work units (paper Fig. 5). Sensitivity: one panel per (lr, β).
     The loss is drawn where it was evaluated (before the cycle), the accuracy after the cycle."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .report import read_metrics
-
     plan: Plan = results["plan"]
     curves = []
     for r in results["rows"]:
@@ -633,8 +308,8 @@ def plot_curves(results: dict, out: str) -> list[str]:
     for xkey, xlabel, suffix in (("cycle", "V-cycles", "cycles"), ("work_units", "work units", "work-units")):
         cols = min(len(panels), 3)
         nrows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols if cols == 1 else 5 * cols, 4.2 * nrows),
-                                 squeeze=False)
+        fig = Figure(figsize=(6.5 * cols if cols == 1 else 5 * cols, 4.2 * nrows))
+        axes = fig.subplots(nrows, cols, squeeze=False)
         for ax, (title, group) in zip(axes.flat, panels):
             twin = ax.twinx()
             for i, (name, recs) in enumerate(group):
@@ -658,7 +333,6 @@ def plot_curves(results: dict, out: str) -> list[str]:
         fig.tight_layout()
         path = os.path.join(out, f"{plan.name}-{suffix}.png")
         fig.savefig(path, dpi=90)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -696,34 +370,3 @@ def load_results(path: str) -> dict:
         rows.append({"row": row, "runs": r["runs"], "median": r["median"]})
     return {"plan": plan, "rows": rows, "elapsed_s": d["elapsed_s"], "world_size": d["world_size"],
             "backend": d["backend"], "device": d["device"], "command": d.get("command", "")}
-
-
-def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick: bool = False,
-              out: str = os.path.join("benchmarks", "results", "reproduce"), data_dir: str | None = None,
-              max_cycles: int | None = None, target_accuracy: float | None = None, progress: bool = True,
-              levels=None, comm=None, command: str = "", max_work_units: float | None = None,
-              reuse: bool = False) -> dict:
-    """Plan, run on `comm` (default: ``make_communicator("auto")``, closed at the end), write on rank 0."""
-    plan = build_plan(mode, task, seeds, quick, max_cycles, target_accuracy, data_dir, levels,
-                      max_work_units=max_work_units)
-    own = comm is None
-    if own:
-        from .comm import make_communicator
-        comm = make_communicator("auto")
-    try:
-        if comm.rank == 0 and progress:
-            print(f"parml reproduce {plan.name}: {len(plan.rows)} setups x {len(plan.seeds)} seeds, "
-                  f"K={plan.base['blocks']}, {comm.size} rank(s) [{comm.backend}] -> {out}", flush=True)
-        results = run_plan(plan, comm, out, progress, echo=lambda s: print(s, flush=True), reuse=reuse)
-        if comm.rank == 0:
-            results["files"] = write_outputs(results, out, command)
-        return results
-    finally:
-        if own:
-            comm.close()
-
-
-__all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_SENSITIVITY", "TASK_SETUP", "ReproduceError", "Row", "Plan",
-           "build_plan", "run_plan", "reproduce", "render_markdown", "to_json", "write_outputs",
-           "table1_rows", "table2_rows", "sensitivity_rows", "table1_ratio", "sensitivity_summary",
-           "relative_u", "load_results", "reach_table", "first_reach", "THRESHOLDS"]

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 
@@ -75,12 +76,9 @@ def validation_curve(folder: str) -> dict:
 
 def plot_run(folder: str, title: str = "") -> str:
     """Loss and validation accuracy against V-cycles, work units and seconds (paper Fig. 5)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(folder)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, key, label in zip(axes, ("cycle", "work_units", "seconds"), ("V-cycles", "work units", "seconds")):
         # the loss is taken at the start of its cycle: plot it where that cycle began
         starts = {"cycle": [r["cycle"] - 1 for r in rows],
@@ -95,9 +93,11 @@ def plot_run(folder: str, title: str = "") -> str:
             twin.plot(*zip(*acc), "--", color="C1", label="validation accuracy")
             twin.set_ylim(0, 1.02)
             twin.set_ylabel("val acc", color="C1")
+            if key == "cycle":
+                lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+                ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(folder, "plot.png")
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

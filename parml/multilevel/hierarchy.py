@@ -12,7 +12,7 @@ tensors); shared parameters (opening, projections, head) are transferred as the 
 Every operator takes a list of tensors in ``ordered_parameters`` order and works chunk by chunk,
 so on a layer-parallel rank whose chunk boundaries are aligned across levels "constant" is local;
 "linear" reads one row across each rank boundary inside a stage (the halos of
-``parallel.agglomerate.time_halos``).
+``parallel.transfer.time_halos``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .model import ModelSpec, ODEResNet
+from ..model import ModelSpec, ODEResNet
 
 INTERPOLATIONS = ("constant", "linear")
 METRICS = ("l2", "euclidean")
@@ -118,7 +118,7 @@ def prolongate(coarse: list[torch.Tensor], mask: list[bool], interpolation: str 
                after: list | None = None):
     """I: coarse-level tensors (parameters or corrections) to the fine level. For "linear" on a
     layer-parallel rank, `after[i]` is the next rank's first row of entry i where the stage goes on
-    (``parallel.agglomerate.time_halos``)."""
+    (``parallel.transfer.time_halos``)."""
     return _apply(_prolongate, coarse, mask, interpolation, after=after)
 
 

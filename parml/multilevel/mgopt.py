@@ -5,8 +5,10 @@ Level objective (eq. 9): H^l(θ) = L^l(θ) + <δg^l, θ>, with the first-order c
 restricted fine gradient. The coarse correction e = θ^l - θ^{l,0} is prolongated and added.
 
 A ``Level`` sees only its executor: something that computes the data loss and the gradients of
-the parameters this process holds (serially, or one layer-parallel shard). Every reduction goes
-through the level's communicator, so one V-cycle code runs on one rank or on many.
+the parameters this process holds (serially, or one layer-parallel shard), and sums, gathers and
+fetches neighbouring rows over the level's ranks (``allreduce``, ``allgather_object``,
+``time_halos``). So one V-cycle code runs on one rank or on many, and this module never sees a
+communicator.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import torch
 
 from .hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gradient,
                         restrict_parameters, step_sizes)
-from .parallel.agglomerate import time_halos
 
 
 class CycleError(ValueError):
@@ -108,8 +109,8 @@ class Level:
     """
 
     def __init__(self, executor, beta: float, block_weight: float, metric: str, cost: float,
-                 make_optimizer, comm, number: int = 0):
-        self.executor, self.comm = executor, comm
+                 make_optimizer, number: int = 0):
+        self.executor = executor
         self.model = executor.model
         self.params = ordered_parameters(self.model)
         self.mask = block_mask(self.model)
@@ -153,7 +154,7 @@ class Level:
             reg += w * float(d.square().sum())
             finite = finite and bool(torch.isfinite(grads[-1]).all())
         totals = torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
-        self.comm.allreduce(totals)
+        self.executor.allreduce(totals)
         loss += float(totals[0])
         if totals[1] > 0 or not math.isfinite(loss):
             self._raise_non_finite(loss, finite)
@@ -166,10 +167,10 @@ class Level:
     def _raise_non_finite(self, loss, finite):
         """Every rank of the level stops together. The message names where it started: the ranks
         whose parameters are non-finite, else those whose gradients are."""
-        m = self.model
         bad_params = not all(bool(torch.isfinite(p).all()) for p in self.params)
-        here = (bad_params, not finite, f"rank {self.comm.rank}, level {self.number}, blocks [{m.start}, {m.stop})")
-        every = self.comm.allgather_object(here) if self.comm.size > 1 else [here]
+        m = self.model
+        here = (bad_params, not finite, f"rank {self.executor.rank}, level {self.number}, blocks [{m.start}, {m.stop})")
+        every = self.executor.allgather_object(here)
         params = [w for p, _, w in every if p]
         grads = [w for _, g, w in every if g]
         if params:
@@ -214,7 +215,7 @@ class VCycle:
     Multilevel SGD (Algorithm 2) is a V-cycle per mini-batch; with one level it is plain GD/SGD.
     Layer-parallel: ``levels[i]`` is None on ranks outside level i's group, and ``movers[i]``
     = (down, up) moves restricted tensors from level i+1's layout to level i's and the
-    correction back (``parallel.agglomerate.Mover``); without movers transfers stay on-rank.
+    correction back (``parallel.transfer.Mover``); without movers transfers stay on-rank.
     """
 
     def __init__(self, levels: list[Level | None], setup: CycleSetup, interpolation: str = "constant",
@@ -247,8 +248,8 @@ class VCycle:
             g = [a + b for a, b in zip(g, dg)]
         restricted = theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
         before = closes = None
-        if self.interpolation == "linear" and lev.comm.size > 1:
-            before, closes = time_halos(lev.model, lev.comm, g, lev.mask, "previous_last")
+        if self.interpolation == "linear":
+            before, closes = lev.executor.time_halos(g, lev.mask, "previous_last")
         rg = restrict_gradient(g, lev.mask, self.interpolation, before, closes)
         coarse = self.levels[i - 1]
         down, up = self.movers[i - 1] if self.movers else (None, None)
@@ -264,8 +265,8 @@ class VCycle:
         if up is not None:
             correction = up(correction, restricted, 0)
         after = None
-        if self.interpolation == "linear" and lev.comm.size > 1:
-            after, _ = time_halos(lev.model, lev.comm, correction, lev.mask, "next_first")
+        if self.interpolation == "linear":
+            after, _ = lev.executor.time_halos(correction, lev.mask, "next_first")
         lev.add(prolongate(correction, lev.mask, self.interpolation, after))
         lev.smooth(post, dg, batch, batch_id)
         return first

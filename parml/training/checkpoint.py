@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .model import assemble_state, shard_state
+from ..parallel.sharding import assemble_state, shard_entries, shard_state
 
 MANIFEST = "manifest.json"
 
@@ -50,7 +50,6 @@ def _digest(path: str) -> str:
 def optimizer_pieces(level) -> list:
     """A level optimizer's per-parameter state keyed by position (block rows or shared name), so
     a different partition can cut it again: [(key, lo, hi, {name: tensor or number})]."""
-    from .parallel.agglomerate import shard_entries
     model = level.model
     entries = shard_entries(model.spec, model.start, model.stop)
     return [(e.key, e.lo, e.hi, {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
@@ -61,7 +60,6 @@ def optimizer_pieces(level) -> list:
 def restore_optimizer(level, pieces: list) -> None:
     """Give `level`'s optimizer the state saved by ``optimizer_pieces`` on any partition (`pieces`
     from every old rank). Block rows are reassembled by position and cut to this rank's rows."""
-    from .parallel.agglomerate import shard_entries
     by_key = {}
     for key, lo, hi, st in pieces:
         by_key.setdefault(key, []).append((lo, st))

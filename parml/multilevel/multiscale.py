@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as tf
 
-from .model import ModelSpec, ODEResNet, build_model
+from ..model import ModelSpec, ODEResNet, build_model
 
 _P1 = (0.5, 1.0, 0.5)       # 1D prolongation weights
 _R1 = (0.25, 0.5, 0.25)     # 1D full weighting = P^T / 2

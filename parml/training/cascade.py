@@ -1,0 +1,45 @@
+"""Running multilevel initialization (``multilevel.cascade``): each stage on as many ranks as it
+has ``min_blocks_per_rank`` chunks for, prolongated onto the next stage's larger group."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..multilevel.cascade import cascade_depths, prolongated_state
+from .build import build_vcycle
+from .loop import cosine_schedule, run_cycles
+
+
+def run_cascade(cfg, comm, data, device, out, clock):
+    """Train the cascade stages; returns (full-depth initial state on every rank, work units
+    in units of one full-depth gradient, per-stage log)."""
+    dtype = getattr(torch, cfg.dtype)
+    spec = cfg.spec_for(data)
+    state, units, log = None, 0.0, []
+    for depth in cascade_depths(cfg.blocks, cfg.cascade):
+        ranks = max(1, min(comm.size, depth // cfg.min_blocks_per_rank))
+        group = comm if ranks == comm.size else comm.split(list(range(ranks)))
+        stage_cfg = dataclasses.replace(cfg, blocks=depth, levels=1, cycle=None, cascade=0)
+        stage_state = None
+        if group is not None:
+            if state is not None:
+                stage_state = prolongated_state(spec, cfg.blocks, depth, state, cfg.cascade_interpolation,
+                                                cfg.seed, dtype)
+            vcycle = build_vcycle(stage_cfg, data, group, device, init_state=stage_state)
+            vcycle.levels[0].cost = depth / cfg.blocks
+            lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.cascade_cycles)
+            phase = run_cycles(vcycle, data, stage_cfg, out, clock, cfg.cascade_cycles, lr_at,
+                               phase=f"cascade K={depth}", work_offset=units, stop_at_target=False)
+            gathered = vcycle.levels[0].executor.gather_state()
+            stage_units = vcycle.work_units
+            log.append({"blocks": depth, "ranks": ranks, "cycles": phase.cycle,
+                        "val_acc": phase.record.get("val_acc"), "work_units": stage_units})
+        else:
+            gathered, stage_units = None, 0.0
+        state = comm.broadcast_object(gathered, 0)
+        units += comm.broadcast_object(stage_units, 0)
+        out.print(f"cascade: {depth} blocks on {ranks} rank(s), {cfg.cascade_cycles} steps, "
+                  f"val acc {log[-1]['val_acc'] if log else float('nan'):.4f}")
+    final = prolongated_state(spec, cfg.blocks, cfg.blocks, state, cfg.cascade_interpolation, cfg.seed, dtype)
+    return final, units, comm.broadcast_object(log, 0)

@@ -1,0 +1,161 @@
+"""``train``: one run from a TrainConfig on a communicator — data, cascade, levels, the loop,
+checkpoints and the run folder; ``run_from_cli`` adds the communicator and the one-line errors.
+
+The same function runs on one process or layer-parallel on many; only rank 0 writes and prints.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..comm import CommError, launcher_world_size, make_communicator
+from ..config import ConfigError, TrainConfig
+from ..data import DataError, Dataset, load_dataset
+from ..parallel.layout import LayoutError, check_microbatches, check_world_size, describe_plan, partition_blocks
+from .build import build_vcycle, resolve_device
+from .cascade import run_cascade
+from .checkpoint import CheckpointError, load_latest, restore_optimizer, save as save_checkpoint
+from .loop import Phase, TrainingError, cosine_schedule, run_cycles
+from .report import RunWriter, plot_run, read_metrics
+
+
+def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
+    cfg.validate()
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
+                                                      flatten=cfg.arch != "conv")
+    data = data.to(dtype=getattr(torch, cfg.dtype))
+    try:
+        check_microbatches(min(cfg.batch_size or data.x_train.shape[0], data.x_train.shape[0]), cfg.microbatches)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    torch.manual_seed(cfg.seed)
+    return data
+
+
+def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
+    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+    data = _prepare(cfg, comm, data)
+    device = resolve_device(cfg, comm)
+    folder = os.path.join(cfg.out, cfg.name)
+    clock = time.perf_counter()
+    init_state, cascade_units, cascade_log, resumed = None, 0.0, [], None
+    if cfg.resume:
+        resumed = _load_checkpoint(cfg, read_rows=comm.rank == 0)
+        init_state, cascade_units = resumed["state"], resumed["manifest"]["cascade_work_units"]
+        clock -= resumed["manifest"]["seconds"]
+    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress,
+                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
+                    keep_rows=None if resumed is None else resumed["rows"])
+    if cfg.cascade and resumed is None:
+        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
+    vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
+    levels, plans = vcycle.levels, vcycle.plans
+    if resumed is not None:
+        _restore_levels(levels, resumed, comm)
+    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend,
+                                   "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
+                                   "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
+                                   "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
+                                             "bounds": list(p.partition.bounds)} for p in plans]})
+    out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
+              f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
+    if comm.size > 1:
+        out.print(describe_plan(plans))
+    if resumed is not None:
+        out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
+    lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if cfg.lr_schedule == "cosine" else None
+    saved = []
+
+    def checkpoint(state: Phase):
+        if cfg.checkpoint_every and state.cycle % cfg.checkpoint_every == 0:
+            manifest = {"epoch": state.epoch, "batch": state.batch, "record": state.record,
+                        "seconds": time.perf_counter() - clock, "cascade_work_units": cascade_units,
+                        "level_stats": [[lev.stats.gradients, lev.stats.work_units, lev.stats.seconds]
+                                        if lev else None for lev in levels]}
+            saved.append(save_checkpoint(folder, comm, state.cycle, levels[-1].model, levels, manifest))
+
+    start = None
+    if resumed is not None:
+        m = resumed["manifest"]
+        start = Phase(cycle=m["cycle"], epoch=m["epoch"], batch=m["batch"], record=m["record"])
+    try:
+        state = run_cycles(vcycle, data, cfg, out, clock, cfg.max_cycles, lr_at, work_offset=cascade_units,
+                           start=start, after_cycle=checkpoint)
+    except TrainingError as e:
+        out.close()
+        kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
+        raise TrainingError(f"{e}; last good checkpoint: {kept or 'none (use --checkpoint-every N)'}") from None
+    record = state.record
+    summary = {"cycles": state.cycle, "epochs": state.epoch, "work_units": cascade_units + vcycle.work_units,
+               "cascade_work_units": cascade_units,
+               "seconds": time.perf_counter() - clock, "reached_target": state.reached,
+               "final_loss": record.get("loss"), "val_acc": record.get("val_acc"),
+               "val_loss": record.get("val_loss"),
+               "level_seconds": [lev.stats.seconds if lev else 0.0 for lev in levels],
+               "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": folder}
+    out.write_json("summary.json", summary)
+    out.close()
+    final = levels[-1].executor.gather_state()
+    if comm.rank == 0:
+        torch.save(final, os.path.join(folder, "final.pt"))
+        plot_run(folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
+    status = "reached" if state.reached else "did not reach"
+    out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
+              f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
+    summary["levels"] = levels
+    return summary
+
+
+def _load_checkpoint(cfg: TrainConfig, read_rows: bool) -> dict:
+    try:
+        manifest, state, optimizers = load_latest(cfg.resume)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        rows = read_metrics(cfg.resume) if read_rows else []      # rank 0 rewrites the file
+    except OSError:
+        rows = []
+    rows = [r for r in rows if r.get("phase") != "train" or r["cycle"] <= manifest["cycle"]]
+    return {"manifest": manifest, "state": state, "optimizers": optimizers, "rows": rows}
+
+
+def _restore_levels(levels, resumed, comm) -> None:
+    """Counters from the manifest; level-optimizer states re-cut for this rank layout."""
+    for lev, st in zip(levels, resumed["manifest"]["level_stats"]):
+        if lev is not None and st is not None:
+            lev.stats.gradients, lev.stats.work_units, lev.stats.seconds = st
+    for lev, pieces in zip(levels, resumed["optimizers"]):
+        if lev is not None:
+            restore_optimizer(lev, pieces)
+
+
+def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
+    """`parml train`: make the communicator, check the world size, train; user errors -> `fail`."""
+    try:
+        check_world_size(launcher_world_size(), cfg.ranks)
+        partition_blocks(cfg.blocks, launcher_world_size(), align=2 ** (cfg.levels - 1))
+    except LayoutError as e:
+        fail(str(e))
+    try:
+        comm = make_communicator(cfg.backend, timeout=cfg.comm_timeout, device=cfg.device)
+    except (ValueError, CommError) as e:
+        fail(str(e))
+    try:
+        return train(cfg, comm)
+    except (ConfigError, DataError, LayoutError) as e:
+        fail(str(e))
+    except TrainingError as e:
+        fail(str(e), code=1)
+    except CommError as e:
+        comm.abort(f"rank {comm.rank}: {e}")
+        fail(f"rank {comm.rank}: {e}", code=1)
+    except KeyboardInterrupt:
+        comm.abort("interrupted")
+        raise
+    except Exception as e:
+        comm.abort(f"rank {comm.rank} failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        comm.close()
