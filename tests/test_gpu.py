@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from test_parallel import SPEC, _data, _local_grads, _serial
+from test_parallel import SPEC, _check_rank_grads, _data, _local_grads, _serial
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,16 +32,8 @@ def test_cuda_layer_parallel_equals_cpu_serial(backend, nprocs):
     """torch backend on cuda = NCCL (one rank per GPU); MPI stages CUDA tensors through pinned memory."""
     ranks = run_ranks("tests.test_gpu:_cuda_worker", nprocs, backend, timeout=240,
                       env={"PARML_TEST_DEVICE": "cuda"})
-    ref_loss, _, ref_model = _serial(torch.float64)
-    named = dict(ref_model.named_parameters())
+    ref_loss, _, ref_grads = _serial(torch.float64)
     for res in ranks:
         for loss, grads in res.values():
             assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
-            for key, g in grads.items():
-                if isinstance(key, tuple):
-                    _, stage, first = key
-                    w, b = g
-                    torch.testing.assert_close(w, ref_model.chunks[stage].weight.grad[first:first + w.shape[0]],
-                                               rtol=1e-9, atol=1e-11)
-                else:
-                    torch.testing.assert_close(g, named[key].grad, rtol=1e-9, atol=1e-11)
+            _check_rank_grads(grads, ref_grads, 1e-9)

@@ -4,9 +4,13 @@ One launch per (backend, P) runs every schedule x micro-batch count x dtype insi
 suite fast; the test process recomputes everything serially with plain autograd and compares the
 loss and every parameter's gradient on every rank.
 """
+import functools
+import math
+
 import pytest
 import torch
 
+import reference
 from multiproc import run_ranks
 from parml.comm import SelfComm
 from parml.config import TrainConfig
@@ -55,25 +59,60 @@ def _grads_worker(comm):
 
 
 def _serial(dtype):
-    model = build_model(SPEC, seed=2, dtype=dtype)
-    x, y = _data(dtype)
-    loss = model.loss(model(x), y)
-    loss.backward()
-    acc = float((model(x).argmax(1) == y).double().mean())
-    return float(loss.detach()), acc, model
+    """The independent reference (tests/reference.py: a plain step-by-step loop, no fused chunk, no
+    executor) in float64 from the `dtype` model's initial values: (loss, accuracy, gradients by name)."""
+    params = {n: t.detach().to(torch.float64) for n, t in build_model(SPEC, seed=2, dtype=dtype).state_dict().items()}
+    x, y = _data(dtype)                  # the same values as the run's (float32 draws differ from float64)
+    x = x.to(torch.float64)
+    kw = dict(T=SPEC.T, activation=SPEC.activation)
+    loss, grads = reference.value_and_grad(params, x, y, **kw)
+    with torch.no_grad():
+        acc = float((reference.forward(params, x, **kw).argmax(1) == y).double().mean())
+    return loss, acc, grads
 
 
-def _check_rank_grads(grads, serial_model, rtol, atol):
-    named = dict(serial_model.named_parameters())
+def _close(got, want, rtol, what):
+    """Per tensor: |got - want| <= rtol · max|want| (the README's relative tolerance)."""
+    err, atol = float((got.to(want.dtype) - want).abs().max()), rtol * float(want.abs().max())
+    assert err <= atol, f"{what}: max error {err:.3g} > {atol:.3g} = {rtol:g} · max|ref|"
+
+
+def _check_rank_grads(grads, ref_grads, rtol):
+    """Every gradient this rank holds against the reference; returns the (stage, block) rows covered."""
+    rows = set()
     for key, g in grads.items():
         if isinstance(key, tuple):
             _, stage, first = key
-            w, b = g
-            ref = serial_model.chunks[stage]
-            torch.testing.assert_close(w, ref.weight.grad[first:first + w.shape[0]], rtol=rtol, atol=atol)
-            torch.testing.assert_close(b, ref.bias.grad[first:first + b.shape[0]], rtol=rtol, atol=atol)
+            for field, t in zip(("weight", "bias"), g):
+                _close(t, ref_grads[f"chunks.{stage}.{field}"][first:first + t.shape[0]], rtol,
+                       f"stage {stage} blocks [{first}, {first + t.shape[0]}) {field}")
+            rows |= {(stage, k) for k in range(first, first + g[0].shape[0])}
         else:
-            torch.testing.assert_close(g, named[key].grad, rtol=rtol, atol=atol)
+            _close(g, ref_grads[key], rtol, key)
+    return rows
+
+
+ALL_BLOCKS = {(s, k) for s, stage in enumerate(SPEC.stages) for k in range(stage.blocks)}
+
+
+def _blocks_in(start, stop):
+    """(stage, row) of the global blocks [start, stop)."""
+    offsets = [sum(st.blocks for st in SPEC.stages[:s]) for s in range(len(SPEC.stages))]
+    return {(s, k) for s, k in ALL_BLOCKS if start <= offsets[s] + k < stop}
+RTOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def test_fused_serial_model_equals_the_step_by_step_reference():
+    """parml's own serial model (fused Euler chunks, autograd elsewhere) against the reference loop."""
+    for dtype in ("float64", "float32"):
+        model = build_model(SPEC, seed=2, dtype=getattr(torch, dtype))
+        x, y = _data(getattr(torch, dtype))
+        loss = model.loss(model(x), y)
+        loss.backward()
+        ref_loss, _, ref_grads = _serial(getattr(torch, dtype))
+        assert abs(float(loss) - ref_loss) <= RTOL[dtype] * abs(ref_loss)
+        for name, p in model.named_parameters():
+            _close(p.grad, ref_grads[name], RTOL[dtype], f"{dtype} {name}")
 
 
 @pytest.mark.timeout(180)
@@ -83,20 +122,22 @@ def test_loss_and_every_gradient_equal_serial(backend, nprocs):
     serial = {d: _serial(getattr(torch, d)) for d in ("float64", "float32")}
     for case in CASES:
         dtype = case[2]
-        ref_loss, ref_acc, ref_model = serial[dtype]
-        tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
-        covered = []
+        ref_loss, ref_acc, ref_grads = serial[dtype]
+        rtol = RTOL[dtype]
+        covered, shared = [], set()
         for rank, res in enumerate(ranks):
             loss, val_loss, acc, grads, bounds = res[case]
-            assert abs(loss - ref_loss) <= tol["rtol"] * abs(ref_loss), (case, rank, loss, ref_loss)
-            assert abs(val_loss - ref_loss) <= tol["rtol"] * abs(ref_loss)
+            assert abs(loss - ref_loss) <= rtol * abs(ref_loss), (case, rank, loss, ref_loss)
+            assert abs(val_loss - ref_loss) <= rtol * abs(ref_loss)
             assert acc == ref_acc
-            _check_rank_grads(grads, ref_model, **tol)
-            covered += [k for k in grads if isinstance(k, tuple)]
-        # every block and every shared parameter had its gradient checked on some rank
-        assert sum(len(r[case][3]) for r in ranks) >= 2 and len(set(covered)) >= len(ranks)
-        assert set().union(*[set(k for k in r[case][3] if isinstance(k, str)) for r in ranks]) == \
-            {n for n, _ in ref_model.named_parameters() if not n.startswith("chunks.")}
+            rows = _check_rank_grads(grads, ref_grads, rtol)
+            assert rows == _blocks_in(bounds[rank], bounds[rank + 1]), (case, rank, bounds, sorted(rows))
+            covered += sorted(rows)
+            shared |= {k for k in grads if isinstance(k, str)}
+        # every block of every stage was compared on exactly one rank, every shared parameter somewhere
+        assert len(covered) == len(ALL_BLOCKS) and set(covered) == ALL_BLOCKS, (case, covered)
+        assert bounds[0] == 0 and bounds[-1] == SPEC.total_blocks and len(bounds) == nprocs + 1
+        assert shared == {n for n in ref_grads if not n.startswith("chunks.")}
 
 
 # --- training: 20 GD steps and 5 MG/OPT V-cycles equal the serial run -------------------------------
@@ -113,6 +154,23 @@ def _run_cycles(comm, levels, cycles, microbatches=1, schedule="1f1b", min_block
     return losses, finest.gather_state(), vcycle.work_units, [p.ranks for p in vcycle.plans]
 
 
+# CycleSetup.default(L) in the reference's terms: (pre, post) per level, finest first; coarsest steps
+DEFAULT_SETUPS = {1: ((), 1), 2: (((1, 0),), 2), 3: (((1, 0), (1, 1)), 2), 4: (((1, 0), (1, 1), (2, 2)), 2)}
+
+
+@functools.cache
+def _reference_cycles(levels, cycles, interpolation="constant"):
+    """The same run by the independent reference (Algorithm 1 from the paper, plain loop network)."""
+    data = load_dataset("circles", seed=0, n_train=40, n_val=8, dtype=torch.float64)
+    theta = dict(build_model(TrainConfig(blocks=32, width=3).spec_for(data), seed=0, dtype=torch.float64).state_dict())
+    mg = reference.MGOPT(32, *DEFAULT_SETUPS[levels], interpolation, "l2", lr=0.1, beta=1e-3, activation="relu")
+    batch, losses = (data.x_train, data.y_train), []
+    for _ in range(cycles):
+        losses.append(mg.loss(theta, batch))
+        theta = mg.cycle(theta, batch)
+    return losses, theta, mg.work
+
+
 def _train_worker(comm, runs):
     return {key: _run_cycles(comm, *key) for key in runs}
 
@@ -127,11 +185,19 @@ RUNS = [(1, 20, 3, "1f1b", 1), (2, 5, 1, "gpipe", 1), (4, 5, 2, "1f1b", 1), (2, 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend,nprocs", [("gloo", 2), ("gloo", 4), ("mpi", 2), ("mpi", 4)])
 def test_training_iterates_equal_serial(backend, nprocs):
-    """GD (L=1, 20 steps) and MG/OPT (L=2, 4; 5 V-cycles) across ranks give the serial iterates."""
+    """GD (L=1, 20 steps) and MG/OPT (L=2, 3, 4; 5 V-cycles) across ranks give the iterates of the
+    independent reference (1e-9 per tensor) and of parml's serial run (1e-9)."""
     ranks = run_ranks("tests.test_parallel:_train_worker", nprocs, backend, timeout=220, args={"runs": RUNS})
     for key in RUNS:
         ref_losses, ref_state, ref_units, _ = _run_cycles(SelfComm(), *key)
         losses, state, units, level_ranks = ranks[0][key]
+        want_losses, want_state, want_units = _reference_cycles(key[0], key[1], *key[5:])
+        assert math.isclose(units, want_units, rel_tol=1e-14), (key, units, want_units)
+        for a, b in zip(losses, want_losses, strict=True):
+            assert abs(a - b) <= 1e-9 * abs(b), (key, losses, want_losses)
+        assert state.keys() == want_state.keys()
+        for name in state:
+            _close(state[name], want_state[name], 1e-9, f"{key} {name}")
         assert units == ref_units
         if key[4] > 1 and key[0] > 1:
             assert level_ranks[0] < nprocs, level_ranks    # the coarsest level really was gathered
@@ -186,9 +252,9 @@ def test_single_rank_layer_parallel_is_the_model():
     lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), "gpipe", 4)
     x, y = _data(torch.float64)
     loss = lp.forward_backward(x, y)
-    ref_loss, _, ref_model = _serial(torch.float64)
-    assert abs(loss - ref_loss) < 1e-12
-    _check_rank_grads(_local_grads(lp.model), ref_model, rtol=1e-10, atol=1e-12)
+    ref_loss, _, ref_grads = _serial(torch.float64)
+    assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+    assert _check_rank_grads(_local_grads(lp.model), ref_grads, 1e-10) == ALL_BLOCKS
 
 
 def test_deferred_weight_gradients_leave_no_state_behind():
@@ -224,8 +290,8 @@ def test_deferred_weight_gradients_keep_the_schedules_memory_bound(schedule, hel
     for _ in range(2):                   # the second step runs on recycled buffers
         lp.forward_backward(x, y)
     assert lp.stage.deferred.peak_bytes == (held_rows + 4) * (6 * 4 + 5 * 5) * 8
-    _, _, ref_model = _serial(torch.float64)
-    _check_rank_grads(_local_grads(lp.model), ref_model, rtol=1e-10, atol=1e-12)
+    _, _, ref_grads = _serial(torch.float64)
+    assert _check_rank_grads(_local_grads(lp.model), ref_grads, 1e-10) == ALL_BLOCKS
 
 
 def _host_staged_worker(comm):
@@ -250,10 +316,14 @@ def test_mpi_staging_path_is_exact_on_host_buffers():
     """What the GPU path adds to MPI, run without a GPU: exact gradients, buffers reused."""
     ranks = run_ranks("tests.test_parallel:_host_staged_worker", 2, "mpi", timeout=90,
                       env={"PARML_MPI_STAGE_HOST": "1"})
-    ref_loss, _, ref_model = _serial(torch.float64)
-    for out, total, root in ranks:
-        for loss, grads, new_buffers in out.values():
+    ref_loss, _, ref_grads = _serial(torch.float64)
+    for schedule in ("1f1b", "gpipe"):
+        rows = set()
+        for out, _, _ in ranks:
+            loss, grads, new_buffers = out[schedule]
             assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
-            _check_rank_grads(grads, ref_model, rtol=1e-10, atol=1e-12)
+            rows |= _check_rank_grads(grads, ref_grads, 1e-10)
             assert new_buffers == 0                 # the second step ran on the first step's buffers
+        assert rows == ALL_BLOCKS
+    for _, total, root in ranks:
         assert total == 3.0 and root == [1.0, 1.0, 1.0]

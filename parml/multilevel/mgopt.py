@@ -12,6 +12,7 @@ communicator.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -181,15 +182,17 @@ class Level:
             where = f"non-finite loss {loss} at level {self.number}"
         raise NonFiniteError(where)
 
-    def smooth(self, steps, dg, batch, batch_id) -> float | None:
-        """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD)."""
+    def smooth(self, steps, dg, batch, batch_id, observe=None) -> float | None:
+        """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD);
+        `observe(θ, ∇L, ∇H)` sees each step's point and gradients (tests of eq. 9)."""
         first = None
         for _ in range(steps):
-            loss, g = self.gradient(batch, batch_id)
+            loss, gl = self.gradient(batch, batch_id)
             first = loss if first is None else first
             t0 = time.perf_counter()
-            if dg is not None:
-                g = [a + b for a, b in zip(g, dg)]
+            g = gl if dg is None else [a + b for a, b in zip(gl, dg)]
+            if observe is not None:
+                observe(self.values(), gl, g)
             if self.scale is not None:
                 g = [a * s for a, s in zip(g, self.scale)]
             for p, d in zip(self.params, g):
@@ -219,10 +222,16 @@ class VCycle:
     """
 
     def __init__(self, levels: list[Level | None], setup: CycleSetup, interpolation: str = "constant",
-                 movers: list | None = None):
+                 movers: list | None = None, observer=None):
         setup.check(len(levels))
         self.levels, self.setup, self.interpolation = levels, setup, interpolation
         self.movers = movers
+        # observer(i, kind, θ, ∇L, ∇H) with kind "pre" | "post" (each smoothing step) | "restrict" (the
+        # point restricted to level i-1): lets tests check eq. (9) at run time, on every rank
+        self.observer = observer
+
+    def _watch(self, i, kind):
+        return None if self.observer is None else functools.partial(self.observer, i, kind)
 
     @property
     def work_units(self) -> float:
@@ -239,13 +248,14 @@ class VCycle:
     def _cycle(self, i, dg, batch, batch_id):
         lev = self.levels[i]
         if i == 0:
-            return lev.smooth(self.setup.coarsest, dg, batch, batch_id)
+            return lev.smooth(self.setup.coarsest, dg, batch, batch_id, self._watch(i, "pre"))
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
-        first = lev.smooth(pre, dg, batch, batch_id)
-        loss, g = lev.gradient(batch, batch_id)
+        first = lev.smooth(pre, dg, batch, batch_id, self._watch(i, "pre"))
+        loss, gl = lev.gradient(batch, batch_id)
         first = loss if first is None else first
-        if dg is not None:
-            g = [a + b for a, b in zip(g, dg)]
+        g = gl if dg is None else [a + b for a, b in zip(gl, dg)]
+        if self.observer is not None:
+            self.observer(i, "restrict", lev.values(), gl, g)
         restricted = theta0 = restrict_parameters(lev.values(), lev.mask, self.interpolation)
         before = closes = None
         if self.interpolation == "linear":
@@ -268,5 +278,5 @@ class VCycle:
         if self.interpolation == "linear":
             after, _ = lev.executor.time_halos(correction, lev.mask, "next_first")
         lev.add(prolongate(correction, lev.mask, self.interpolation, after))
-        lev.smooth(post, dg, batch, batch_id)
+        lev.smooth(post, dg, batch, batch_id, self._watch(i, "post"))
         return first
