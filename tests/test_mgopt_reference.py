@@ -20,10 +20,12 @@ from multiproc import run_ranks
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import batches, load_dataset
-from parml.mgopt import CycleSetup
+from parml.multilevel.mgopt import CycleSetup
 from parml.model import build_model
-from parml.report import RunWriter, read_metrics
-from parml.train import build_vcycle, run_cycles, train
+from parml.training.report import RunWriter, read_metrics
+from parml.training.build import build_vcycle
+from parml.training.loop import run_cycles
+from parml.training.trainer import train
 
 torch.set_num_threads(1)
 

@@ -15,6 +15,7 @@ from multiproc import run_ranks
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import load_dataset
+from parml.kernels import attach_kernels
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.executor import LayerParallel
 from parml.parallel.layout import describe_plan, partition_blocks, plan_levels
@@ -103,9 +104,10 @@ RTOL = {"float64": 1e-10, "float32": 1e-5}
 
 
 def test_fused_serial_model_equals_the_step_by_step_reference():
-    """parml's own serial model (fused Euler chunks, autograd elsewhere) against the reference loop."""
+    """parml's serial model with the fused Euler chunks attached (autograd elsewhere) against the reference."""
     for dtype in ("float64", "float32"):
         model = build_model(SPEC, seed=2, dtype=getattr(torch, dtype))
+        attach_kernels(model)
         x, y = _data(getattr(torch, dtype))
         loss = model.loss(model(x), y)
         loss.backward()
