@@ -11,9 +11,26 @@ from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.agglomerate import _pieces
 from parml.parallel.layout import LayoutError, Partition, plan_levels
 from parml.plan.planner import candidates, format_table, plan, to_json
-from parml.plan.profile import CommCost, Fit, KernelCost, Profile, ProfileError, check_device, uniform_profile
-from parml.plan.simulate import (Layout, Workload, cycle_trace, gradient_programs, level_layouts, move_messages,
-                                 predict, run_programs, Context)
+from parml.plan.profile import (
+    CommCost,
+    Fit,
+    KernelCost,
+    Profile,
+    ProfileError,
+    check_device,
+    uniform_profile,
+)
+from parml.plan.simulate import (
+    Context,
+    Layout,
+    Workload,
+    cycle_trace,
+    gradient_programs,
+    level_layouts,
+    move_messages,
+    predict,
+    run_programs,
+)
 
 
 def dense(width, blocks, in_features=2, out_features=2):
@@ -163,6 +180,22 @@ def test_vcycle_levels_on_gather_and_replicate_layouts():
     assert sum(s.idle for s in pg.cycle_ranks) > sum(s.idle for s in pr.cycle_ranks)
 
 
+def mover_pieces(spec, src, dst):
+    """(src rank, dst rank, elements) of every piece agglomerate.Mover sends between partitions."""
+    from parml.parallel.agglomerate import shard_entries
+    sizes = {n: p[0].numel() if n.startswith("chunks.") else p.numel()
+             for n, p in build_model(spec).named_parameters()}
+    entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
+    out = []
+    for p, q, a, _, rows in _pieces(spec, src, dst):
+        key = entries[p][a].key
+        if key[0] == "shared":
+            out.append((p, q, sizes[key[1]]))
+        else:
+            out.append((p, q, (rows[1] - rows[0]) * sizes[f"chunks.{key[1]}.{key[2]}"]))
+    return sorted(out)
+
+
 def test_move_messages_are_the_movers_pieces():
     """D = 1, gather: the simulated transfer pieces are agglomerate.Mover's (src, dst, elements)."""
     fine_spec = dense(3, 32, 5, 4)
@@ -172,28 +205,10 @@ def test_move_messages_are_the_movers_pieces():
         for i in (1, 2):
             fine, coarse = levs[i], levs[i - 1]
             fic = Partition(tuple(b // 2 for b in fine.partition.bounds))
-            model = build_model(coarse.spec)
-            sizes = {}
-            for n, p in model.named_parameters():
-                sizes[n] = p[0].numel() if n.startswith("chunks.") else p.numel()
-
-            def expected(src, dst):
-                out = []
-                from parml.parallel.agglomerate import shard_entries
-                se = [shard_entries(coarse.spec, *src.range(r)) for r in range(src.ranks)]
-                de = [shard_entries(coarse.spec, *dst.range(r)) for r in range(dst.ranks)]
-                for p, q, a, b, rows in _pieces(coarse.spec, src, dst):
-                    key = se[p][a].key
-                    if key[0] == "shared":
-                        out.append((p, q, sizes[key[1]]))
-                    else:
-                        out.append((p, q, (rows[1] - rows[0]) * sizes[f"chunks.{key[1]}.{key[2]}"]))
-                assert de  # destinations exist
-                return sorted(out)
             down = move_messages(coarse.spec, fine, coarse, fic, coarse.partition, range(P))
-            assert sorted(down) == expected(fic, coarse.partition)
+            assert sorted(down) == mover_pieces(coarse.spec, fic, coarse.partition)
             up = move_messages(coarse.spec, coarse, fine, coarse.partition, fic, range(P))
-            assert sorted(up) == expected(coarse.partition, fic)
+            assert sorted(up) == mover_pieces(coarse.spec, coarse.partition, fic)
 
 
 def test_plan_levels_is_used_for_gather():
@@ -209,10 +224,10 @@ def synthetic_profile(**kw):
     k = KernelCost(Fit(["n", "n*b*v*s"], [2e-6, 1e-9], 0.05, 0.1, 12), Fit(["n"], [3e-6]), Fit(["n*b*v^2*s"], [1e-10]))
     c = CommCost(5e-5, 1e9, 1e-6, Fit(["log2(g)", "B*(g-1)/g"], [1e-4, 2e-9]))
     c.oversubscribed = CommCost(1e-4, 5e8)
-    base = dict(device="cpu", kernels={"dense": k, "dense-inline": k}, comm={"gloo": c},
-                ends={"first_F": Fit(["1"], [1e-5])}, step={"update": Fit(["1", "p"], [1e-5, 1e-9])},
-                cores=2, memory_bytes=1e9, machine={"cpus": 2}, versions={"torch": torch.__version__},
-                date="2025-01-01T00:00:00+00:00")
+    base = {"device": "cpu", "kernels": {"dense": k, "dense-inline": k}, "comm": {"gloo": c},
+                "ends": {"first_F": Fit(["1"], [1e-5])}, "step": {"update": Fit(["1", "p"], [1e-5, 1e-9])},
+                "cores": 2, "memory_bytes": 1e9, "machine": {"cpus": 2}, "versions": {"torch": torch.__version__},
+                "date": "2025-01-01T00:00:00+00:00"}
     base.update(kw)
     return Profile(**base)
 
@@ -272,6 +287,16 @@ def test_ranks_that_do_not_fit_the_blocks_are_one_line():
     with pytest.raises(LayoutError) as e:
         predict(Workload(dense(2, 4), batch=64), Layout(1, 8, 1), synthetic_profile())
     one_line(e)
+
+
+def test_calibrate_comm_on_two_gloo_ranks():
+    """The communication worker runs on 2 real ranks through parml's Communicator."""
+    from parml.plan.calibrate import GRIDS, measure_comm
+    grid = dict(GRIDS["quick"], p2p_bytes=[8, 4096], p2p_reps=5)
+    c = measure_comm(["gloo"], 2, grid, "cpu", log=lambda *a: None)["gloo"]
+    assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
+    assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
+    assert {g for g, _, _ in c.measured["allreduce"]} == {2}
 
 
 def test_calibrate_quick_compute(tmp_path):

@@ -31,7 +31,7 @@ from .profile import CommCost, Fit, KernelCost, Profile, ProfileError
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KERNEL_FEATURES = ["1", "n", "n*b*v*s", "n*b*v^2*s"]
+KERNEL_FEATURES = ["1", "n", "n*b", "n*b*v*s", "n*b*v^2*s", "n*v^2"]
 FIRST_FEATURES = ["1", "b*v*s", "b*i*v*s"]
 LAST_FEATURES = ["1", "b*v*s", "b*o*v"]
 PARAM_FEATURES = ["1", "p"]
@@ -41,7 +41,7 @@ GRIDS = {
     "quick": {"widths": [4, 32], "rows": [32, 256], "blocks": [4, 16], "ends_io": [(2, 2), (64, 10)],
               "ends_widths": [4, 32], "ends_rows": [32, 256], "conv": [], "min_time": 0.004, "max_reps": 5, "p2p_bytes": [8, 65536, 1 << 20],
               "p2p_reps": 20, "groups": "two"},
-    "full": {"widths": [3, 10, 32, 128, 512], "rows": [16, 128, 500, 2000], "blocks": [4, 32],
+    "full": {"widths": [3, 10, 32, 128, 512], "rows": [16, 128, 500, 2000], "blocks": [4, 32, 256],
              "ends_io": [(2, 2), (64, 10), (784, 10)], "ends_widths": [3, 32, 128], "ends_rows": [64, 1000],
              "conv": [(4, 7), (16, 14), (8, 28)], "min_time": 0.03, "max_reps": 11,
              "p2p_bytes": [8, 1024, 16384, 262144, 1 << 20, 4 << 20], "p2p_reps": 100, "groups": "all"},
@@ -56,6 +56,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _clock(device):
+    """The compute clock: this thread's CPU time on a CPU (one torch thread per rank), so that
+    other processes on a shared machine do not inflate the costs; wall time on a GPU."""
+    return time.perf_counter if device.type == "cuda" else time.thread_time
+
+
 def _median_time(fn, device, min_time, max_reps):
     """Median of repeated timings of fn() (which returns a dict of parts), after one warm-up."""
     return _interleaved([fn], device, min_time, max_reps)[0]
@@ -66,14 +72,14 @@ def _interleaved(fns, device, min_time, max_reps, min_reps=5):
     the load of a shared machine drifts alike for all of them); one warm-up round first."""
     for fn in fns:
         fn()
-    samples, spent = [[] for _ in fns], 0.0
+    samples, spent, clock = [[] for _ in fns], 0.0, _clock(device)
     while True:
         for fn, acc in zip(fns, samples):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             acc.append(fn())
             _sync(device)
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
         n = len(samples[0])
         if n >= max_reps or (n >= min_reps and spent >= min_time * len(fns)):
             break
@@ -120,16 +126,16 @@ def _stage_timer(spec, role, n, rows, device, weight_grads, dtype=torch.float32)
     if spec.conv:
         x = x.reshape(rows, *spec.input_shape)
     y = torch.randint(0, spec.out_features, (rows,), generator=gen).to(device)
-    w_time = [0.0]
+    w_time, clock = [0.0], _clock(device)
     if stage.deferred is not None:
         flush = stage.deferred.flush
 
         def timed(m=None):
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             flush(m)
             _sync(device)
-            w_time[0] += time.perf_counter() - t
+            w_time[0] += clock() - t
         stage.deferred.flush = timed
 
     def one():
@@ -138,18 +144,18 @@ def _stage_timer(spec, role, n, rows, device, weight_grads, dtype=torch.float32)
         stage.post_receives([rows])
         stage.deferring(True)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         stage.forward(0, x, y, rows)
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         w_time[0] = 0.0
         stage.backward(0)
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         w = w_time[0]
         stage.flush_weight_grads()
         _sync(device)
-        t3 = time.perf_counter()
+        t3 = clock()
         stage.deferring(False)
         stage.end_step()
         stage.finish_sends()
@@ -183,12 +189,12 @@ def measure_kernels(grid, device, log=print):
                         continue
                     t = _median_time(_stage_timer(_dense_spec(v, 3 * n), "middle", n, b, device, wg), device,
                                      grid["min_time"], grid["max_reps"])
-                    pts.append(dict(n=n, b=b, v=v, s=1))
+                    pts.append({"n": n, "b": b, "v": v, "s": 1})
                     F.append(t["F"])
                     B.append(t["B"])
                     W.append(t["W"])
                     if wg == "deferred":
-                        finish_pts[0].append(dict(p=n * (v * v + v)))
+                        finish_pts[0].append({"p": n * (v * v + v)})
                         finish_pts[1].append(t["finish"])
         kc = KernelCost(Fit.fitted(KERNEL_FEATURES, pts, F), Fit.fitted(KERNEL_FEATURES, pts, B),
                         Fit.fitted(KERNEL_FEATURES, pts, W) if wg == "deferred" else Fit.constant(0.0),
@@ -231,7 +237,7 @@ def measure_conv(grid, device, log=print):
             for n in (2, 6):
                 t = _median_time(_stage_timer(_conv_spec(c, side, 3 * n), "middle", n, b, device, "deferred"),
                                  device, grid["min_time"], grid["max_reps"])
-                pts.append(dict(n=n, b=b, v=c, s=side * side))
+                pts.append({"n": n, "b": b, "v": c, "s": side * side})
                 F.append(t["F"])
                 B.append(t["B"] + t["W"])
     kc = KernelCost(Fit.fitted(KERNEL_FEATURES, pts, F), Fit.fitted(KERNEL_FEATURES, pts, B), Fit.constant(0.0),
@@ -242,11 +248,39 @@ def measure_conv(grid, device, log=print):
     return kc
 
 
+def _level_timer(lev, ex, x, y, device):
+    """fn() timing Level.gradient beyond the stage's compute, the update after a cached gradient
+    (Level.smooth), and one restriction / prolongation pass over the level's parameters."""
+    from ..hierarchy import prolongate, restrict_gradient, restrict_parameters
+    ids, clock = iter(range(10 ** 9)), _clock(device)
+
+    def one():
+        c0 = ex.stage.compute_seconds
+        _sync(device)
+        w0, t0 = time.perf_counter(), clock()
+        bid = next(ids)
+        lev.gradient((x, y), bid)
+        _sync(device)
+        w1, t1 = time.perf_counter(), clock()
+        lev.smooth(1, None, (x, y), bid)        # the gradient is cached: only the update runs
+        _sync(device)
+        t2 = clock()
+        vals = lev.values()
+        rp = restrict_parameters(vals, lev.mask)
+        restrict_gradient(vals, lev.mask)
+        lev.add(prolongate([r * 0 for r in rp], lev.mask))
+        _sync(device)
+        t3 = clock()
+        # the stage counts its compute in wall seconds: scale it to this clock
+        inside = (ex.stage.compute_seconds - c0) * ((t1 - t0) / (w1 - w0) if w1 > w0 else 1.0)
+        return {"grad": (t1 - t0) - inside, "update": t2 - t1, "transfer": (t3 - t2) / 3}
+    return one
+
+
 def measure_steps(grid, device, log=print):
     """Per gradient evaluation: Level.gradient and the executor around the stage's compute; per
     optimizer update; per restriction/prolongation list (elementwise passes), against p."""
     from ..comm import SelfComm
-    from ..hierarchy import prolongate, restrict_gradient, restrict_parameters
     from ..mgopt import Level
     from ..model import build_model
     from ..parallel.executor import LayerParallel
@@ -261,29 +295,8 @@ def measure_steps(grid, device, log=print):
             lev = Level(ex, 1e-4, 1.0 / K, "l2", 1.0, make_optimizer_factory("sgd", 1e-3), SelfComm(device=device))
             x = torch.randn(64, 8).to(device)
             y = torch.randint(0, 4, (64,)).to(device)
-            ids = iter(range(10 ** 6))
-
-            def one():
-                c0 = ex.stage.compute_seconds
-                _sync(device)
-                t0 = time.perf_counter()
-                bid = next(ids)
-                lev.gradient((x, y), bid)
-                _sync(device)
-                t1 = time.perf_counter()
-                lev.smooth(1, None, (x, y), bid)        # the gradient is cached: only the update runs
-                _sync(device)
-                t2 = time.perf_counter()
-                vals = lev.values()
-                rp = restrict_parameters(vals, lev.mask)
-                restrict_gradient(vals, lev.mask)
-                lev.add(prolongate([r * 0 for r in rp], lev.mask))
-                _sync(device)
-                t3 = time.perf_counter()
-                return {"grad": (t1 - t0) - (ex.stage.compute_seconds - c0), "update": t2 - t1,
-                        "transfer": (t3 - t2) / 3}
-            t = _median_time(one, device, grid["min_time"], grid["max_reps"])
-            pts.append(dict(p=sum(p.numel() for p in model.parameters())))
+            t = _median_time(_level_timer(lev, ex, x, y, device), device, grid["min_time"], grid["max_reps"])
+            pts.append({"p": sum(p.numel() for p in model.parameters())})
             grad_t.append(max(t["grad"], 1e-7))
             upd_t.append(max(t["update"], 1e-7))
             tr_t.append(max(t["transfer"], 1e-7))
@@ -370,10 +383,10 @@ def _launch(backend, nprocs, sizes, reps, device, timeout, log):
 
 def _comm_cost(runs, backend, note):
     p2p = [pt for r in runs for pt in r["p2p"]]
-    fit = Fit.fitted(["1", "B"], [dict(B=n) for n, _ in p2p], [t for _, t in p2p])
+    fit = Fit.fitted(["1", "B"], [{"B": n} for n, _ in p2p], [t for _, t in p2p])
     lat, inv_bw = fit.coef
     ar = [pt for r in runs for pt in r["allreduce"]]
-    arfit = Fit.fitted(ALLREDUCE_FEATURES, [dict(g=g, B=n) for g, n, _ in ar], [t for *_, t in ar])
+    arfit = Fit.fitted(ALLREDUCE_FEATURES, [{"g": g, "B": n} for g, n, _ in ar], [t for *_, t in ar])
     post = statistics.median([r["post"] for r in runs if r.get("post") is not None] or [0.0])
     return CommCost(lat, 1.0 / inv_bw if inv_bw > 0 else float("inf"), post, arfit, None, None,
                     {"p2p": p2p, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error]}, note)
@@ -408,6 +421,7 @@ def measure_comm(backends, cores, grid, device, log=print):
 
 def machine_info(device) -> tuple[dict, dict, str, int, float]:
     import numpy
+
     from .. import __version__
     versions = {"parml": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "numpy": numpy.__version__}
@@ -420,7 +434,7 @@ def machine_info(device) -> tuple[dict, dict, str, int, float]:
     mpirun = mpirun_path()
     if mpirun:
         try:
-            first = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20).stdout
+            first = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20, check=False).stdout
             versions["mpi"] = first.strip().splitlines()[0] if first.strip() else "unknown"
         except (OSError, subprocess.SubprocessError):
             pass
@@ -433,7 +447,9 @@ def machine_info(device) -> tuple[dict, dict, str, int, float]:
     except OSError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     machine = {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
-               "processor": _cpu_name(), "cpus": cpus, "memory_bytes": mem}
+               "processor": _cpu_name(), "cpus": cpus, "memory_bytes": mem,
+               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+               "compute_clock": "wall (synchronized)" if device.type == "cuda" else "thread CPU time"}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         versions["cuda"] = torch.version.cuda

@@ -80,11 +80,11 @@ class Fit:
         return max(0.0, sum(c * FEATURES[f](x) for f, c in zip(self.features, self.coef)))
 
     @classmethod
-    def constant(cls, seconds: float) -> "Fit":
+    def constant(cls, seconds: float) -> Fit:
         return cls(["1"], [float(seconds)])
 
     @classmethod
-    def fitted(cls, features: list[str], points: list[dict], seconds: list[float], floor: float = 1e-12) -> "Fit":
+    def fitted(cls, features: list[str], points: list[dict], seconds: list[float], floor: float = 1e-12) -> Fit:
         """Least squares on relative residuals with non-negative coefficients (features with a
         negative coefficient are dropped and the rest refitted), plus the fit's relative errors.
         Residuals are relative to max(seconds, `floor`): a cost measured as a difference of two
@@ -124,8 +124,8 @@ class CommCost:
     bandwidth: float
     overhead: float = 0.0
     allreduce: Fit = field(default_factory=lambda: Fit(["log2(g)", "B*(g-1)/g"], [0.0, 0.0]))
-    oversubscribed: "CommCost | None" = None     # measured with more ranks than cores
-    inter_node: "CommCost | None" = None         # between nodes (a cluster profile), else the same
+    oversubscribed: CommCost | None = None     # measured with more ranks than cores
+    inter_node: CommCost | None = None         # between nodes (a cluster profile), else the same
     measured: dict = field(default_factory=dict)  # raw points: {"p2p": [[bytes, s]], "allreduce": [[g, bytes, s]]}
     note: str = ""
 
@@ -180,14 +180,16 @@ class Profile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
+    def from_dict(cls, d: dict, where: str = "profile") -> Profile:
         if not isinstance(d, dict) or "schema" not in d or "device" not in d:
             raise ProfileError(f"{where} is not a parml profile (no 'schema'/'device'); create one with: parml calibrate")
         if d["schema"] != SCHEMA:
             raise ProfileError(f"{where} has profile schema {d['schema']}, this parml reads schema {SCHEMA}; "
                                f"recalibrate with: parml calibrate")
         try:
-            fit = lambda f: Fit(**f)  # noqa: E731
+            def fit(f):
+                return Fit(**f)
+
             def comm(c):
                 if c is None:
                     return None
@@ -217,7 +219,7 @@ class Profile:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, device: str | None = None, option: str = "--profile") -> "Profile":
+    def load(cls, path, device: str | None = None, option: str = "--profile") -> Profile:
         """Read `path`; with `device`, refuse a profile measured on another device type."""
         where = f"{option} {path}"
         if not os.path.isfile(path):

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import heapq
 import math
+from bisect import bisect_right
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import ClassVar
 
 from ..model import ModelSpec, StageSpec
 from ..parallel.layout import LayoutError, Partition, partition_blocks, plan_levels
 from ..parallel.schedule import get_schedule
-from .profile import CommCost, Profile, ProfileError
+from .profile import CommCost, Profile
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
@@ -50,29 +52,33 @@ class SimulationError(RuntimeError):
 
 # --- the engine ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Compute:
+    code: ClassVar[int] = 0
     seconds: float
     label: str = ""
     kind: str = "other"          # F | B | W | other | post
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Send:
+    code: ClassVar[int] = 1
     dst: int
     tag: object
     nbytes: float
     link: CommCost
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Recv:
+    code: ClassVar[int] = 2
     src: int
     tag: object
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Collective:
+    code: ClassVar[int] = 3
     """Blocking: done `seconds` after the last of `members` joined."""
     key: object
     members: tuple
@@ -80,20 +86,22 @@ class Collective:
     label: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Start:
+    code: ClassVar[int] = 4
     """Non-blocking operation whose peers are identical copies of this rank: done at post + seconds."""
     handle: object
     seconds: float
     label: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Wait:
+    code: ClassVar[int] = 5
     handle: object
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     start: float
     end: float
@@ -101,20 +109,30 @@ class Span:
     label: str = ""
 
 
+KINDS = ("F", "B", "W", "other", "post", "wait", "collective")
+
+
 @dataclass
 class Run:
-    """What the engine saw: per rank its spans and finish time; the run's end."""
+    """What the engine saw: per rank its spans (if recorded), seconds per kind and finish time."""
     spans: dict
     finish: dict
     end: float
     handles: dict = field(default_factory=dict)   # (rank, handle) -> (posted, done, waited)
+    sums: dict = field(default_factory=dict)      # rank -> {kind: seconds}
+
+    def __post_init__(self):
+        if not self.sums:
+            for r, spans in self.spans.items():
+                acc = dict.fromkeys(KINDS, 0.0)
+                for s in spans:
+                    acc[s.kind] += s.end - s.start
+                self.sums[r] = acc
 
     def totals(self, rank) -> dict:
-        out = defaultdict(float)
-        for s in self.spans[rank]:
-            out[s.kind] += s.end - s.start
+        out = dict(self.sums[rank])
         out["idle"] = self.end - self.finish[rank]
-        return dict(out)
+        return out
 
     def timeline(self, rank, kinds=("F", "B", "W")) -> list[tuple[str, float, float]]:
         return [(s.label, s.start, s.end) for s in self.spans[rank] if s.kind in kinds]
@@ -128,15 +146,16 @@ def _arrival(op: Send, src, t, link_free):
     return start + op.link.latency + wire
 
 
-def run_programs(programs: dict, share=None, cores: float | None = None) -> Run:
+def run_programs(programs: dict, share=None, cores: float | None = None, record: bool = True) -> Run:
     """Run every rank's program (a list of ops) from t = 0.
 
     `share`: None (every rank computes at full speed) or {rank: {other rank: copies}}: the ranks
     whose computing slows `rank` down (copies counts identical replicas on its node, itself
     included); then a computing rank runs at min(1, cores / Σ copies of computing ranks).
+    `record`: keep every span (timelines); otherwise only the seconds per kind.
     """
     if share is None:
-        return _run_fast(programs)
+        return _run_fast(programs, record)
     return _run_shared(programs, share, cores)
 
 
@@ -145,8 +164,9 @@ def _deadlock(programs, pc, done):
     return SimulationError("simulated program deadlocks: " + "; ".join(blocked[:6]))
 
 
-def _run_fast(programs: dict) -> Run:
+def _run_fast(programs: dict, record: bool = True) -> Run:
     """Max-plus evaluation: each rank runs until it blocks; exact, one pass per op."""
+    sums = {r: dict.fromkeys(KINDS, 0.0) for r in programs}
     clock = {r: 0.0 for r in programs}
     pc = {r: 0 for r in programs}
     done = {r: False for r in programs}
@@ -158,70 +178,81 @@ def _run_fast(programs: dict) -> Run:
     while queue:
         r = queue.popleft()
         queued.discard(r)
-        prog = programs[r]
-        while pc[r] < len(prog):
-            op = prog[pc[r]]
-            t = clock[r]
-            if isinstance(op, Compute):
+        prog, out, i, t, sr = programs[r], spans[r], pc[r], clock[r], sums[r]
+        n = len(prog)
+        while i < n:
+            op = prog[i]
+            code = op.code
+            if code == 0:                                   # Compute
                 if op.seconds > 0:
-                    spans[r].append(Span(t, t + op.seconds, op.kind, op.label))
-                    clock[r] = t + op.seconds
-            elif isinstance(op, Send):
+                    if record:
+                        out.append(Span(t, t + op.seconds, op.kind, op.label))
+                    sr[op.kind] += op.seconds
+                    t += op.seconds
+            elif code == 1:                                 # Send
                 key = (r, op.dst, op.tag)
                 messages[key] = _arrival(op, r, t, link_free)
                 if blocked_on.get(op.dst) == key and op.dst not in queued:
                     queue.append(op.dst)
                     queued.add(op.dst)
-            elif isinstance(op, Recv):
+            elif code == 2:                                 # Recv
                 key = (op.src, r, op.tag)
-                if key not in messages:
+                arr = messages.pop(key, None)
+                if arr is None:
                     blocked_on[r] = key
                     break
                 blocked_on.pop(r, None)
-                arr = messages.pop(key)
                 if arr > t:
-                    spans[r].append(Span(t, arr, "wait", f"recv {op.tag} from {op.src}"))
-                    clock[r] = arr
-            elif isinstance(op, Collective):
+                    if record:
+                        out.append(Span(t, arr, "wait", f"recv {op.tag} from {op.src}"))
+                    sr["wait"] += arr - t
+                    t = arr
+            elif code == 3:                                 # Collective
                 joined = posts.setdefault(op.key, {})
-                if r not in joined:
-                    joined[r] = t
+                joined.setdefault(r, t)
                 if len(joined) < len(op.members):
                     blocked_on[r] = op.key
                     break
                 last = max(joined.values())
                 finish = last + op.seconds
                 for m in op.members:
-                    if m == r or blocked_on.get(m) == op.key:
-                        tm = joined[m]
-                        if last > tm:
+                    tm = joined[m]
+                    if last > tm:
+                        if record:
                             spans[m].append(Span(tm, last, "wait", op.label))
-                        if op.seconds > 0:
+                        sums[m]["wait"] += last - tm
+                    if op.seconds > 0:
+                        if record:
                             spans[m].append(Span(last, finish, "collective", op.label))
+                        sums[m]["collective"] += op.seconds
+                    if m != r:
                         clock[m] = finish
-                        if m != r:
-                            blocked_on.pop(m, None)
-                            pc[m] += 1
-                            if m not in queued:
-                                queue.append(m)
-                                queued.add(m)
+                        blocked_on.pop(m, None)
+                        pc[m] += 1
+                        if m not in queued:
+                            queue.append(m)
+                            queued.add(m)
+                t = finish
                 blocked_on.pop(r, None)
                 del posts[op.key]
-            elif isinstance(op, Start):
+            elif code == 4:                                 # Start
                 handles[(r, op.handle)] = [t, t + op.seconds, 0.0]
-            elif isinstance(op, Wait):
+            else:                                           # Wait
                 h = handles[(r, op.handle)]
                 if h[1] > t:
-                    spans[r].append(Span(t, h[1], "wait", f"wait {op.handle}"))
+                    if record:
+                        out.append(Span(t, h[1], "wait", f"wait {op.handle}"))
+                    sr["wait"] += h[1] - t
                     h[2] = h[1] - t
-                    clock[r] = h[1]
-            pc[r] += 1
+                    t = h[1]
+            i += 1
         else:
             done[r] = True
+        pc[r], clock[r] = i, t
     if not all(done.values()):
         raise _deadlock(programs, pc, done)
     end = max(clock.values(), default=0.0)
-    return Run(spans, dict(clock), end, {k: tuple(v) for k, v in handles.items()})
+    return Run(spans, dict(clock), end, {k: tuple(v) for k, v in handles.items()}, sums)
 
 
 def _run_shared(programs: dict, share: dict, cores: float) -> Run:
@@ -361,7 +392,7 @@ class Workload:
 
     @classmethod
     def from_config(cls, cfg, in_features: int, out_features: int, n_train: int, input_shape=None,
-                    task: str = "classification") -> "Workload":
+                    task: str = "classification") -> Workload:
         """From a ``TrainConfig`` and the dataset's sizes (no data is loaded)."""
         spec = cfg.model_spec(in_features, out_features, task, input_shape)
         batch = min(cfg.batch_size or n_train, n_train)
@@ -542,18 +573,18 @@ class StageCost:
         scale = 2.0 if spec.stepper == "rk2" else 1.0      # two F evaluations per step (estimate)
         f = bw = w = 0.0
         for stage, n in _stage_ranges(spec, self.a, self.b):
-            x = dict(n=n, b=rows, v=spec.stages[stage].width, s=_pixels(spec, stage))
+            x = {"n": n, "b": rows, "v": spec.stages[stage].width, "s": _pixels(spec, stage)}
             f += scale * kern.forward(**x)
             bw += scale * kern.backward(**x)
             w += scale * kern.weight(**x)
         if self.a == 0:
-            x = dict(b=rows, v=spec.stages[0].width, s=_pixels(spec, 0),
-                     i=spec.input_shape[0] if spec.conv else spec.in_features)
+            x = {"b": rows, "v": spec.stages[0].width, "s": _pixels(spec, 0),
+                     "i": spec.input_shape[0] if spec.conv else spec.in_features}
             f += prof.end_cost("first", "F", **x)
             bw += prof.end_cost("first", "B", **x)
         if self.b == spec.total_blocks:
             last = len(spec.stages) - 1
-            x = dict(b=rows, v=spec.stages[last].width, s=_pixels(spec, last), o=spec.out_features)
+            x = {"b": rows, "v": spec.stages[last].width, "s": _pixels(spec, last), "o": spec.out_features}
             f += prof.end_cost("last", "F", **x)
             bw += prof.end_cost("last", "B", **x)
         return f, bw, w
@@ -587,20 +618,20 @@ class Context:
     world: int
     ranks_per_node: int
 
-    @property
-    def oversubscribed(self) -> bool:
-        return min(self.world, self.ranks_per_node) > self.profile.cores
+    def __post_init__(self):
+        self.oversubscribed = min(self.world, self.ranks_per_node) > self.profile.cores
+        if self.world > 1:
+            c = self.profile.backend(self.backend)
+            self._intra = c.oversubscribed if self.oversubscribed and c.oversubscribed is not None else c
+            self._inter = c.inter_node if c.inter_node is not None else self._intra
 
     def node(self, rank) -> int:
         return rank // self.ranks_per_node
 
     def link(self, src, dst) -> CommCost:
-        c = self.profile.backend(self.backend)
-        if self.node(src) != self.node(dst) and c.inter_node is not None:
-            return c.inter_node
-        if self.oversubscribed and c.oversubscribed is not None:
-            return c.oversubscribed
-        return c
+        """The costs of a message src -> dst: between nodes, oversubscribed or plain."""
+        rpn = self.ranks_per_node
+        return self._intra if src // rpn == dst // rpn else self._inter
 
     def group_link(self, ranks) -> CommCost:
         ranks = list(ranks)
@@ -656,32 +687,35 @@ def gradient_programs(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
         cost = StageCost(lev.spec, a, b, prof, layout.weight_grads)
         me = lev.world_rank(0, j)
         prev, nxt = lev.world_rank(0, j - 1), lev.world_rank(0, j + 1)
-        out_bytes = [r * state_elements(lev.spec, b) * dbytes for r in rows]
-        in_bytes = [r * state_elements(lev.spec, a) * dbytes for r in rows]
-        post = ctx.link(me, nxt).overhead if j < P - 1 else 0.0
-        post_back = ctx.link(me, prev).overhead if j > 0 else 0.0
+        fwd = ctx.link(me, nxt) if j < P - 1 else None
+        bwd = ctx.link(me, prev) if j > 0 else None
+        out_el, in_el = state_elements(lev.spec, b) * dbytes, state_elements(lev.spec, a) * dbytes
+        per_rows = {r: (cost.forward(r), cost.backward(r), cost.weight(r), *cost.activation_bytes(r, dbytes))
+                    for r in set(rows)}
         prog, held, peak = [], 0, 0
         for act in sched.stage_actions(j, P, M):
-            m, r = act.microbatch, rows[act.microbatch]
-            keep, gas = cost.activation_bytes(r, dbytes)
+            m = act.microbatch
+            r = rows[m]
+            f, bw, w, keep, gas = per_rows[r]
             if act.kind == "F":
                 if j > 0:
                     prog.append(Recv(prev, 2 * m))
-                prog.append(Compute(cost.forward(r), str(act), "F"))
-                if j < P - 1:
-                    prog += [Compute(post, f"post {act}", "post"), Send(nxt, 2 * m, out_bytes[m], ctx.link(me, nxt))]
+                prog.append(Compute(f, f"{j}F{m}", "F"))
+                if fwd is not None:
+                    prog.append(Compute(fwd.overhead, "post", "post"))
+                    prog.append(Send(nxt, 2 * m, r * out_el, fwd))
                 held += keep
                 peak = max(peak, held)
             else:
-                if j < P - 1:
+                if fwd is not None:
                     prog.append(Recv(nxt, 2 * m + 1))
-                prog.append(Compute(cost.backward(r), str(act), "B"))
-                if j > 0:
-                    prog += [Compute(post_back, f"post {act}", "post"),
-                             Send(prev, 2 * m + 1, in_bytes[m], ctx.link(me, prev))]
+                prog.append(Compute(bw, f"{j}B{m}", "B"))
+                if bwd is not None:
+                    prog.append(Compute(bwd.overhead, "post", "post"))
+                    prog.append(Send(prev, 2 * m + 1, r * in_el, bwd))
                 if deferred:
                     peak = max(peak, held + gas)
-                    prog.append(Compute(cost.weight(r), f"{j}W{m}", "W"))
+                    prog.append(Compute(w, f"{j}W{m}", "W"))
                 held -= keep
         p = shard_parameters(lev.spec, a, b)
         prog.append(Compute(prof.step_cost("finish", p=p), "finish", "other"))
@@ -700,9 +734,10 @@ def gradient_programs(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
     return programs, peaks
 
 
-def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Context) -> PhaseResult:
+def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Context,
+                      record: bool = True) -> PhaseResult:
     programs, peaks = gradient_programs(lev, work, layout, ctx)
-    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores)
+    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores, record)
     ar = {}
     if lev.replicas > 1:
         total = sum(h[1] - h[0] for (r, _), h in run.handles.items())
@@ -737,8 +772,10 @@ def move_messages(coarse: ModelSpec, src: LevelLayout, dst: LevelLayout, src_par
             continue
         a, b = dst_part.range(pos[1])
         ds = min(r // src.stride, src.replicas - 1)
-        for k in range(src_part.ranks):
+        for k in range(bisect_right(src_part.bounds, a) - 1, src_part.ranks):
             lo, hi = max(a, src_part.bounds[k]), min(b, src_part.bounds[k + 1])
+            if lo >= b:
+                break
             if lo >= hi:
                 continue
             s = src.world_rank(ds, k)
@@ -748,7 +785,7 @@ def move_messages(coarse: ModelSpec, src: LevelLayout, dst: LevelLayout, src_par
                 out.append((s, r, n * v))
         for n, owner in shared.values():
             if a <= owner < b:
-                k = next(k for k in range(src_part.ranks) if src_part.bounds[k] <= owner < src_part.bounds[k + 1])
+                k = bisect_right(src_part.bounds, owner) - 1
                 out.append((src.world_rank(ds, k), r, n))
     return out
 
@@ -804,6 +841,7 @@ def cycle_trace(setup_text: str) -> tuple[tuple[tuple[str, int], ...], float]:
     ("assign", l) when level l receives the restricted point (a move down), ("add", l) when level
     l adds the prolongated correction (a move up). Returns (events, work units)."""
     import torch
+
     from ..comm import SelfComm
     from ..mgopt import CycleSetup, Level, VCycle
     from ..model import build_model
@@ -931,7 +969,12 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
 
     def to_world(lev):
         # layer rank j of replica 0 of `lev` stands for every rank of fine replica 0 at that position
-        return lambda j: [r for r in world if (lev.position(r) or (None, None))[1] == j]
+        owners = defaultdict(list)
+        for r in world:
+            pos = lev.position(r)
+            if pos is not None:
+                owners[pos[1]].append(r)
+        return lambda j: owners.get(j, [])
 
     memo = {} if cache is None or keep_run else cache
     common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend, ctx.ranks_per_node, D * P)
@@ -942,7 +985,7 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
     def grad(lev):
         key = ("grad", where(lev), common)
         if key not in memo:
-            memo[key] = simulate_gradient(lev, work, layout, ctx)
+            memo[key] = simulate_gradient(lev, work, layout, ctx, record=keep_run)
         return memo[key]
 
     def update(lev):
