@@ -132,6 +132,9 @@ def test_oversubscribed_replicas_share_the_cores():
     roomy = predict(work, Layout(2, 1, 1, ranks_per_node=2), uniform_profile(cores=2))
     assert roomy.step_seconds == one.step_seconds / 2
     assert two.step_seconds == pytest.approx(one.step_seconds)
+    # three other busy processes on a 2-core machine: one rank gets half a core
+    busy = predict(work, Layout(1, 1, 1, background=3.0), uniform_profile(cores=2))
+    assert busy.step_seconds == pytest.approx(2 * one.step_seconds)
 
 
 def test_gradient_allreduce_overlaps_the_pipeline_tail():

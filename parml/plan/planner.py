@@ -168,3 +168,46 @@ def to_json(records: list[dict]) -> str:
             return [clean(v) for v in x]
         return x
     return json.dumps(clean(records), indent=1)
+
+
+def main(argv=None) -> int:
+    """``python -m parml.plan.planner --profile p.json --ranks 4 -K 2048 -L 8``: the ranked table
+    (the integrator's ``parml plan`` takes the same options)."""
+    import argparse
+    import sys
+
+    from ..config import ConfigError, TrainConfig
+    ap = argparse.ArgumentParser(description="Rank parml layouts by simulated time.")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--ranks", type=int, required=True)
+    ap.add_argument("--dataset", default="circles")
+    ap.add_argument("--arch", default="dense")
+    ap.add_argument("--channels", default=None)
+    ap.add_argument("-K", "--blocks", type=int, default=2048)
+    ap.add_argument("--width", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("-L", "--levels", type=int, default=8)
+    ap.add_argument("--cycle", default=None)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--local", action="store_true", help="every rank on this machine (oversubscribe past its cores)")
+    ap.add_argument("--microbatches", default=None, help="comma-separated M values to try")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--limit", type=int, default=20)
+    a = ap.parse_args(argv)
+    try:
+        cfg = TrainConfig(dataset=a.dataset, arch=a.arch, channels=a.channels, blocks=a.blocks, width=a.width,
+                          batch_size=a.batch_size, levels=a.levels, cycle=a.cycle)
+        cfg.validate()
+        prof = Profile.load(a.profile, device=a.device)
+        ms = [int(m) for m in a.microbatches.split(",")] if a.microbatches else None
+        recs = plan(workload_for(cfg), a.ranks, prof, a.backend, local=a.local, microbatches=ms)
+    except (ConfigError, ProfileError, LayoutError, ValueError) as e:
+        print(f"parml: error: {e}", file=sys.stderr)
+        return 2
+    print(to_json(recs) if a.json else format_table(recs, a.limit))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,17 +146,19 @@ def _arrival(op: Send, src, t, link_free):
     return start + op.link.latency + wire
 
 
-def run_programs(programs: dict, share=None, cores: float | None = None, record: bool = True) -> Run:
+def run_programs(programs: dict, share=None, cores: float | None = None, record: bool = True,
+                 background: float = 0.0) -> Run:
     """Run every rank's program (a list of ops) from t = 0.
 
     `share`: None (every rank computes at full speed) or {rank: {other rank: copies}}: the ranks
     whose computing slows `rank` down (copies counts identical replicas on its node, itself
     included); then a computing rank runs at min(1, cores / Σ copies of computing ranks).
+    `background`: other runnable processes on every node, competing for its cores.
     `record`: keep every span (timelines); otherwise only the seconds per kind.
     """
     if share is None:
         return _run_fast(programs, record)
-    return _run_shared(programs, share, cores)
+    return _run_shared(programs, share, cores, background)
 
 
 def _deadlock(programs, pc, done):
@@ -255,7 +257,7 @@ def _run_fast(programs: dict, record: bool = True) -> Run:
     return Run(spans, dict(clock), end, {k: tuple(v) for k, v in handles.items()}, sums)
 
 
-def _run_shared(programs: dict, share: dict, cores: float) -> Run:
+def _run_shared(programs: dict, share: dict, cores: float, background: float = 0.0) -> Run:
     """Time-ordered fluid simulation with processor sharing among the ranks of a node."""
     t = 0.0
     pc = {r: 0 for r in programs}
@@ -319,7 +321,7 @@ def _run_shared(programs: dict, share: dict, cores: float) -> Run:
         computing = [r for r in programs if state[r] == "compute"]
         out = {}
         for r in computing:
-            load = sum(share[r].get(q, 0) for q in computing)
+            load = sum(share[r].get(q, 0) for q in computing) + background
             out[r] = min(1.0, cores / load) if load > 0 else 1.0
         return out
 
@@ -411,6 +413,7 @@ class Layout:
     weight_grads: str = "deferred"
     backend: str = "gloo"
     ranks_per_node: int | None = None   # None: profile.cores (a full node, not oversubscribed)
+    background: float = 0.0             # other processes busy on each node (a shared machine)
 
     @property
     def world(self) -> int:
@@ -617,6 +620,7 @@ class Context:
     backend: str
     world: int
     ranks_per_node: int
+    background: float = 0.0
 
     def __post_init__(self):
         self.oversubscribed = min(self.world, self.ranks_per_node) > self.profile.cores
@@ -643,7 +647,7 @@ class Context:
 
     def share(self, lev: LevelLayout, simulated):
         """{rank: {rank': copies}}: simulated ranks of replica 0 and the replicas that mirror them."""
-        if not self.oversubscribed:
+        if not self.oversubscribed and not self.background:
             return None
         out = {}
         for j in simulated:
@@ -737,7 +741,7 @@ def gradient_programs(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
 def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Context,
                       record: bool = True) -> PhaseResult:
     programs, peaks = gradient_programs(lev, work, layout, ctx)
-    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores, record)
+    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores, record, ctx.background)
     ar = {}
     if lev.replicas > 1:
         total = sum(h[1] - h[0] for (r, _), h in run.handles.items())
@@ -752,7 +756,7 @@ def simulate_update(lev: LevelLayout, ctx: Context, what: str = "update") -> Pha
     for j in range(lev.ranks):
         a, b = lev.partition.range(j)
         programs[j] = [Compute(ctx.profile.step_cost(what, p=shard_parameters(lev.spec, a, b)), what, "other")]
-    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores)
+    run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores, background=ctx.background)
     return PhaseResult(run.end, run, list(programs))
 
 
@@ -826,9 +830,9 @@ def simulate_move(fine: LevelLayout, coarse: LevelLayout, ctx: Context, dbytes: 
                                        "assign" if down else "prolongate", "other"))
     programs = {r: p for r, p in programs.items()}
     share = None
-    if ctx.oversubscribed:
+    if ctx.oversubscribed or ctx.background:
         share = {r: {q: 1 for q in programs if ctx.node(q) == ctx.node(r)} for r in programs}
-    run = run_programs(programs, share, prof.cores)
+    run = run_programs(programs, share, prof.cores, background=ctx.background)
     return PhaseResult(run.end, run, sorted(programs))
 
 
@@ -961,7 +965,7 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
         raise LayoutError(f"--data-parallel {D} and layer ranks {P} must be at least 1")
     if D * P > 1:
         profile.backend(layout.backend)
-    ctx = Context(profile, layout.backend, D * P, layout.ranks_per_node or profile.cores)
+    ctx = Context(profile, layout.backend, D * P, layout.ranks_per_node or profile.cores, layout.background)
     levs = level_layouts(work, layout)
     dbytes = DTYPE_BYTES[work.dtype]
     fine = levs[-1]
@@ -977,7 +981,8 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
         return lambda j: owners.get(j, [])
 
     memo = {} if cache is None or keep_run else cache
-    common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend, ctx.ranks_per_node, D * P)
+    common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend, ctx.ranks_per_node, D * P,
+              ctx.background)
 
     def where(lev):
         return (lev.level, lev.partition.bounds, lev.replicas, lev.stride)
