@@ -292,6 +292,19 @@ def test_ranks_that_do_not_fit_the_blocks_are_one_line():
     one_line(e)
 
 
+def test_planner_main_prints_a_table_or_one_line(tmp_path, capsys):
+    from parml.plan.planner import main
+    path = tmp_path / "p.json"
+    planner_profile().save(path)
+    assert main(["--profile", str(path), "--ranks", "2", "-K", "64", "--width", "4", "-L", "2",
+                 "--microbatches", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "D x P" in out and "2 x 1" in out
+    assert main(["--profile", str(tmp_path / "none.json"), "--ranks", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parml: error: --profile") and "\n" not in err
+
+
 def test_calibrate_comm_on_two_gloo_ranks():
     """The communication worker runs on 2 real ranks through parml's Communicator."""
     from parml.plan.calibrate import GRIDS, measure_comm

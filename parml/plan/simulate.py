@@ -23,8 +23,9 @@ and the D-way all-reduce starts when that replica's rank posts it.
 Message semantics: a send costs the sender the backend's posting overhead and arrives latency +
 bytes/bandwidth later (messages on one link queue behind each other); a receive blocks until its
 message has arrived; a collective completes its cost after the last member joined. Ranks that
-share a node's cores (more ranks than ``profile.cores``) split them evenly among those computing
-(processor sharing); otherwise each computes at full speed.
+share a node's cores (more ranks than ``profile.cores``, or ``Layout.background`` other busy
+processes) split them evenly among those computing (processor sharing; a waiting rank blocks and
+leaves its core); otherwise each computes at full speed.
 """
 from __future__ import annotations
 
