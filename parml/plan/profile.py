@@ -1,0 +1,268 @@
+"""A machine's measured costs: what the simulator (``simulate.py``) charges for each action.
+
+A ``Profile`` is written by ``calibrate.py`` (or by hand for a machine not at hand, with its
+sources in ``notes``) and read back from JSON. Every cost is a fitted linear combination of
+named features (``FEATURES``) with the fit's error on the points it was fitted to:
+
+* per kernel ("dense": fused Euler blocks with deferred weight gradients; "dense-inline"; "conv"):
+  forward ``F``, backward ``B`` (input adjoint) and weight-gradient ``W`` seconds of one chunk of
+  n blocks on b rows of width v (conv: v channels on s = H*W pixels);
+* ``ends``: what the first rank (opening) and the last rank (head + loss) add per micro-batch;
+* ``step``: per gradient evaluation (executor, Level.gradient bookkeeping) and per optimizer
+  update, against the rank's parameter count p;
+* ``comm``: per backend, point-to-point latency, bandwidth and the sender's posting cost, and
+  all-reduce seconds against bytes B and group size g; ``*_oversubscribed`` variants hold what
+  was measured with more ranks than cores.
+
+``cores`` is how many ranks one node runs without sharing a core (CPU) or device (GPU);
+``memory_bytes`` the memory one rank has when the node is full.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SCHEMA = 1
+DEVICES = ("cpu", "cuda")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message is one line naming the file and the fix."""
+
+
+# --- fitted cost functions -------------------------------------------------------------------------
+
+def _g(x, k, default=1.0):
+    v = x.get(k, default)
+    return float(default if v is None else v)
+
+
+# variables: n blocks, b rows, v width/channels, s pixels (1 dense), i in features, o out features,
+# p parameter elements, g group size, B bytes
+FEATURES = {
+    "1": lambda x: 1.0,
+    "n": lambda x: _g(x, "n"),
+    "n*b": lambda x: _g(x, "n") * _g(x, "b"),
+    "n*b*v*s": lambda x: _g(x, "n") * _g(x, "b") * _g(x, "v") * _g(x, "s"),
+    "n*b*v^2*s": lambda x: _g(x, "n") * _g(x, "b") * _g(x, "v") ** 2 * _g(x, "s"),
+    "n*v^2": lambda x: _g(x, "n") * _g(x, "v") ** 2,
+    "b": lambda x: _g(x, "b"),
+    "b*v*s": lambda x: _g(x, "b") * _g(x, "v") * _g(x, "s"),
+    "b*i*v*s": lambda x: _g(x, "b") * _g(x, "i") * _g(x, "v") * _g(x, "s"),
+    "b*o*v": lambda x: _g(x, "b") * _g(x, "o") * _g(x, "v"),
+    "p": lambda x: _g(x, "p"),
+    "log2(g)": lambda x: math.log2(max(_g(x, "g"), 1.0)),
+    "B": lambda x: _g(x, "B"),
+    "B*(g-1)/g": lambda x: _g(x, "B") * (_g(x, "g") - 1) / _g(x, "g"),
+}
+
+
+@dataclass
+class Fit:
+    """seconds = Σ coef_k · FEATURES[features_k](variables), never negative."""
+    features: list[str]
+    coef: list[float]
+    median_rel_error: float = 0.0
+    max_rel_error: float = 0.0
+    points: int = 0
+
+    def __post_init__(self):
+        bad = [f for f in self.features if f not in FEATURES]
+        if bad or len(self.features) != len(self.coef):
+            raise ProfileError(f"fit has unknown features {bad} or {len(self.coef)} coefficients "
+                               f"for {len(self.features)} features")
+
+    def __call__(self, **x) -> float:
+        return max(0.0, sum(c * FEATURES[f](x) for f, c in zip(self.features, self.coef)))
+
+    @classmethod
+    def constant(cls, seconds: float) -> Fit:
+        return cls(["1"], [float(seconds)])
+
+    @classmethod
+    def fitted(cls, features: list[str], points: list[dict], seconds: list[float], floor: float = 1e-12) -> Fit:
+        """Least squares on relative residuals with non-negative coefficients (features with a
+        negative coefficient are dropped and the rest refitted), plus the fit's relative errors.
+        Residuals are relative to max(seconds, `floor`): a cost measured as a difference of two
+        timings is fitted against the size of those timings, not its own (noisy) size."""
+        y = np.asarray(seconds, dtype=float)
+        X = np.array([[FEATURES[f](p) for f in features] for p in points], dtype=float)
+        w = 1.0 / np.maximum(y, floor)
+        active = list(range(len(features)))
+        coef = np.zeros(len(features))
+        while active:
+            sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
+            if (sol >= 0).all():
+                coef[:] = 0.0
+                coef[active] = sol
+                break
+            active = [a for a, c in zip(active, sol) if c > 0] if (sol > 0).any() else []
+        pred = X @ coef
+        rel = np.abs(pred - y) / np.maximum(y, floor)
+        return cls(list(features), [float(c) for c in coef], float(np.median(rel)) if len(rel) else 0.0,
+                   float(rel.max()) if len(rel) else 0.0, len(points))
+
+
+@dataclass
+class KernelCost:
+    """Seconds of one chunk of n blocks: forward, backward (input adjoint) and weight gradients."""
+    forward: Fit
+    backward: Fit
+    weight: Fit = field(default_factory=lambda: Fit.constant(0.0))
+    note: str = ""
+    measured: list = field(default_factory=list)    # raw points: [n, b, v, s, F, B, W] seconds
+
+
+@dataclass
+class CommCost:
+    """One backend: one-way message = latency + bytes / bandwidth (+ the sender's posting cost)."""
+    latency: float
+    bandwidth: float
+    overhead: float = 0.0
+    allreduce: Fit = field(default_factory=lambda: Fit(["log2(g)", "B*(g-1)/g"], [0.0, 0.0]))
+    oversubscribed: CommCost | None = None     # measured with more ranks than cores
+    inter_node: CommCost | None = None         # between nodes (a cluster profile), else the same
+    measured: dict = field(default_factory=dict)  # raw points: {"p2p": [[bytes, s]], "allreduce": [[g, bytes, s]]}
+    note: str = ""
+
+    def message(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+    def allreduce_seconds(self, nbytes: float, group: int) -> float:
+        return 0.0 if group <= 1 else self.allreduce(B=nbytes, g=group)
+
+
+@dataclass
+class Profile:
+    device: str                      # "cpu" | "cuda": the device type the costs were measured on
+    kernels: dict[str, KernelCost]
+    comm: dict[str, CommCost]
+    ends: dict[str, Fit] = field(default_factory=dict)    # "first", "last": per micro-batch, F and B
+    step: dict[str, Fit] = field(default_factory=dict)    # "gradient", "update", "transfer": per rank
+    cores: int = 1
+    memory_bytes: float = float("inf")
+    dtype: str = "float32"
+    threads: int = 1
+    device_name: str = ""
+    machine: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    date: str = ""
+    notes: str = ""
+    schema: int = SCHEMA
+
+    # -- costs the simulator asks for
+    def kernel(self, name: str) -> KernelCost:
+        if name not in self.kernels:
+            raise ProfileError(f"the profile has no costs for kernel {name!r} (has: {', '.join(sorted(self.kernels))}); "
+                               f"calibrate it (parml calibrate)")
+        return self.kernels[name]
+
+    def backend(self, name: str) -> CommCost:
+        if name not in self.comm:
+            raise ProfileError(f"--backend {name!r} was not calibrated in this profile (has: "
+                               f"{', '.join(sorted(self.comm)) or 'none'})")
+        return self.comm[name]
+
+    def end_cost(self, role: str, kind: str, **x) -> float:
+        fit = self.ends.get(f"{role}_{kind}")
+        return fit(**x) if fit is not None else 0.0
+
+    def step_cost(self, what: str, **x) -> float:
+        fit = self.step.get(what)
+        return fit(**x) if fit is not None else 0.0
+
+    # -- JSON
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "profile") -> Profile:
+        if not isinstance(d, dict) or "schema" not in d or "device" not in d:
+            raise ProfileError(f"{where} is not a parml profile (no 'schema'/'device'); create one with: parml calibrate")
+        if d["schema"] != SCHEMA:
+            raise ProfileError(f"{where} has profile schema {d['schema']}, this parml reads schema {SCHEMA}; "
+                               f"recalibrate with: parml calibrate")
+        try:
+            def fit(f):
+                return Fit(**f)
+
+            def comm(c):
+                if c is None:
+                    return None
+                c = dict(c)
+                c["allreduce"] = fit(c["allreduce"])
+                c["oversubscribed"] = comm(c.get("oversubscribed"))
+                c["inter_node"] = comm(c.get("inter_node"))
+                return CommCost(**c)
+            kernels = {k: KernelCost(fit(v["forward"]), fit(v["backward"]), fit(v["weight"]), v.get("note", ""),
+                                     v.get("measured", [])) for k, v in d["kernels"].items()}
+            rest = {k: v for k, v in d.items() if k not in ("kernels", "comm", "ends", "step")}
+            prof = cls(kernels=kernels, comm={k: comm(v) for k, v in d["comm"].items()},
+                       ends={k: fit(v) for k, v in d.get("ends", {}).items()},
+                       step={k: fit(v) for k, v in d.get("step", {}).items()}, **rest)
+        except ProfileError as e:
+            raise ProfileError(f"{where} is corrupt: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProfileError(f"{where} is corrupt ({type(e).__name__}: {e}); recalibrate with: parml calibrate") from None
+        if prof.device not in DEVICES:
+            raise ProfileError(f"{where} has device {prof.device!r}; valid: {', '.join(DEVICES)}")
+        return prof
+
+    def save(self, path) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, device: str | None = None, option: str = "--profile") -> Profile:
+        """Read `path`; with `device`, refuse a profile measured on another device type."""
+        where = f"{option} {path}"
+        if not os.path.isfile(path):
+            raise ProfileError(f"{where}: no such file; create one with: parml calibrate --out {path}")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{where} is corrupt (not JSON: {e.msg} at line {e.lineno}); "
+                               f"recalibrate with: parml calibrate --out {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(f"{where} cannot be read ({type(e).__name__}); recalibrate with: parml calibrate") from None
+        prof = cls.from_dict(data, where)
+        if device is not None:
+            check_device(prof, device, where)
+        return prof
+
+
+def check_device(prof: Profile, device: str, where: str = "--profile") -> None:
+    kind = str(device).split(":")[0]
+    if kind not in DEVICES:
+        raise ProfileError(f"--device {device!r} is not one of: {', '.join(DEVICES)}")
+    if prof.device != kind:
+        raise ProfileError(f"{where} was calibrated on device type {prof.device!r} but this run uses {kind!r}; "
+                           f"calibrate on this machine with: parml calibrate --device {kind}")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def uniform_profile(forward: float = 1.0, backward: float = 1.0, weight: float = 0.0, latency: float = 0.0,
+                    bandwidth: float = float("inf"), per_row: bool = True, cores: int = 10 ** 9,
+                    memory_bytes: float = float("inf"), device: str = "cpu") -> Profile:
+    """A synthetic profile: each block costs `forward`/`backward`/`weight` seconds per row (or per
+    block call with ``per_row=False``), no overheads, messages take latency + bytes/bandwidth.
+    The simulator tests (bubble bound, hand-built timelines, eq. (10)) run on it."""
+    feat = "n*b" if per_row else "n"
+    k = KernelCost(Fit([feat], [forward]), Fit([feat], [backward]), Fit([feat], [weight]), "uniform")
+    comm = CommCost(latency, bandwidth, 0.0, Fit(["log2(g)", "B*(g-1)/g"], [latency, 2.0 / bandwidth if bandwidth else 0.0]))
+    return Profile(device, {"dense": k, "dense-inline": KernelCost(k.forward, Fit([feat], [backward + weight]),
+                                                                  Fit.constant(0.0)), "conv": k},
+                   {"gloo": comm, "mpi": comm, "nccl": comm}, cores=cores, memory_bytes=memory_bytes,
+                   notes="synthetic uniform costs")

@@ -1,0 +1,376 @@
+"""The scaling model: simulator against theory and hand-built timelines, V-cycle work units against
+eq. (10), profile round trip and errors, planner rankings on synthetic profiles."""
+import json
+import math
+
+import pytest
+import torch
+
+from parml.mgopt import CycleSetup
+from parml.model import ModelSpec, StageSpec, build_model
+from parml.parallel.agglomerate import _pieces
+from parml.parallel.layout import LayoutError, Partition, plan_levels
+from parml.plan.planner import candidates, format_table, plan, to_json
+from parml.plan.profile import (
+    CommCost,
+    Fit,
+    KernelCost,
+    Profile,
+    ProfileError,
+    check_device,
+    uniform_profile,
+)
+from parml.plan.simulate import (
+    Context,
+    Layout,
+    Workload,
+    cycle_trace,
+    gradient_programs,
+    level_layouts,
+    move_messages,
+    predict,
+    run_programs,
+)
+
+
+def dense(width, blocks, in_features=2, out_features=2):
+    return ModelSpec(in_features, out_features, (StageSpec(width, blocks),))
+
+
+# --- the pipeline against theory -------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_uniform_costs_reproduce_the_bubble_bound(schedule):
+    """F = B = 1 per block and row, no W, free messages: speedup over one rank = M·P/(M+P−1) exactly."""
+    prof = uniform_profile(forward=1.0, backward=1.0, weight=0.0)
+    for P in range(1, 7):
+        for M in range(1, 9):
+            n, rows = 3, 5
+            work = Workload(dense(2, n * P), batch=M * rows)
+            serial = predict(work, Layout(1, 1, 1, schedule), prof).step_seconds
+            pr = predict(work, Layout(1, P, M, schedule), prof)
+            assert serial == 2 * n * P * M * rows
+            assert pr.step_seconds == 2 * (M + P - 1) * n * rows          # exact: integer costs
+            assert serial / pr.step_seconds == pytest.approx(M * P / (M + P - 1), rel=1e-15)
+            assert pr.bubble == pytest.approx((P - 1) / (M + P - 1), rel=1e-12, abs=1e-15)
+
+
+def hand_profile(F, B, W, latency, bandwidth=math.inf):
+    """Costs per block call (independent of rows): one block per rank makes them per action."""
+    return uniform_profile(forward=F, backward=B, weight=W, latency=latency, bandwidth=bandwidth, per_row=False)
+
+
+def timeline(pr, rank):
+    return [(label, start, end) for label, start, end in pr.step_run.timeline(rank)]
+
+
+def test_two_rank_1f1b_timeline_by_hand():
+    # F = 1, B = 2, W = 0.5 per action, latency 0.25, free bandwidth. 1F1B, P = 2, M = 2:
+    # stage 0 runs F0 F1 B0 B1, stage 1 runs F0 B0 F1 B1 (warm-up min(P-s-1, M)).
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.25),
+                 keep_run=True)
+    assert timeline(pr, 1) == [("1F0", 1.25, 2.25), ("1B0", 2.25, 4.25), ("1W0", 4.25, 4.75),
+                               ("1F1", 4.75, 5.75), ("1B1", 5.75, 7.75), ("1W1", 7.75, 8.25)]
+    assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.0), ("0B0", 4.5, 6.5), ("0W0", 6.5, 7.0),
+                               ("0B1", 8.0, 10.0), ("0W1", 10.0, 10.5)]
+    # then the loss broadcast and Level.gradient's all-reduce, each latency · log2(2)
+    assert pr.step_seconds == 10.5 + 0.25 + 0.25
+    assert pr.step_ranks[1].wait == pytest.approx(1.25 + (10.5 - 8.25))
+    assert pr.step_ranks[0].wait == pytest.approx(2.5 + 1.0)
+
+
+def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
+    # F = 0.25, B = 1, W = 0.5; latency 0.25; each message 16 bytes at 32 B/s = 0.5 s on the wire,
+    # so rank 0's second state queues behind the first on the link.
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "gpipe"), hand_profile(0.25, 1, 0.5, 0.25, 32.0),
+                 keep_run=True)
+    assert timeline(pr, 0)[:2] == [("0F0", 0.0, 0.25), ("0F1", 0.25, 0.5)]
+    assert timeline(pr, 1) == [("1F0", 1.0, 1.25), ("1F1", 1.5, 1.75), ("1B0", 1.75, 2.75), ("1W0", 2.75, 3.25),
+                               ("1B1", 3.25, 4.25), ("1W1", 4.25, 4.75)]
+    assert timeline(pr, 0)[2:] == [("0B0", 3.5, 4.5), ("0W0", 4.5, 5.0), ("0B1", 5.0, 6.0), ("0W1", 6.0, 6.5)]
+    # the loss broadcast (0.25 + 8 B over the 2-rank all-reduce model = 0.5) and Level.gradient's
+    # all-reduce of 16 B (0.75) end the step on both ranks
+    assert pr.step_run.finish[1] == pr.step_run.finish[0] == 6.5 + 0.5 + 0.75
+
+
+def test_three_rank_1f1b_timeline_by_hand():
+    # F = 1, B = 2, W = 0.5, latency 0.5. Stage 0: F0 F1 B0 B1; stage 1: F0 F1 B0 B1; stage 2: F0 B0 F1 B1.
+    pr = predict(Workload(dense(2, 3), batch=4), Layout(1, 3, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.5),
+                 keep_run=True)
+    assert timeline(pr, 0) == [("0F0", 0, 1), ("0F1", 1, 2), ("0B0", 9, 11), ("0W0", 11, 11.5),
+                               ("0B1", 12.5, 14.5), ("0W1", 14.5, 15)]
+    assert timeline(pr, 1) == [("1F0", 1.5, 2.5), ("1F1", 2.5, 3.5), ("1B0", 6.5, 8.5), ("1W0", 8.5, 9),
+                               ("1B1", 10, 12), ("1W1", 12, 12.5)]
+    assert timeline(pr, 2) == [("2F0", 3, 4), ("2B0", 4, 6), ("2W0", 6, 6.5), ("2F1", 6.5, 7.5),
+                               ("2B1", 7.5, 9.5), ("2W1", 9.5, 10)]
+    assert pr.step_seconds == pytest.approx(15 + 2 * 0.5 * math.log2(3))
+
+
+def test_shared_engine_agrees_with_the_exact_one():
+    """Processor sharing with enough cores is the same timeline as the max-plus evaluation."""
+    prof = uniform_profile(forward=0.7, backward=1.3, weight=0.4, latency=0.3, bandwidth=100.0)
+    work = Workload(dense(3, 12), batch=24)
+    for sched in ("gpipe", "1f1b"):
+        for P, M, D in ((3, 4, 1), (4, 3, 2), (2, 5, 2)):
+            lay = Layout(D, P, M, sched, ranks_per_node=64)
+            ctx = Context(prof, "gloo", D * P, 64)
+            progs, _ = gradient_programs(level_layouts(work, lay)[-1], work, lay, ctx)
+            fast = run_programs(progs)
+            shared = run_programs(progs, {r: {q: 1 for q in progs} for r in progs}, cores=1000)
+            assert shared.end == pytest.approx(fast.end, rel=1e-12)
+            for r in progs:
+                assert [(s.kind, s.label) for s in shared.spans[r]] == [(s.kind, s.label) for s in fast.spans[r]]
+                for a, b in zip(shared.spans[r], fast.spans[r]):
+                    assert (a.start, a.end) == pytest.approx((b.start, b.end), rel=1e-12, abs=1e-12)
+
+
+def test_oversubscribed_replicas_share_the_cores():
+    """Two data replicas on one core compute at half speed; the profile's cores decide."""
+    work = Workload(dense(2, 8), batch=8)
+    one = predict(work, Layout(1, 1, 1), uniform_profile(cores=1))
+    two = predict(work, Layout(2, 1, 1, ranks_per_node=2), uniform_profile(cores=1))
+    roomy = predict(work, Layout(2, 1, 1, ranks_per_node=2), uniform_profile(cores=2))
+    assert roomy.step_seconds == one.step_seconds / 2
+    assert two.step_seconds == pytest.approx(one.step_seconds)
+    # three other busy processes on a 2-core machine: one rank gets half a core
+    busy = predict(work, Layout(1, 1, 1, background=3.0), uniform_profile(cores=2))
+    assert busy.step_seconds == pytest.approx(2 * one.step_seconds)
+
+
+def test_gradient_allreduce_overlaps_the_pipeline_tail():
+    prof = uniform_profile(forward=1.0, backward=1.0, latency=0.0, bandwidth=1e9)
+    prof.comm["gloo"].allreduce = Fit(["B"], [0.05])      # 0.05 s per byte
+    pr = predict(Workload(dense(2, 8), batch=32), Layout(2, 4, 4, "1f1b"), prof, keep_run=True)
+    # rank s's last backward ends 2·(P-1-s)·(2 blocks · 4 rows) before rank 0's: its gradients'
+    # all-reduce runs while the ranks before it still compute; rank 0's cannot hide
+    h = pr.step_run.handles
+    assert h[(3, "grad-allreduce")][2] == 0.0 and h[(2, "grad-allreduce")][2] == 0.0
+    assert h[(0, "grad-allreduce")][2] > 0.0
+    assert 0.0 < pr.allreduce["overlap"] < 1.0
+
+
+# --- the V-cycle -----------------------------------------------------------------------------------
+
+SETUPS = ["[(1),{2}]", "[(1),1,2,{2}]", "[2,1,{3}]", "[(0),1,{1}]", str(CycleSetup.default(6)),
+          str(CycleSetup.default(8))]
+
+
+@pytest.mark.parametrize("text", SETUPS)
+def test_vcycle_work_units_equal_eq10(text):
+    setup = CycleSetup.parse(text)
+    events, wu = cycle_trace(text)
+    assert wu == setup.cost()
+    L = setup.levels
+    K = 2 ** (L + 2)
+    work = Workload(dense(2, K), batch=6, levels=L, cycle=setup)
+    pr = predict(work, Layout(1, 1, 1), uniform_profile())     # costs ∝ blocks, nothing else
+    assert pr.cycle_seconds / pr.step_seconds == setup.cost()
+    assert pr.work_units == setup.cost()
+    grads = [lv for kind, lv in events if kind == "grad"]
+    assert sum(2.0 ** (lv - L) for lv in grads) == setup.cost()
+
+
+def test_vcycle_levels_on_gather_and_replicate_layouts():
+    work = Workload(dense(2, 64), batch=64, levels=4)
+    g = level_layouts(work, Layout(2, 4, 1, coarse_layout="gather", min_blocks_per_rank=8))
+    r = level_layouts(work, Layout(2, 4, 1, coarse_layout="replicate", min_blocks_per_rank=8))
+    assert [(lv.ranks, lv.replicas) for lv in g] == [(1, 2), (2, 2), (4, 2), (4, 2)]
+    assert [(lv.ranks, lv.replicas) for lv in r] == [(1, 8), (2, 4), (4, 2), (4, 2)]
+    prof = uniform_profile(latency=0.01, bandwidth=1e6)
+    pg = predict(work, Layout(2, 4, 2, coarse_layout="gather", min_blocks_per_rank=8), prof)
+    pr = predict(work, Layout(2, 4, 2, coarse_layout="replicate", min_blocks_per_rank=8), prof)
+    assert pr.level_seconds[0] < pg.level_seconds[0]          # 8 replicas split the coarsest batch
+    assert sum(s.idle for s in pg.cycle_ranks) > sum(s.idle for s in pr.cycle_ranks)
+
+
+def mover_pieces(spec, src, dst):
+    """(src rank, dst rank, elements) of every piece agglomerate.Mover sends between partitions."""
+    from parml.parallel.agglomerate import shard_entries
+    sizes = {n: p[0].numel() if n.startswith("chunks.") else p.numel()
+             for n, p in build_model(spec).named_parameters()}
+    entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
+    out = []
+    for p, q, a, _, rows in _pieces(spec, src, dst):
+        key = entries[p][a].key
+        if key[0] == "shared":
+            out.append((p, q, sizes[key[1]]))
+        else:
+            out.append((p, q, (rows[1] - rows[0]) * sizes[f"chunks.{key[1]}.{key[2]}"]))
+    return sorted(out)
+
+
+def test_move_messages_are_the_movers_pieces():
+    """D = 1, gather: the simulated transfer pieces are agglomerate.Mover's (src, dst, elements)."""
+    fine_spec = dense(3, 32, 5, 4)
+    for P, mbpr in ((4, 8), (3, 4), (4, 16)):
+        work = Workload(fine_spec, batch=8, levels=3)
+        levs = level_layouts(work, Layout(1, P, 1, min_blocks_per_rank=mbpr))
+        for i in (1, 2):
+            fine, coarse = levs[i], levs[i - 1]
+            fic = Partition(tuple(b // 2 for b in fine.partition.bounds))
+            down = move_messages(coarse.spec, fine, coarse, fic, coarse.partition, range(P))
+            assert sorted(down) == mover_pieces(coarse.spec, fic, coarse.partition)
+            up = move_messages(coarse.spec, coarse, fine, coarse.partition, fic, range(P))
+            assert sorted(up) == mover_pieces(coarse.spec, coarse.partition, fic)
+
+
+def test_plan_levels_is_used_for_gather():
+    work = Workload(dense(2, 256), batch=16, levels=5)
+    levs = level_layouts(work, Layout(1, 4, 1, min_blocks_per_rank=16))
+    plans = plan_levels([16, 32, 64, 128, 256], 4, 16)
+    assert [lv.partition for lv in levs] == [p.partition for p in plans]
+
+
+# --- profiles --------------------------------------------------------------------------------------
+
+def synthetic_profile(**kw):
+    k = KernelCost(Fit(["n", "n*b*v*s"], [2e-6, 1e-9], 0.05, 0.1, 12), Fit(["n"], [3e-6]), Fit(["n*b*v^2*s"], [1e-10]))
+    c = CommCost(5e-5, 1e9, 1e-6, Fit(["log2(g)", "B*(g-1)/g"], [1e-4, 2e-9]))
+    c.oversubscribed = CommCost(1e-4, 5e8)
+    base = {"device": "cpu", "kernels": {"dense": k, "dense-inline": k}, "comm": {"gloo": c},
+                "ends": {"first_F": Fit(["1"], [1e-5])}, "step": {"update": Fit(["1", "p"], [1e-5, 1e-9])},
+                "cores": 2, "memory_bytes": 1e9, "machine": {"cpus": 2}, "versions": {"torch": torch.__version__},
+                "date": "2025-01-01T00:00:00+00:00"}
+    base.update(kw)
+    return Profile(**base)
+
+
+def test_profile_round_trip(tmp_path):
+    prof = synthetic_profile()
+    path = tmp_path / "p.json"
+    prof.save(path)
+    back = Profile.load(str(path), device="cpu")
+    assert back.to_dict() == prof.to_dict()
+    assert back.kernels["dense"].forward(n=4, b=10, v=3) == pytest.approx(4 * 2e-6 + 4 * 10 * 3 * 1e-9)
+    assert back.comm["gloo"].oversubscribed.latency == 1e-4
+    work = Workload(dense(4, 16), batch=32)
+    assert predict(work, Layout(1, 2, 4), back).step_seconds == predict(work, Layout(1, 2, 4), prof).step_seconds
+
+
+def one_line(exc):
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_profile_errors_are_one_line(tmp_path):
+    with pytest.raises(ProfileError) as e:
+        Profile.load(str(tmp_path / "missing.json"))
+    assert "no such file" in one_line(e) and "parml calibrate" in one_line(e)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError) as e:
+        Profile.load(str(bad))
+    assert "corrupt" in one_line(e)
+    bad.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"dense": {"forward": 3}}, "comm": {}}))
+    with pytest.raises(ProfileError) as e:
+        Profile.load(str(bad))
+    assert "corrupt" in one_line(e)
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ProfileError) as e:
+        Profile.load(str(bad))
+    assert "not a parml profile" in one_line(e)
+    gpu = tmp_path / "gpu.json"
+    synthetic_profile(device="cuda").save(gpu)
+    with pytest.raises(ProfileError) as e:
+        Profile.load(str(gpu), device="cpu")
+    assert "'cuda'" in one_line(e) and "'cpu'" in one_line(e)
+    with pytest.raises(ProfileError) as e:
+        check_device(synthetic_profile(), "tpu")
+    one_line(e)
+    with pytest.raises(ProfileError) as e:
+        predict(Workload(dense(2, 8), batch=8), Layout(1, 2, 1, backend="mpi"), synthetic_profile())
+    assert "--backend 'mpi'" in one_line(e)
+
+
+def test_ranks_that_do_not_fit_the_blocks_are_one_line():
+    with pytest.raises(LayoutError) as e:       # batch 2 allows D <= 2, and 4 blocks in pairs P <= 2
+        plan(Workload(dense(2, 4), batch=2, levels=2), 8, synthetic_profile())
+    assert "--ranks 8" in one_line(e)
+    with pytest.raises(LayoutError) as e:
+        predict(Workload(dense(2, 4), batch=64), Layout(1, 8, 1), synthetic_profile())
+    one_line(e)
+
+
+def test_planner_main_prints_a_table_or_one_line(tmp_path, capsys):
+    from parml.plan.planner import main
+    path = tmp_path / "p.json"
+    planner_profile().save(path)
+    assert main(["--profile", str(path), "--ranks", "2", "-K", "64", "--width", "4", "-L", "2",
+                 "--microbatches", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "D x P" in out and "2 x 1" in out
+    assert main(["--profile", str(tmp_path / "none.json"), "--ranks", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parml: error: --profile") and "\n" not in err
+
+
+def test_calibrate_comm_on_two_gloo_ranks():
+    """The communication worker runs on 2 real ranks through parml's Communicator."""
+    from parml.plan.calibrate import GRIDS, measure_comm
+    grid = dict(GRIDS["quick"], p2p_bytes=[8, 4096], p2p_reps=5)
+    c = measure_comm(["gloo"], 2, grid, "cpu", log=lambda *a: None)["gloo"]
+    assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
+    assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
+    assert {g for g, _, _ in c.measured["allreduce"]} == {2}
+
+
+def test_calibrate_quick_compute(tmp_path):
+    """A quick compute-only calibration writes a loadable profile whose dense fits are positive."""
+    from parml.plan.calibrate import calibrate
+    out = tmp_path / "prof.json"
+    prof = calibrate("cpu", [], str(out), quick=True, log=lambda *a: None)
+    back = Profile.load(str(out), device="cpu")
+    assert back.device == "cpu" and back.cores >= 1 and back.versions["torch"] == torch.__version__
+    k = back.kernels["dense"]
+    assert k.forward(n=8, b=64, v=16) > 0 and k.backward(n=8, b=64, v=16) > 0
+    assert k.forward.points > 0 and len(k.measured) == k.forward.points
+    assert back.date and prof.step["update"](p=1000) > 0
+    pr = predict(Workload(dense(8, 16), batch=32), Layout(1, 1, 2), back)
+    assert pr.step_seconds > 0
+
+
+# --- the planner -----------------------------------------------------------------------------------
+
+def planner_profile(memory=math.inf):
+    k = KernelCost(Fit(["n", "n*b*v^2*s"], [5e-6, 1e-9]), Fit(["n", "n*b*v^2*s"], [5e-6, 1e-9]),
+                   Fit(["n*b*v^2*s"], [1e-9]))
+    c = CommCost(2e-5, 5e9, 2e-6, Fit(["log2(g)", "B*(g-1)/g"], [3e-5, 4e-10]))
+    return Profile("cpu", {"dense": k, "dense-inline": k}, {"gloo": c},
+                   step={"update": Fit(["p"], [2e-10]), "gradient": Fit(["1"], [1e-5])}, cores=64,
+                   memory_bytes=memory)
+
+
+def test_planner_prefers_data_parallel_for_tiny_width_and_large_batch():
+    recs = plan(Workload(dense(3, 256), batch=4096), 8, planner_profile())
+    top = recs[0]
+    assert (top["data_parallel"], top["layer_ranks"]) == (8, 1)
+    assert top["fits_memory"] and top["efficiency"] == max(r["efficiency"] for r in recs)
+    for key in ("data_parallel", "layer_ranks", "microbatches", "schedule", "coarse_layout",
+                "predicted_step_seconds", "predicted_cycle_seconds", "efficiency", "memory_bytes_per_rank"):
+        assert key in top
+    times = [r["predicted_step_seconds"] for r in recs if r["fits_memory"]]
+    assert times == sorted(times)
+    table = format_table(recs, 5)
+    assert "8 x 1" in table.splitlines()[2]
+    assert json.loads(to_json(recs))[0]["data_parallel"] == 8
+
+
+def test_planner_picks_layer_parallel_when_replicas_do_not_fit_memory():
+    work = Workload(dense(512, 64), batch=64)
+    full = predict(work, Layout(1, 1, 1), planner_profile()).memory_bytes[0]
+    recs = plan(work, 4, planner_profile(memory=full * 0.4))
+    top = recs[0]
+    assert top["fits_memory"] and top["layer_ranks"] == 4
+    assert not any(r["fits_memory"] for r in recs if r["layer_ranks"] < 4)
+
+
+def test_planner_candidates_cover_the_mesh_and_coarse_layouts():
+    work = Workload(dense(2, 256), batch=64, levels=4)
+    cands = candidates(work, 4, "gloo")
+    pairs = {(c.data_parallel, c.layer_ranks) for c in cands}
+    assert pairs == {(4, 1), (2, 2), (1, 4)}
+    assert {c.coarse_layout for c in cands} == {"gather", "replicate"}
+    assert {c.schedule for c in cands if c.layer_ranks > 1} == {"gpipe", "1f1b"}
+    recs = plan(work, 4, planner_profile(), microbatches=[1, 4])
+    assert all(r["predicted_cycle_seconds"] > r["predicted_step_seconds"] for r in recs)
