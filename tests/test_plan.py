@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from parml.mgopt import CycleSetup
+from parml.multilevel.mgopt import CycleSetup
 from parml.model import ModelSpec, StageSpec, build_model
-from parml.parallel.agglomerate import _pieces
+from parml.parallel.transfer import _pieces
 from parml.parallel.layout import LayoutError, Partition, plan_levels
 from parml.plan.planner import candidates, format_table, plan, to_json
 from parml.plan.profile import (
@@ -184,8 +184,8 @@ def test_vcycle_levels_on_gather_and_replicate_layouts():
 
 
 def mover_pieces(spec, src, dst):
-    """(src rank, dst rank, elements) of every piece agglomerate.Mover sends between partitions."""
-    from parml.parallel.agglomerate import shard_entries
+    """(src rank, dst rank, elements) of every piece transfer.Mover sends between partitions."""
+    from parml.parallel.sharding import shard_entries
     sizes = {n: p[0].numel() if n.startswith("chunks.") else p.numel()
              for n, p in build_model(spec).named_parameters()}
     entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
@@ -200,7 +200,7 @@ def mover_pieces(spec, src, dst):
 
 
 def test_move_messages_are_the_movers_pieces():
-    """D = 1, gather: the simulated transfer pieces are agglomerate.Mover's (src, dst, elements)."""
+    """D = 1, gather: the simulated transfer pieces are transfer.Mover's (src, dst, elements)."""
     fine_spec = dense(3, 32, 5, 4)
     for P, mbpr in ((4, 8), (3, 4), (4, 16)):
         work = Workload(fine_spec, batch=8, levels=3)

@@ -11,7 +11,7 @@ Nothing here restates the pipeline or the cycle as formulas:
   on stand-in levels that log each gradient evaluation, optimizer step and transfer
   (``cycle_trace``), so its work units are eq. (10) by construction of the engine, not of a formula;
 * level layouts come from ``parallel.layout.plan_levels``; transfers between layouts send the
-  pieces ``parallel.agglomerate.Mover`` sends.
+  pieces ``parallel.transfer.Mover`` sends.
 
 The mesh (issue 17): world = D data replicas × P layer ranks, world rank = d·P + s. Each layer
 rank all-reduces its gradients over its D replicas, started after its last weight gradient, so it
@@ -390,7 +390,7 @@ class Workload:
 
     @property
     def setup(self):
-        from ..mgopt import CycleSetup
+        from ..multilevel.mgopt import CycleSetup
         return self.cycle if self.cycle is not None else CycleSetup.default(self.levels)
 
     @classmethod
@@ -451,7 +451,7 @@ def _split_sizes(n: int, parts: int) -> list[int]:
 
 
 def level_specs_of(spec: ModelSpec, levels: int) -> list[ModelSpec]:
-    from ..hierarchy import level_specs
+    from ..multilevel.hierarchy import level_specs
     return level_specs(spec, levels)
 
 
@@ -765,7 +765,7 @@ def simulate_update(lev: LevelLayout, ctx: Context, what: str = "update") -> Pha
 
 def move_messages(coarse: ModelSpec, src: LevelLayout, dst: LevelLayout, src_part: Partition,
                   dst_part: Partition, world) -> list[tuple[int, int, int]]:
-    """(src world rank, dst world rank, elements) of every piece ``agglomerate.Mover`` sends to
+    """(src world rank, dst world rank, elements) of every piece ``transfer.Mover`` sends to
     the destination ranks in `world`, one message per tensor piece; `src_part` and `dst_part` are
     the two partitions in the coarse level's block units (moves carry coarse-sized tensors). A destination takes its pieces from the source
     replica that contains its own world rank."""
@@ -847,8 +847,7 @@ def cycle_trace(setup_text: str) -> tuple[tuple[tuple[str, int], ...], float]:
     l adds the prolongated correction (a move up). Returns (events, work units)."""
     import torch
 
-    from ..comm import SelfComm
-    from ..mgopt import CycleSetup, Level, VCycle
+    from ..multilevel.mgopt import CycleSetup, Level, VCycle
     from ..model import build_model
 
     setup = CycleSetup.parse(setup_text)
@@ -856,8 +855,19 @@ def cycle_trace(setup_text: str) -> tuple[tuple[tuple[str, int], ...], float]:
     log: list = []
 
     class Executor:
+        rank = 0
+
         def __init__(self, model, number):
             self.model, self.number = model, number
+
+        def allreduce(self, tensor):
+            return tensor
+
+        def allgather_object(self, obj):
+            return [obj]
+
+        def time_halos(self, tensors, mask, kind):
+            return None, None
 
         def forward_backward(self, x, y):
             log.append(("grad", self.number))
@@ -886,7 +896,7 @@ def cycle_trace(setup_text: str) -> tuple[tuple[tuple[str, int], ...], float]:
         blocks = 2 ** i
         model = build_model(ModelSpec(1, 2, (StageSpec(1, blocks),)), seed=0, dtype=torch.float64)
         levels.append(TraceLevel(Executor(model, i + 1), 0.0, 1.0, "euclidean", blocks / 2 ** (L - 1),
-                                 lambda ps, n=i + 1: Optimizer(n), SelfComm(), number=i + 1))
+                                 lambda ps, n=i + 1: Optimizer(n), number=i + 1))
     vc = VCycle(levels, setup)
     vc((torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)), 0)
     return tuple(log), vc.work_units
