@@ -74,7 +74,7 @@ def run_one(setup: dict, mode: str, seed: int, data, data_dir, runs_dir: str) ->
     extra = ({"max_cycles": B} if mode == "direct" else
              {"cascade": DOUBLINGS, "cascade_cycles": B // (DOUBLINGS + 1), "max_cycles": B // (DOUBLINGS + 1)})
     name = f"{setup['dataset']}-{mode}-K{setup['blocks']}-s{seed}"
-    cfg = TrainConfig(dataset=setup["dataset"], data_dir=data_dir, blocks=setup["blocks"], width=setup["width"],
+    cfg = TrainConfig(overwrite=True, dataset=setup["dataset"], data_dir=data_dir, blocks=setup["blocks"], width=setup["width"],
                       levels=1, lr=setup["lr"], lr_min=setup["lr_min"], lr_schedule="cosine", beta=setup["beta"],
                       batch_size=setup["batch_size"], seed=seed, target_accuracy=None,
                       eval_every=setup["eval_every"], out=runs_dir, run_name=name, backend="self", progress=False,

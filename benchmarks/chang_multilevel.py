@@ -144,7 +144,7 @@ def run_one(name: str, setup: dict, mode: str, seed: int, data, runs_dir: str) -
     per_stage = n // (DOUBLINGS + 1)
     extra = ({"max_cycles": n} if mode == "direct" else
              {"cascade": DOUBLINGS, "cascade_cycles": per_stage, "max_cycles": per_stage})
-    cfg = TrainConfig(dataset=name, arch="conv", channels=setup["channels"], head=setup["head"],
+    cfg = TrainConfig(overwrite=True, dataset=name, arch="conv", channels=setup["channels"], head=setup["head"],
                       blocks=setup["blocks"], levels=1, optimizer="momentum", lr=setup["lr"], lr_min=setup["lr_min"],
                       lr_schedule="cosine", beta=setup["beta"], cascade_interpolation="constant",
                       batch_size=setup["batch_size"], seed=seed, target_accuracy=None,

@@ -189,7 +189,7 @@ def run_worker(job_path: str, result_path: str) -> None:
     for name, spec in warm.items():
         data = load_dataset(name, job["data_dir"], seed=spec["seed"])
         for levels in (1, 8):
-            cfg = TrainConfig(dataset=name, data_dir=job["data_dir"], blocks=128, width=spec["width"], levels=levels,
+            cfg = TrainConfig(overwrite=True, dataset=name, data_dir=job["data_dir"], blocks=128, width=spec["width"], levels=levels,
                               lr=spec["lr"], beta=spec["beta"], batch_size=spec["batch_size"], seed=spec["seed"],
                               target_accuracy=None, max_cycles=2, microbatches=spec["microbatches"],
                               out=os.path.join(job["runs_dir"], "warm-up"), run_name=f"{name}-L{levels}-P{P}",
@@ -197,7 +197,7 @@ def run_worker(job_path: str, result_path: str) -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 train(cfg, comm, data).pop("levels", None)
     for spec in job["runs"]:
-        cfg = TrainConfig(dataset=spec["dataset"], data_dir=job["data_dir"], blocks=spec["blocks"],
+        cfg = TrainConfig(overwrite=True, dataset=spec["dataset"], data_dir=job["data_dir"], blocks=spec["blocks"],
                           width=spec["width"], levels=spec["levels"], cycle=spec["cycle"], lr=spec["lr"],
                           beta=spec["beta"], metric=spec["metric"], batch_size=spec["batch_size"],
                           seed=spec["seed"], target_accuracy=spec["target_accuracy"],

@@ -83,7 +83,7 @@ def main(argv=None):
     results, curves = [], {}
     for name, tag, over in runs(args.activation, args.epochs):
         fn = tag.split("-")[0]
-        cfg = TrainConfig(dataset="regression", width=WIDTH, seed=args.seed, target_accuracy=None,
+        cfg = TrainConfig(overwrite=True, dataset="regression", width=WIDTH, seed=args.seed, target_accuracy=None,
                           max_cycles=10 ** 6, eval_every=80, progress=False,
                           out=os.path.join(args.out, "runs"),
                           run_name=f"{tag}-{name.split(' (')[0].replace(' ', '').replace('/', '').replace('>', '')}",

@@ -1,21 +1,37 @@
-"""Run configuration: one dataclass, validated in one place; the CLI and files only fill it.
+"""Run configuration: one dataclass whose fields are the options, validated in one place.
 
-Every check raises ``ConfigError`` whose message is one line naming the option, its value and
-what is allowed; the CLI prints it once (rank 0) and exits with code 2.
+Each field carries its help text and, where it has a fixed set of values, the registry that owns
+them (``choices``: the activations of ``model.steppers``, the schedules of ``parallel.schedule``,
+...). The command line (``cli.py``) and TOML files (``--config``, every run folder's
+``config.toml``) only fill the dataclass: the CLI builds its options from these fields, so a value
+is declared once. Every check raises ``ConfigError`` with one line naming the option, its value
+and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
+import typing
 from dataclasses import dataclass
 
-from .model import ACTIVATIONS, INITS, STEPPERS, ModelSpec, StageSpec
+from .comm import BACKENDS, DEVICES
+from .data import DATASETS
+from .kernels import KERNELS
+from .model import ACTIVATIONS, HEADS, INITS, NORMS, PROJECTIONS, STAGE_KINDS, STEPPERS, ModelSpec, StageSpec
 from .multilevel.hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
-from .multilevel.mgopt import CycleError, CycleSetup
+from .multilevel.cascade import LR_SCHEDULES
+from .multilevel.mgopt import LEVEL_OPTIMIZERS, CycleError, CycleSetup
 from .parallel.schedule import SCHEDULES
+from .parallel.stage import WEIGHT_GRADS
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                   # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 DTYPES = ("float32", "float64")
 
 
@@ -23,54 +39,96 @@ class ConfigError(ValueError):
     """A bad option value; the message is the one line the user sees."""
 
 
+def option(default, help: str, *, choices=None, short: str | None = None, runtime: bool = False):
+    """A TrainConfig field: its default, help text, valid values (a registry's keys) and short flag.
+    `runtime`: the option may change when a run is resumed (it does not change the iterates)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "short": short,
+                                                        "runtime": runtime})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``max_cycles`` -> ``--max-cycles``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Defaults: the paper's circles setup (§4)."""
-    dataset: str = "circles"          # circles | regression | mnist | fashion-mnist | cifar10 | digits
-    data_dir: str | None = None       # folder with IDX / CIFAR files (nothing downloads)
-    arch: str = "dense"               # dense | conv (conv opening, conv stages with projections, pooled head)
-    channels: str | None = None       # conv: channels per stage, e.g. "16,32,64" (default: --width)
-    projection: str = "conv"          # conv: strided 1x1 conv | avgpool (+ 1x1 conv) between stages
-    norm: str = "none"                # conv blocks: none | layer
-    head: str = "pool"                # conv: pool | flatten
-    blocks: int = 2048                # residual blocks (time steps) K on the finest level (per stage for conv)
-    width: int = 3                    # state width v (3 for circles, 10 for MNIST in the paper)
-    T: float = 1.0                    # final time; h = T / K
-    activation: str = "relu"          # σ in F(y) = σ(W y + b)
-    stepper: str = "euler"            # euler | rk2
-    init: str = "uniform"             # weights: uniform ±1/√fan_in | glorot (Glorot uniform, the paper's Keras default)
-    levels: int = 8                   # L; 1 is plain (S)GD
-    cycle: str | None = None          # paper notation, finest first, e.g. "[(1),1,1,1,2,2,2,{2}]"
-    optimizer: str = "sgd"            # level optimizer: sgd (Algorithm 3) | momentum | adam
-    lr: float = 0.1
-    beta: float = 1e-4                # Tikhonov weight β
-    metric: str = "l2"                # l2: block steps in the L2(0,T) metric; euclidean: raw parameters
-    interpolation: str = "constant"   # prolongation in time: constant (paper) | linear
-    lr_schedule: str = "constant"     # constant | cosine (annealed to lr_min over max_cycles)
-    lr_min: float = 0.001
-    cascade: int = 0                  # multilevel initialization: train K/2^c, ..., K/2 first (c doublings)
-    cascade_cycles: int = 100         # steps per cascade stage (cosine LR restarted each stage)
-    cascade_interpolation: str = "constant"   # constant: copy each block (Chang) | linear (Haber)
-    batch_size: int | None = None     # None = full batch (multilevel GD); else multilevel SGD
-    seed: int = 0
-    target_accuracy: float | None = 1.0   # stop at this validation accuracy (None: never)
-    max_cycles: int = 2000            # V-cycles (= steps for L = 1) budget
-    max_epochs: int | None = None     # mini-batch runs: epoch budget
-    dtype: str = "float32"
-    out: str = "runs"                 # parent folder of run folders
-    run_name: str | None = None       # default: <dataset>-L<levels>-K<blocks>-s<seed>
-    backend: str = "auto"             # auto | torch | mpi | self
-    device: str = "auto"              # auto | cpu | cuda
-    schedule: str = "1f1b"            # pipeline schedule across ranks
-    microbatches: int = 1             # M
-    weight_grads: str = "deferred"    # deferred (after the backward's adjoint is sent) | inline (in the backward)
-    min_blocks_per_rank: int = 16     # a coarse level with fewer blocks per rank is gathered onto fewer ranks
-    ranks: int | None = None          # expected world size; checked against the launcher's
-    comm_timeout: float = 300.0       # seconds before a blocked communication fails
-    checkpoint_every: int = 0         # cycles between checkpoints (0: none)
-    resume: str | None = None         # run folder to continue from its latest complete checkpoint
-    eval_every: int = 1               # validate every n cycles
-    progress: bool = True
+    # -- data and network
+    dataset: str = option("circles", "Dataset (generated: circles, regression; files: mnist, fashion-mnist, "
+                          "cifar10; scikit-learn: digits).", choices=tuple(DATASETS))
+    data_dir: str | None = option(None, "Folder with the dataset's files (IDX / CIFAR binary); nothing downloads.")
+    arch: str = option("dense", "dense: linear opening and blocks; conv: 3x3 conv stages with projections.",
+                       choices=STAGE_KINDS)
+    channels: str | None = option(None, "conv: channels per stage, e.g. 16,32,64; unset: one stage of --width.")
+    projection: str = option("conv", "conv: downsampling between stages.", choices=PROJECTIONS)
+    norm: str = option("none", "conv blocks: normalization.", choices=NORMS)
+    head: str = option("pool", "conv: classifier input (pool: resolution independent; flatten: Haber et al.).",
+                       choices=HEADS)
+    blocks: int = option(2048, "Residual blocks (time steps) K on the finest level (per stage for conv).", short="-K")
+    width: int = option(3, "State width v (3 for circles, 10 for MNIST in the paper).")
+    T: float = option(1.0, "Final time; h = T / K.")
+    activation: str = option("relu", "σ in F(y) = σ(W y + b).", choices=tuple(ACTIVATIONS))
+    stepper: str = option("euler", "Time stepper of each block.", choices=tuple(STEPPERS))
+    init: str = option("uniform", "Weights: uniform ±1/√fan_in | glorot (±√(6/(fan_in+fan_out)), the paper's "
+                       "Keras default).", choices=INITS)
+    # -- the multilevel method
+    levels: int = option(8, "Levels of the hierarchy; 1 = plain (S)GD.", short="-L")
+    cycle: str | None = option(None, "Steps per level, finest first, e.g. '[(1),1,2,{2}]' ((n): no "
+                               "post-smoothing; {n}: coarsest). Default: the paper's setup for --levels.")
+    optimizer: str = option("sgd", "Level optimizer.", choices=tuple(LEVEL_OPTIMIZERS))
+    lr: float = option(0.1, "Learning rate of every level optimizer.")
+    beta: float = option(1e-4, "Tikhonov weight β.")
+    metric: str = option("l2", "l2: block steps in the L2(0,T) metric (gradient / h); euclidean: raw "
+                         "parameters.", choices=METRICS)
+    interpolation: str = option("constant", "Prolongation in time.", choices=INTERPOLATIONS)
+    lr_schedule: str = option("constant", "cosine: anneal from --lr to --lr-min over --max-cycles.",
+                              choices=LR_SCHEDULES)
+    lr_min: float = option(0.001, "Final learning rate of cosine schedules.")
+    cascade: int = option(0, "Multilevel initialization: train K/2^c, ..., K/2 blocks first (c doublings), "
+                          "then K.")
+    cascade_cycles: int = option(100, "Steps per cascade stage (cosine learning rate restarted each stage).")
+    cascade_interpolation: str = option("constant", "constant: copy each block and halve h (Chang); linear in "
+                                        "time (Haber).", choices=INTERPOLATIONS)
+    batch_size: int | None = option(None, "Mini-batch size (multilevel SGD); default: the full batch.")
+    seed: int = option(0, "Sets the initialization, the data draw / split and the batch order.")
+    # -- budget and stopping
+    target_accuracy: float | None = option(1.0, "Stop at this validation accuracy ('none': never).")
+    max_cycles: int = option(2000, "V-cycle (or GD step) budget.", runtime=True)
+    max_epochs: int | None = option(None, "Epoch budget (mini-batch runs).", runtime=True)
+    dtype: str = option("float32", "Floating-point type of parameters and data.", choices=DTYPES)
+    # -- run folder
+    out: str = option("runs", "Parent folder of the run folder.")
+    run_name: str | None = option(None, "Run folder name (default <dataset>-L<levels>-K<blocks>-s<seed>).")
+    overwrite: bool = option(False, "Delete an existing run folder of the same name (checkpoints included) "
+                             "and start anew.")
+    resume: str | None = option(None, "Continue the run in this folder from its latest complete checkpoint (any "
+                                "rank count); 'auto': the run folder of these options if it has a checkpoint, "
+                                "else start.", runtime=True)
+    checkpoint_every: int = option(0, "Write a checkpoint (per-rank shards + manifest) every n cycles; 0 = never.",
+                                   runtime=True)
+    keep_checkpoints: int = option(3, "Complete checkpoints kept; older ones are removed once a newer one is "
+                                   "verified.", runtime=True)
+    eval_every: int = option(1, "Validate every n cycles.", runtime=True)
+    tensorboard: bool = option(False, "Also write the metrics as TensorBoard scalars to <run>/tensorboard "
+                               "(pip install 'parml[tb]').", runtime=True)
+    progress: bool = option(True, "Progress bar on rank 0.", runtime=True)
+    # -- parallel execution
+    backend: str = option("auto", "auto reads the launcher's variables (torchrun: torch, mpirun/srun: mpi).",
+                          choices=BACKENDS, runtime=True)
+    device: str = option("auto", "auto: cuda if available, else cpu.", choices=DEVICES, runtime=True)
+    ranks: int | None = option(None, "Expected world size; must match the launcher's.", runtime=True)
+    schedule: str = option("1f1b", "Pipeline schedule across ranks.", choices=tuple(sorted(SCHEDULES)))
+    microbatches: int = option(1, "Micro-batches per step.", short="-M")
+    weight_grads: str = option("deferred", "deferred: a backward sends its adjoint first, then forms the dense "
+                               "blocks' weight gradients in one batched matmul per chunk | inline.",
+                               choices=WEIGHT_GRADS, runtime=True)
+    kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
+                         choices=KERNELS, runtime=True)
+    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
+    comm_timeout: float = option(300.0, "Seconds before a blocked communication fails.", runtime=True)
+    threads: int = option(1, "torch compute threads per rank (ranks are the parallelism; small blocks run best "
+                          "on one).", runtime=True)
 
     @property
     def setup(self) -> CycleSetup:
@@ -100,80 +158,112 @@ class TrainConfig:
     def name(self) -> str:
         return self.run_name or f"{self.dataset}-L{self.levels}-K{self.blocks}-s{self.seed}"
 
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.out, self.name)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # options that may differ when a run is resumed (they do not change the iterates)
-    RESUMABLE = ("max_cycles", "max_epochs", "checkpoint_every", "comm_timeout", "progress", "backend",
-                 "device", "ranks", "eval_every", "weight_grads")
+    # -- files -------------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The options as TOML that ``--config`` replays exactly (None is written as "none")."""
+        lines = ["# parml train --config <this file>: the options of this run"]
+        for f in dataclasses.fields(self):
+            if f.name not in ("resume", "overwrite"):          # how to start, not what the run is
+                lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_run(cls, run_dir: str, overrides: dict) -> "TrainConfig":
-        """The configuration saved in `run_dir`, with the resumable `overrides`, set to resume it."""
-        path = os.path.join(run_dir, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"--resume {run_dir!r}: no config.json there (not a parml run folder)")
-        with open(path) as f:
-            saved = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in saved.items() if k in names})
-        for k, v in overrides.items():
-            if k in cls.RESUMABLE:
-                setattr(cfg, k, v)
-        cfg.resume = run_dir
-        cfg.out, cfg.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
-        return cfg
+    def from_options(cls, values: dict, source: str = "") -> "TrainConfig":
+        """A config from option values (field names as keys), each converted to its field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}unknown option(s) {', '.join(unknown)}; valid: see parml train --help")
+        return cls(**{k: _convert(fields[k], v, source) for k, v in values.items()})
 
+    @classmethod
+    def load_toml(cls, path: str) -> dict:
+        """The option values of a TOML file (top-level keys are field names, with - or _)."""
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"--config {path!r}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path!r} is not valid TOML: {e}") from None
+        values = {k.replace("-", "_"): v for k, v in raw.items()}
+        cls.from_options(values, f"--config {path!r}: ")      # unknown keys and wrong types fail here
+        return values
+
+    @classmethod
+    def saved(cls, run_dir: str) -> dict:
+        """The option values a run folder was started with (config.toml, or an older config.json)."""
+        toml_path, json_path = os.path.join(run_dir, "config.toml"), os.path.join(run_dir, "config.json")
+        if os.path.exists(toml_path):
+            return cls.load_toml(toml_path)
+        if os.path.exists(json_path):
+            with open(json_path) as f:
+                saved = json.load(f)
+            names = {f.name for f in dataclasses.fields(cls)}
+            return {k: v for k, v in saved.items() if k in names}
+        raise ConfigError(f"--resume {run_dir!r}: no config.toml there (not a parml run folder)")
+
+    @classmethod
+    def resume_run(cls, run_dir: str, given: dict) -> "TrainConfig":
+        """The saved run's config with the run-time options of `given` (command line / --config);
+        an option that would change the iterates is a one-line error listing every such option."""
+        saved = cls.from_options(cls.saved(run_dir))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        changed = [k for k, v in given.items() if not fields[k].metadata["runtime"] and k not in ("out", "run_name")
+                   and _convert(fields[k], v, "") != getattr(saved, k)]
+        if changed:
+            listing = ", ".join(f"{flag(k)} {_toml_value(getattr(saved, k))} -> "
+                                f"{_toml_value(_convert(fields[k], given[k], ''))}"
+                                for k in sorted(changed))
+            raise ConfigError(f"--resume {run_dir!r}: options differ from the saved run ({listing}); only run-time "
+                              f"options may change, or start a new run with another --run-name")
+        for k, v in given.items():
+            if fields[k].metadata["runtime"]:
+                setattr(saved, k, _convert(fields[k], v, ""))
+        saved.resume = run_dir
+        saved.out, saved.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
+        saved.overwrite = False
+        return saved
+
+    # -- checks ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every option that needs no data and no process group."""
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
 
-        def choice(option, value, valid):
-            need(value in valid, f"{option} {value!r} is not one of: {', '.join(valid)}")
-
-        need(self.blocks >= 1, f"--blocks {self.blocks} must be at least 1")
-        need(self.width >= 1, f"--width {self.width} must be at least 1")
-        need(self.T > 0, f"--T {self.T} must be positive")
-        need(self.lr > 0, f"--lr {self.lr} must be positive")
-        need(self.beta >= 0, f"--beta {self.beta} must be >= 0")
-        need(self.max_cycles >= 1, f"--max-cycles {self.max_cycles} must be at least 1")
-        need(self.max_epochs is None or self.max_epochs >= 1, f"--max-epochs {self.max_epochs} must be at least 1")
-        need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
-        need(self.microbatches >= 1, f"--microbatches {self.microbatches} must be at least 1")
-        need(self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every} must be >= 0")
-        need(self.resume is None or os.path.isdir(self.resume), f"--resume {self.resume!r} is not a run folder")
-        need(self.eval_every >= 1, f"--eval-every {self.eval_every} must be at least 1")
-        need(self.comm_timeout > 0, f"--comm-timeout {self.comm_timeout} must be positive")
-        need(self.min_blocks_per_rank >= 1, f"--min-blocks-per-rank {self.min_blocks_per_rank} must be at least 1")
-        need(self.ranks is None or self.ranks >= 1, f"--ranks {self.ranks} must be at least 1")
+        for f in dataclasses.fields(self):
+            valid, value = f.metadata["choices"], getattr(self, f.name)
+            if valid is not None and value is not None and (value.lower() if f.name == "schedule" else value) \
+                    not in valid:
+                raise ConfigError(f"{flag(f.name)} {value!r} is not one of: {', '.join(valid)}")
+        at_least_one = ("blocks", "width", "max_cycles", "max_epochs", "batch_size", "microbatches", "eval_every",
+                        "min_blocks_per_rank", "ranks", "cascade_cycles", "threads", "keep_checkpoints", "levels")
+        for name in at_least_one:
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"{flag(name)} {value} must be at least 1")
+        for name in ("T", "lr", "comm_timeout"):
+            need(getattr(self, name) > 0, f"{flag(name)} {getattr(self, name)} must be positive")
+        for name in ("beta", "checkpoint_every", "cascade"):
+            need(getattr(self, name) >= 0, f"{flag(name)} {getattr(self, name)} must be >= 0")
         need(self.target_accuracy is None or 0 < self.target_accuracy <= 1,
              f"--target-accuracy {self.target_accuracy} must be in (0, 1]")
-        choice("--activation", self.activation, tuple(ACTIVATIONS))
-        choice("--stepper", self.stepper, tuple(STEPPERS))
-        choice("--init", self.init, INITS)
-        choice("--optimizer", self.optimizer, OPTIMIZERS)
-        choice("--metric", self.metric, METRICS)
-        choice("--interpolation", self.interpolation, INTERPOLATIONS)
-        choice("--cascade-interpolation", self.cascade_interpolation, INTERPOLATIONS)
-        choice("--lr-schedule", self.lr_schedule, ("constant", "cosine"))
         need(0 <= self.lr_min <= self.lr, f"--lr-min {self.lr_min} must be in [0, --lr {self.lr}]")
-        need(self.cascade >= 0, f"--cascade {self.cascade} must be >= 0")
-        need(self.cascade_cycles >= 1, f"--cascade-cycles {self.cascade_cycles} must be at least 1")
-        need(self.blocks % 2 ** self.cascade == 0,
-             f"--cascade {self.cascade} needs --blocks {self.blocks} divisible by 2^{self.cascade} (each stage doubles the depth)")
-        choice("--dtype", self.dtype, DTYPES)
-        choice("--backend", self.backend, ("auto", "torch", "mpi", "self"))
-        choice("--device", self.device, ("auto", "cpu", "cuda"))
-        choice("--schedule", self.schedule.lower(), tuple(sorted(SCHEDULES)))
-        choice("--weight-grads", self.weight_grads, ("deferred", "inline"))
-        choice("--arch", self.arch, ("dense", "conv"))
+        need(self.blocks % 2 ** self.cascade == 0, f"--cascade {self.cascade} needs --blocks {self.blocks} "
+             f"divisible by 2^{self.cascade} (each stage doubles the depth)")
         need(self.channels is None or all(c.strip().isdigit() and int(c) > 0 for c in self.channels.split(",")),
              f"--channels {self.channels!r} must be comma-separated positive integers, e.g. 16,32,64")
-        choice("--projection", self.projection, ("conv", "avgpool"))
-        choice("--norm", self.norm, ("none", "layer"))
-        choice("--head", self.head, ("pool", "flatten"))
+        need(self.resume in (None, "auto") or os.path.isdir(self.resume), f"--resume {self.resume!r} is not a "
+             "run folder (or 'auto')")
+        need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --overwrite "
+             "deletes the run that --resume would continue")
         try:
             level_specs(self.model_spec(1, 1, "classification"), self.levels)
             self.setup.check(self.levels)
@@ -184,3 +274,63 @@ class TrainConfig:
             parent = os.path.dirname(parent)
         need(os.access(parent, os.W_OK), f"--out {self.out!r} is not writable")
         return self
+
+
+def runtime_options() -> tuple[str, ...]:
+    """The options that may change when a run is resumed."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["runtime"])
+
+
+def _toml_value(value) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ('"nan"' if math.isnan(value) else f'"{value}"')
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a TrainConfig field from its annotation (str | None -> (str, True))."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[f.name]
+    args = typing.get_args(tp)
+    if args:
+        base = [a for a in args if a is not type(None)][0]
+        return base, type(None) in args
+    return tp, False
+
+
+def _convert(f: dataclasses.Field, value, source: str):
+    """`value` (from TOML, JSON or the command line) as the field's type; "none" for optional fields."""
+    base, optional = field_type(f)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
+        if optional:
+            return None
+        raise ConfigError(f"{source}{flag(f.name)} needs a value")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(base, "a string")
+        raise ConfigError(f"{source}{flag(f.name)} {value!r} is not {kind}"
+                          + (" (or 'none')" if optional else "")) from None

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from parml.comm import SelfComm
+from parml.config import ConfigError
 from parml.multilevel.mgopt import CycleSetup
 from parml.reproduce.run import run_config
 from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row,
@@ -127,7 +128,9 @@ def test_reuse_keeps_a_finished_run_of_the_same_config(tmp_path):
     again = reproduce("table1", max_cycles=3, comm=SelfComm(), reuse=True, **kw)["rows"][0]["runs"][0]
     assert again["reused"] and not first.get("reused")
     assert (again["cycles"], again["work_units"], again["final_loss"]) == (3, first["work_units"], first["final_loss"])
-    other = reproduce("table1", max_cycles=4, comm=SelfComm(), reuse=True, **kw)["rows"][0]["runs"][0]
+    with pytest.raises(ConfigError, match="exists: continue it with --resume"):   # never replaced silently
+        reproduce("table1", max_cycles=4, comm=SelfComm(), reuse=True, **kw)
+    other = reproduce("table1", max_cycles=4, comm=SelfComm(), reuse=True, overwrite=True, **kw)["rows"][0]["runs"][0]
     assert not other.get("reused") and other["cycles"] == 4         # another config is trained again
 
 

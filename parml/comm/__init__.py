@@ -6,12 +6,12 @@ mpirun/srun -> MPIComm, none -> SelfComm); everything else codes against ``Commu
 from .base import REDUCE_OPS, CommError, CommTimeout, Communicator, Request
 from .environment import (LAUNCHER_PREFIXES, LAUNCHER_VARS, detect_backend, exit_process,
                           launcher_rank, launcher_world_size)
-from .factory import BACKENDS, describe_environment, make_communicator
+from .factory import BACKENDS, DEVICES, describe_environment, make_communicator
 from .local import SelfComm
 from .mpi_backend import MPIComm
 from .torch_backend import TorchComm
 
-__all__ = ["BACKENDS", "LAUNCHER_PREFIXES", "LAUNCHER_VARS", "REDUCE_OPS", "CommError", "CommTimeout",
+__all__ = ["BACKENDS", "DEVICES", "LAUNCHER_PREFIXES", "LAUNCHER_VARS", "REDUCE_OPS", "CommError", "CommTimeout",
            "Communicator", "MPIComm", "Request", "SelfComm", "TorchComm", "describe_environment",
            "detect_backend", "exit_process", "launcher_rank", "launcher_world_size",
            "make_communicator"]

@@ -16,6 +16,7 @@ from .mpi_backend import MPIComm
 from .torch_backend import TorchComm
 
 BACKENDS = ("auto", "torch", "mpi", "self")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def make_communicator(backend: str = "auto", timeout: float = 300.0, device: str = "auto") -> Communicator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .deferred import DeferredWeightGrads
 from .torch_chunk import ACTIVATION_BACKWARD, EulerDense
 
-KERNELS = ("torch",)
+KERNELS = ("auto", "torch")     # auto: the fastest available for the chunk
 
 
 class ChunkKernel:
@@ -33,7 +33,7 @@ def attach_kernels(model, name: str = "torch") -> ChunkKernel:
     """Route `model`'s supported dense chunks through one shared kernel; returns it."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(KERNELS)}")
-    kernel = ChunkKernel(name)
+    kernel = ChunkKernel("torch")
     for chunk in model.block_chunks():
         chunk.kernel = kernel if kernel.supports(chunk) else None
     return kernel

@@ -10,6 +10,8 @@ network, which ``train`` then trains with GD or MG/OPT.
 """
 from __future__ import annotations
 
+import math
+
 
 from ..model import build_model
 from .hierarchy import prolongate_model
@@ -35,3 +37,12 @@ def prolongated_state(spec, blocks, depth, coarse_state, interpolation, seed, dt
     fine = build_model(spec.coarsened(blocks // depth), seed=seed, dtype=dtype)
     prolongate_model(coarse, fine, interpolation)
     return fine.state_dict()
+
+
+def cosine_schedule(lr_max: float, lr_min: float, steps: int):
+    """Cosine annealing from lr_max to lr_min over `steps` (Chang et al.; restarted per stage)."""
+    return lambda i: lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * min(i, steps) / steps))
+
+
+#: learning-rate schedules of a training run: name -> (lr_max, lr_min, steps) -> step -> lr, or None (constant)
+LR_SCHEDULES = {"constant": None, "cosine": cosine_schedule}

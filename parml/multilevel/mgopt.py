@@ -93,6 +93,23 @@ class CycleSetup:
         return total
 
 
+# --- level optimizers: the paper's Algorithm 3 is plain gradient descent ("sgd") ---------------------
+
+LEVEL_OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+
+
+def level_optimizer(name: str, lr: float):
+    """A factory params -> optimizer for every level (``Level(make_optimizer=...)``)."""
+    if name not in LEVEL_OPTIMIZERS:
+        raise ValueError(f"unknown level optimizer {name!r}; valid: {', '.join(LEVEL_OPTIMIZERS)}")
+    make = LEVEL_OPTIMIZERS[name]
+    return lambda params: make(params, lr)
+
+
 # --- one level as MG/OPT sees it -----------------------------------------------------------------
 
 @dataclass

@@ -281,10 +281,9 @@ def measure_steps(grid, device, log=print):
     """Per gradient evaluation: Level.gradient and the executor around the stage's compute; per
     optimizer update; per restriction/prolongation list (elementwise passes), against p."""
     from ..comm import SelfComm
-    from ..multilevel.mgopt import Level
+    from ..multilevel.mgopt import Level, level_optimizer
     from ..model import build_model
     from ..parallel.executor import LayerParallel
-    from ..training.build import make_optimizer_factory
 
     pts, grad_t, upd_t, tr_t = [], [], [], []
     for v in grid["widths"][:3]:
@@ -292,7 +291,7 @@ def measure_steps(grid, device, log=print):
             spec = _dense_spec(v, K, 8, 4)
             model = build_model(spec, seed=0)
             ex = LayerParallel(model, SelfComm(device=device), "1f1b", 1, device=device)
-            lev = Level(ex, 1e-4, 1.0 / K, "l2", 1.0, make_optimizer_factory("sgd", 1e-3))
+            lev = Level(ex, 1e-4, 1.0 / K, "l2", 1.0, level_optimizer("sgd", 1e-3))
             x = torch.randn(64, 8).to(device)
             y = torch.randint(0, 4, (64,)).to(device)
             t = _median_time(_level_timer(lev, ex, x, y, device), device, grid["min_time"], grid["max_reps"])

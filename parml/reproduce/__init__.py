@@ -37,7 +37,7 @@ def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick:
               out: str = os.path.join("runs", "reproduce"), data_dir: str | None = None,
               max_cycles: int | None = None, target_accuracy: float | None = None, progress: bool = True,
               levels=None, comm=None, command: str = "", max_work_units: float | None = None,
-              reuse: bool = False) -> dict:
+              reuse: bool = False, overwrite: bool = False) -> dict:
     """Plan, run on `comm` (default: ``make_communicator("auto")``, closed at the end), write on rank 0."""
     plan = build_plan(mode, task, seeds, quick, max_cycles, target_accuracy, data_dir, levels,
                       max_work_units=max_work_units)
@@ -48,7 +48,8 @@ def reproduce(mode: str, task: str = "circles", seeds: int | None = None, quick:
         if comm.rank == 0 and progress:
             print(f"parml reproduce {plan.name}: {len(plan.rows)} setups x {len(plan.seeds)} seeds, "
                   f"K={plan.base['blocks']}, {comm.size} rank(s) [{comm.backend}] -> {out}", flush=True)
-        results = run_plan(plan, comm, out, progress, echo=lambda s: print(s, flush=True), reuse=reuse)
+        results = run_plan(plan, comm, out, progress, echo=lambda s: print(s, flush=True), reuse=reuse,
+                           overwrite=overwrite)
         if comm.rank == 0:
             results["files"] = write_outputs(results, out, command)
         return results

@@ -18,13 +18,13 @@ from .plan import Plan, Row
 from .render import first_reach, medians
 
 
-def run_config(plan: Plan, row: Row, seed: int, out: str):
+def run_config(plan: Plan, row: Row, seed: int, out: str, overwrite: bool = False):
     base = dict(plan.base)
     if plan.max_work_units is not None:
         base["max_cycles"] = max(1, min(base["max_cycles"], math.ceil(plan.max_work_units / row.eq10 - 1e-9)))
     cfg = TrainConfig(**base, levels=row.levels, cycle=row.cycle, lr=row.lr, beta=row.beta, seed=seed,
                       out=os.path.join(out, "runs"),
-                      run_name=f"{plan.name}-{row.key}-K{plan.base['blocks']}-s{seed}")
+                      run_name=f"{plan.name}-{row.key}-K{plan.base['blocks']}-s{seed}", overwrite=overwrite)
     return cfg
 
 
@@ -80,9 +80,11 @@ def _reusable(cfg) -> dict | None:
             "level_seconds": s.get("level_seconds"), "level_gradients": s.get("level_gradients"), "folder": folder}
 
 
-def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print, reuse: bool = False) -> dict:
+def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print, reuse: bool = False,
+             overwrite: bool = False) -> dict:
     """Train every (row, seed) of `plan` on `comm`; returns the results (complete on rank 0).
-    `reuse`: keep a run whose folder already holds the summary of exactly the same config."""
+    `reuse`: keep a run whose folder already holds the summary of exactly the same config;
+    `overwrite`: replace a run folder of another config (else that is a one-line error)."""
     if comm.rank == 0:
         os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -91,7 +93,7 @@ def run_plan(plan: Plan, comm, out: str, progress: bool = True, echo=print, reus
     for row in plan.rows:
         runs = []
         for seed in plan.seeds:
-            cfg = run_config(plan, row, seed, out)
+            cfg = run_config(plan, row, seed, out, overwrite)
             r = None
             if reuse:
                 r = _reusable(cfg) if comm.rank == 0 else None

@@ -8,18 +8,10 @@ from ..config import ConfigError, TrainConfig
 from ..data import Dataset
 from ..model import build_model
 from ..multilevel.hierarchy import level_specs
-from ..multilevel.mgopt import Level, VCycle
+from ..multilevel.mgopt import Level, VCycle, level_optimizer
 from ..parallel.executor import LayerParallel
 from ..parallel.layout import LayoutError, Partition, plan_levels
 from ..parallel.transfer import Mover
-
-
-def make_optimizer_factory(name: str, lr: float):
-    if name == "sgd":
-        return lambda ps: torch.optim.SGD(ps, lr=lr)
-    if name == "momentum":
-        return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9)
-    return lambda ps: torch.optim.Adam(ps, lr=lr)
 
 
 def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state: dict | None = None):
@@ -55,7 +47,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,
-                            make_optimizer_factory(cfg.optimizer, cfg.lr), number=i + 1))
+                            level_optimizer(cfg.optimizer, cfg.lr), number=i + 1))
     movers = []
     for i in range(cfg.levels - 1):
         fine = Partition(tuple(b // 2 for b in plans[i + 1].partition.bounds))

@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
-from ..multilevel.cascade import cascade_depths, prolongated_state
+from ..multilevel.cascade import cascade_depths, cosine_schedule, prolongated_state
 from .build import build_vcycle
-from .loop import cosine_schedule, run_cycles
+from .loop import run_cycles
 
 
 def run_cascade(cfg, comm, data, device, out, clock):

@@ -2,7 +2,6 @@
 the stopping rule, and the hooks run after each cycle."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -101,8 +100,3 @@ def _fault_hook(cycle: int, vcycle: VCycle) -> None:
         raise RuntimeError(f"injected failure at cycle {cycle}")
     elif kind == "kill":
         os.kill(os.getpid(), 9)
-
-
-def cosine_schedule(lr_max: float, lr_min: float, steps: int):
-    """Cosine annealing from lr_max to lr_min over `steps` (Chang et al.; restarted per stage)."""
-    return lambda i: lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * min(i, steps) / steps))

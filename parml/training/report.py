@@ -31,9 +31,12 @@ class RunWriter:
                               leave=False, mininterval=0.5) if progress else None
 
     def write_json(self, name: str, obj) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, default=str))
+
+    def write_text(self, name: str, text: str) -> None:
         if self.active:
             with open(os.path.join(self.folder, name), "w") as f:
-                json.dump(obj, f, indent=2, default=str)
+                f.write(text)
 
     def log(self, record: dict) -> None:
         if not self.active:

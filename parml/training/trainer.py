@@ -6,6 +6,7 @@ The same function runs on one process or layer-parallel on many; only rank 0 wri
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import torch
@@ -13,16 +14,16 @@ import torch
 from ..comm import CommError, launcher_world_size, make_communicator
 from ..config import ConfigError, TrainConfig
 from ..data import DataError, Dataset, load_dataset
+from ..multilevel.cascade import LR_SCHEDULES
 from ..parallel.layout import LayoutError, check_microbatches, check_world_size, describe_plan, partition_blocks
 from .build import build_vcycle, resolve_device
 from .cascade import run_cascade
-from .checkpoint import CheckpointError, load_latest, restore_optimizer, save as save_checkpoint
-from .loop import Phase, TrainingError, cosine_schedule, run_cycles
+from .checkpoint import CheckpointError, complete_checkpoints, load_latest, restore_optimizer, save as save_checkpoint
+from .loop import Phase, TrainingError, run_cycles
 from .report import RunWriter, plot_run, read_metrics
 
 
 def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
-    cfg.validate()
     data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
                                                       flatten=cfg.arch != "conv")
     data = data.to(dtype=getattr(torch, cfg.dtype))
@@ -34,73 +35,136 @@ def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
     return data
 
 
+def resolve_options(config_file: str | None, given: dict) -> TrainConfig:
+    """The run's options: a TOML file's (``--config``), then `given` (the command line) over them;
+    ``--resume DIR`` takes the saved run's options and allows only run-time ones to change."""
+    values = TrainConfig.load_toml(config_file) if config_file else {}
+    values.update(given)
+    if values.get("resume") not in (None, "auto", "none"):
+        rest = {k: v for k, v in values.items() if k != "resume"}
+        return TrainConfig.resume_run(values["resume"], rest).validate()
+    return resolve_resume(TrainConfig.from_options(values).validate(), values)
+
+
+def resolve_resume(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
+    """``--resume auto``: continue this run's folder from its latest complete checkpoint if it has
+    one, else start — so a job that a launcher restarts (torchrun --max-restarts) continues.
+    A folder of the same run that died before its first checkpoint is started again."""
+    if cfg.resume != "auto":
+        return cfg
+    given = {k: v for k, v in (given or {}).items() if k != "resume"}
+    if complete_checkpoints(cfg.folder):
+        return TrainConfig.resume_run(cfg.folder, given).validate()
+    cfg.resume = None
+    if os.path.isdir(cfg.folder) and os.listdir(cfg.folder):
+        try:
+            TrainConfig.resume_run(cfg.folder, {k: getattr(cfg, k) for k in cfg.to_dict()})
+            cfg.overwrite = True            # the same options: nothing of another run is lost
+        except ConfigError:
+            pass                            # another run's folder: claim_folder refuses it
+    return cfg
+
+
+def claim_folder(cfg: TrainConfig, comm) -> None:
+    """No run's data is ever overwritten: a new run refuses an existing, non-empty run folder unless
+    ``--overwrite`` (which deletes it first). Rank 0 decides for every rank."""
+    problem = None
+    if comm.rank == 0 and not cfg.resume and os.path.isdir(cfg.folder) and os.listdir(cfg.folder):
+        if cfg.overwrite:
+            shutil.rmtree(cfg.folder)
+        else:
+            problem = (f"run folder {cfg.folder} exists: continue it with --resume {cfg.folder}, start another "
+                       f"with --run-name NAME, or delete it with --overwrite")
+    problem = comm.broadcast_object(problem, 0)
+    if problem:
+        raise ConfigError(problem)
+
+
 def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
     """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+    cfg = resolve_resume(cfg.validate())
     data = _prepare(cfg, comm, data)
-    device = resolve_device(cfg, comm)
-    folder = os.path.join(cfg.out, cfg.name)
-    clock = time.perf_counter()
-    init_state, cascade_units, cascade_log, resumed = None, 0.0, [], None
-    if cfg.resume:
-        resumed = _load_checkpoint(cfg, read_rows=comm.rank == 0)
-        init_state, cascade_units = resumed["state"], resumed["manifest"]["cascade_work_units"]
-        clock -= resumed["manifest"]["seconds"]
-    out = RunWriter(folder, active=comm.rank == 0, progress=cfg.progress,
-                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
-                    keep_rows=None if resumed is None else resumed["rows"])
-    if cfg.cascade and resumed is None:
-        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
-    vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
-    levels, plans = vcycle.levels, vcycle.plans
-    if resumed is not None:
-        _restore_levels(levels, resumed, comm)
-    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend,
-                                   "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
-                                   "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
-                                   "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
-                                             "bounds": list(p.partition.bounds)} for p in plans]})
-    out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
-              f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {folder}")
-    if comm.size > 1:
-        out.print(describe_plan(plans))
-    if resumed is not None:
-        out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
-    lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if cfg.lr_schedule == "cosine" else None
+    claim_folder(cfg, comm)
+    run = _start(cfg, comm, data)
+    vcycle, out, resumed = run["vcycle"], run["out"], run["resumed"]
+    levels = vcycle.levels
+    schedule = LR_SCHEDULES[cfg.lr_schedule]
+    lr_at = schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if schedule is not None else None
     saved = []
 
     def checkpoint(state: Phase):
         if cfg.checkpoint_every and state.cycle % cfg.checkpoint_every == 0:
             manifest = {"epoch": state.epoch, "batch": state.batch, "record": state.record,
-                        "seconds": time.perf_counter() - clock, "cascade_work_units": cascade_units,
+                        "seconds": time.perf_counter() - run["clock"], "cascade_work_units": run["cascade_units"],
                         "level_stats": [[lev.stats.gradients, lev.stats.work_units, lev.stats.seconds]
                                         if lev else None for lev in levels]}
-            saved.append(save_checkpoint(folder, comm, state.cycle, levels[-1].model, levels, manifest))
+            saved.append(save_checkpoint(cfg.folder, comm, state.cycle, levels[-1].model, levels, manifest))
 
     start = None
     if resumed is not None:
         m = resumed["manifest"]
         start = Phase(cycle=m["cycle"], epoch=m["epoch"], batch=m["batch"], record=m["record"])
     try:
-        state = run_cycles(vcycle, data, cfg, out, clock, cfg.max_cycles, lr_at, work_offset=cascade_units,
-                           start=start, after_cycle=checkpoint)
+        state = run_cycles(vcycle, data, cfg, out, run["clock"], cfg.max_cycles, lr_at,
+                           work_offset=run["cascade_units"], start=start, after_cycle=checkpoint)
     except TrainingError as e:
         out.close()
         kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
         raise TrainingError(f"{e}; last good checkpoint: {kept or 'none (use --checkpoint-every N)'}") from None
-    record = state.record
-    summary = {"cycles": state.cycle, "epochs": state.epoch, "work_units": cascade_units + vcycle.work_units,
-               "cascade_work_units": cascade_units,
-               "seconds": time.perf_counter() - clock, "reached_target": state.reached,
+    return _finish(cfg, comm, data, run, state)
+
+
+def _start(cfg: TrainConfig, comm, data: Dataset) -> dict:
+    """The run folder's writer, the cascade (or the checkpoint to resume), the V-cycle on the ranks,
+    config.json / config.toml, and the opening lines."""
+    device = resolve_device(cfg, comm)
+    clock = time.perf_counter()
+    init_state, cascade_units, cascade_log, resumed = None, 0.0, [], None
+    if cfg.resume:
+        resumed = _load_checkpoint(cfg, read_rows=comm.rank == 0)
+        init_state, cascade_units = resumed["state"], resumed["manifest"]["cascade_work_units"]
+        clock -= resumed["manifest"]["seconds"]
+    out = RunWriter(cfg.folder, active=comm.rank == 0, progress=cfg.progress,
+                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
+                    keep_rows=None if resumed is None else resumed["rows"])
+    if cfg.cascade and resumed is None:
+        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
+    vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
+    if resumed is not None:
+        _restore_levels(vcycle.levels, resumed, comm)
+    plans = vcycle.plans
+    out.write_text("config.toml", cfg.to_toml())
+    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend,
+                                   "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
+                                   "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
+                                   "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
+                                             "bounds": list(p.partition.bounds)} for p in plans]})
+    out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
+              f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {cfg.folder}")
+    if comm.size > 1:
+        out.print(describe_plan(plans))
+    if resumed is not None:
+        out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
+    return {"vcycle": vcycle, "out": out, "resumed": resumed, "clock": clock, "cascade_units": cascade_units}
+
+
+def _finish(cfg: TrainConfig, comm, data: Dataset, run: dict, state: Phase) -> dict:
+    """summary.json, final.pt (the full model on rank 0), plot.png and the closing line."""
+    vcycle, out, record = run["vcycle"], run["out"], state.record
+    levels = vcycle.levels
+    summary = {"cycles": state.cycle, "epochs": state.epoch,
+               "work_units": run["cascade_units"] + vcycle.work_units, "cascade_work_units": run["cascade_units"],
+               "seconds": time.perf_counter() - run["clock"], "reached_target": state.reached,
                "final_loss": record.get("loss"), "val_acc": record.get("val_acc"),
                "val_loss": record.get("val_loss"),
                "level_seconds": [lev.stats.seconds if lev else 0.0 for lev in levels],
-               "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": folder}
+               "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": cfg.folder}
     out.write_json("summary.json", summary)
     out.close()
     final = levels[-1].executor.gather_state()
     if comm.rank == 0:
-        torch.save(final, os.path.join(folder, "final.pt"))
-        plot_run(folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
+        torch.save(final, os.path.join(cfg.folder, "final.pt"))
+        plot_run(cfg.folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
     status = "reached" if state.reached else "did not reach"
     out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
               f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
