@@ -23,6 +23,7 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
 from .base import CommError, Communicator, Request, nbytes
 from .environment import TORCHRUN_HINT, local_rank
@@ -57,8 +58,6 @@ class TorchComm(Communicator):
     def __init__(self, group, backend: str, timeout: float, device: torch.device, global_ranks: list[int],
                  owns_world: bool = False, store=None, prefix: str = "parml"):
         super().__init__()
-        import torch.distributed as dist
-
         self._dist = dist
         self._group = group
         self.backend = backend
@@ -75,8 +74,6 @@ class TorchComm(Communicator):
     def world(cls, backend: str = "gloo", timeout: float = 300.0,
               device: str | torch.device | None = None) -> "TorchComm":
         """The default process group (initialised here from torchrun's variables if needed)."""
-        import torch.distributed as dist
-
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"TorchComm backend must be 'gloo' or 'nccl', got {backend!r}")
         if backend == "nccl":
@@ -271,8 +268,6 @@ class TorchComm(Communicator):
 def _launcher_store(timeout: float):
     """A client of the launcher's key-value store (torchrun's agent store, or rank 0's), on which
     gloo sub-groups meet; None where the world was set up without MASTER_ADDR / MASTER_PORT."""
-    import torch.distributed as dist
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return None
