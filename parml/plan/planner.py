@@ -8,12 +8,17 @@ fits the profile's memory. Layouts that fit come first, fastest first.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
+from dataclasses import replace
 
+from ..config import ConfigError, TrainConfig
 from ..parallel.layout import LayoutError
+from .costs import COARSE_LAYOUTS, Layout, Workload, level_layouts
+from .predict import predict
 from .profile import Profile, ProfileError
-from .simulate import COARSE_LAYOUTS, Layout, Workload, level_layouts, predict
 
 # what the planner needs of a dataset without loading it: (in features, classes/outputs, train
 # samples, per-sample image shape for conv networks, task)
@@ -27,6 +32,7 @@ DATASET_SHAPES = {
 }
 SCHEDULE_CHOICES = ("1f1b", "gpipe")
 MIN_BLOCKS_CHOICES = (1, 4, 16, 64)
+MAX_MICROBATCHES = 64
 
 
 def workload_for(cfg, n_train: int | None = None) -> Workload:
@@ -37,83 +43,142 @@ def workload_for(cfg, n_train: int | None = None) -> Workload:
     return Workload.from_config(cfg, i, o, n_train or n, shape if cfg.arch == "conv" else None, task)
 
 
+def _powers(most: int) -> list[int]:
+    return [2 ** k for k in range(most.bit_length()) if 2 ** k <= most]
+
+
 def divisor_pairs(ranks: int) -> list[tuple[int, int]]:
     """(D, P) with D · P = ranks, pure data parallelism first."""
     return [(ranks // p, p) for p in range(1, ranks + 1) if ranks % p == 0]
 
 
-def candidates(work: Workload, ranks: int, backend: str, microbatches=None, schedules=SCHEDULE_CHOICES,
-               coarse_layouts=None, min_blocks=None, weight_grads: str = "deferred",
-               ranks_per_node: int | None = None) -> list[Layout]:
-    if ranks < 1:
-        raise LayoutError(f"--ranks {ranks} must be at least 1")
-    out = []
+def _structures(work: Workload, ranks: int, backend: str, schedules, coarse_layouts, min_blocks, weight_grads,
+                ranks_per_node, data_parallel, background):
+    """(D, P, coarse layout, min-blocks, schedules) whose level layouts differ, and the most M."""
     coarse = list(coarse_layouts or (COARSE_LAYOUTS if work.levels > 1 else ("gather",)))
     mbprs = list(min_blocks or (MIN_BLOCKS_CHOICES if work.levels > 1 else (16,)))
+    out = []
     for D, P in divisor_pairs(ranks):
-        if D > work.batch:
+        if D > work.batch or (data_parallel and D not in data_parallel):
             continue
-        most = work.batch // D
-        ms = list(microbatches) if microbatches else [2 ** k for k in range(7) if 2 ** k <= most]
         scheds = list(schedules) if P > 1 else [schedules[0]]
-        seen_levels = set()
+        seen = set()
         for mbpr in mbprs:
             for cl in (coarse if D * P > 1 else ["gather"]):
-                probe = Layout(D, P, 1, scheds[0], cl, mbpr, weight_grads, backend, ranks_per_node)
+                probe = Layout(D, P, 1, scheds[0], cl, mbpr, weight_grads, backend, ranks_per_node, background)
                 try:
                     shape = tuple((lv.ranks, lv.replicas) for lv in level_layouts(work, probe))
                 except LayoutError:
                     continue
-                if (shape, cl) in seen_levels:
-                    continue
-                seen_levels.add((shape, cl))
-                for m in ms:
-                    if m > most:
-                        continue
-                    for s in scheds:
-                        out.append(Layout(D, P, m, s, cl, mbpr, weight_grads, backend, ranks_per_node))
+                if (shape, cl) not in seen:
+                    seen.add((shape, cl))
+                    out.append((probe, scheds, work.batch // D))
     return out
 
 
+def candidates(work: Workload, ranks: int, backend: str, microbatches=None, schedules=SCHEDULE_CHOICES,
+               coarse_layouts=None, min_blocks=None, weight_grads: str = "deferred",
+               ranks_per_node: int | None = None, data_parallel=None, background: float = 0.0,
+               max_microbatches: int = MAX_MICROBATCHES) -> list[Layout]:
+    """Every candidate layout: D x P, M (powers of two the batch allows, or `microbatches`),
+    schedule, coarse layout and min-blocks-per-rank values that change the level layouts."""
+    if ranks < 1:
+        raise LayoutError(f"--ranks {ranks} must be at least 1")
+    out = []
+    for probe, scheds, most in _structures(work, ranks, backend, schedules, coarse_layouts, min_blocks,
+                                           weight_grads, ranks_per_node, data_parallel, background):
+        ms = list(microbatches) if microbatches else _powers(min(most, max_microbatches))
+        for m in ms:
+            if m <= most:
+                out += [replace(probe, microbatches=m, schedule=s) for s in scheds]
+    return out
+
+
+def _record(work, lay, pr, t1, ranks, cap, oversubscribed) -> dict:
+    t = pr.cycle_seconds if work.levels > 1 else pr.step_seconds
+    mem = max(pr.memory_bytes)
+    return {
+        "data_parallel": lay.data_parallel, "layer_ranks": lay.layer_ranks, "microbatches": lay.microbatches,
+        "schedule": lay.schedule, "coarse_layout": lay.coarse_layout if work.levels > 1 else None,
+        "min_blocks_per_rank": lay.min_blocks_per_rank if work.levels > 1 else None,
+        "weight_grads": lay.weight_grads, "backend": lay.backend,
+        "predicted_step_seconds": pr.step_seconds, "predicted_cycle_seconds": pr.cycle_seconds,
+        "efficiency": t1 / (ranks * t) if t > 0 else 0.0, "speedup": t1 / t if t > 0 else 0.0,
+        "bubble": pr.bubble, "memory_bytes_per_rank": mem, "activation_bytes_per_rank": max(pr.activation_bytes),
+        "fits_memory": mem <= cap, "allreduce_overlap": pr.allreduce.get("overlap"),
+        "levels": pr.levels, "oversubscribed": oversubscribed,
+    }
+
+
+def _evaluate(work, lay, profile, cache):
+    try:
+        return predict(work, lay, profile, cache=cache)
+    except LayoutError:
+        return None
+
+
+def _greedy(work, profile, structures, microbatches, cache, key, max_microbatches):
+    """Per structure: M = 1, 2, 4, ... on the first schedule until two doublings in a row do not
+    help, then the other schedules at the best M. Yields (layout, prediction)."""
+    for probe, scheds, most in structures:
+        ms = list(microbatches) if microbatches else _powers(min(most, max_microbatches))
+        best, worse = None, 0
+        for m in ms:
+            lay = replace(probe, microbatches=m, schedule=scheds[0])
+            pr = _evaluate(work, lay, profile, cache)
+            if pr is None:
+                continue
+            yield lay, pr
+            if best is None or key(pr) < key(best[1]):
+                best, worse = (lay, pr), 0
+            else:
+                worse += 1
+                if worse >= 2 and not microbatches:
+                    break
+        for s in scheds[1:]:
+            if best is not None:
+                lay = replace(best[0], schedule=s)
+                pr = _evaluate(work, lay, profile, cache)
+                if pr is not None:
+                    yield lay, pr
+
+
 def plan(work: Workload, ranks: int, profile: Profile, backend: str | None = None, local: bool = False,
-         memory_per_rank: float | None = None, **options) -> list[dict]:
+         memory_per_rank: float | None = None, search: str = "auto", ranks_per_node: int | None = None,
+         background: float = 0.0, microbatches=None, schedules=SCHEDULE_CHOICES, coarse_layouts=None,
+         min_blocks=None, weight_grads: str = "deferred", data_parallel=None,
+         max_microbatches: int = MAX_MICROBATCHES) -> list[dict]:
     """Ranked records (best first) for `ranks` ranks. `local`: every rank on this one node (more
-    ranks than cores share them). `options` go to ``candidates`` (microbatches, schedules, ...)."""
+    ranks than cores share them); else `ranks_per_node` (default: the profile's cores per node).
+    `search`: "all" candidates, "greedy" in M (see ``_greedy``), or "auto" (all up to 16 ranks)."""
     backend = backend or next(iter(profile.comm), "gloo")
     if profile.comm:
         profile.backend(backend)
-    rpn = ranks if local else None
-    cands = candidates(work, ranks, backend, ranks_per_node=rpn, **options)
-    if not cands:
-        K = work.spec.total_blocks
-        raise LayoutError(f"--ranks {ranks} do not fit the blocks: no D x P layout works for {K} blocks on "
-                          f"{work.levels} level(s) with batch {work.batch}")
-    serial = predict(work, Layout(1, 1, 1, "1f1b", "gather", 16, cands[0].weight_grads, backend, 1), profile)
+    rpn = ranks if local else ranks_per_node
+    structures = _structures(work, ranks, backend, list(schedules), coarse_layouts, min_blocks, weight_grads, rpn,
+                             data_parallel, background)
+    if not structures:
+        raise LayoutError(f"--ranks {ranks} do not fit the blocks: no D x P layout works for "
+                          f"{work.spec.total_blocks} blocks on {work.levels} level(s) with batch {work.batch}")
+    serial = predict(work, Layout(1, 1, 1, "1f1b", "gather", 16, weight_grads, backend, 1, background), profile)
     t1 = serial.cycle_seconds if work.levels > 1 else serial.step_seconds
     cap = profile.memory_bytes if memory_per_rank is None else memory_per_rank
-    records, cache = [], {}
-    for lay in cands:
-        try:
-            pr = predict(work, lay, profile, cache=cache)
-        except LayoutError:
-            continue
-        t = pr.cycle_seconds if work.levels > 1 else pr.step_seconds
-        mem = max(pr.memory_bytes)
-        records.append({
-            "data_parallel": lay.data_parallel, "layer_ranks": lay.layer_ranks, "microbatches": lay.microbatches,
-            "schedule": lay.schedule, "coarse_layout": lay.coarse_layout if work.levels > 1 else None,
-            "min_blocks_per_rank": lay.min_blocks_per_rank if work.levels > 1 else None,
-            "weight_grads": lay.weight_grads, "backend": lay.backend,
-            "predicted_step_seconds": pr.step_seconds, "predicted_cycle_seconds": pr.cycle_seconds,
-            "efficiency": t1 / (ranks * t) if t > 0 else 0.0, "speedup": t1 / t if t > 0 else 0.0,
-            "bubble": pr.bubble, "memory_bytes_per_rank": mem, "activation_bytes_per_rank": max(pr.activation_bytes),
-            "fits_memory": mem <= cap, "allreduce_overlap": pr.allreduce.get("overlap"),
-            "levels": pr.levels, "oversubscribed": bool(local and ranks > profile.cores),
-        })
+    over = bool(min(ranks, rpn or profile.cores) > profile.cores)
+    cache: dict = {}
+
+    def key(pr):
+        return pr.cycle_seconds if work.levels > 1 else pr.step_seconds
+    if search == "all" or (search == "auto" and ranks <= 16):
+        pairs = ((lay, _evaluate(work, lay, profile, cache)) for lay in
+                 candidates(work, ranks, backend, microbatches, schedules, coarse_layouts, min_blocks, weight_grads,
+                            rpn, data_parallel, background, max_microbatches))
+    else:
+        pairs = _greedy(work, profile, structures, microbatches, cache, key, max_microbatches)
+    records = [_record(work, lay, pr, t1, ranks, cap, over) for lay, pr in pairs if pr is not None]
     if not records:
         raise LayoutError(f"--ranks {ranks} do not fit the blocks or the batch: no layout could be simulated")
-    key = "predicted_cycle_seconds" if work.levels > 1 else "predicted_step_seconds"
-    records.sort(key=lambda r: (not r["fits_memory"], r[key], r["layer_ranks"], r["microbatches"]))
+    field = "predicted_cycle_seconds" if work.levels > 1 else "predicted_step_seconds"
+    records.sort(key=lambda r: (not r["fits_memory"], r[field], r["layer_ranks"], r["microbatches"]))
     for i, r in enumerate(records):
         r["rank"] = i + 1
     return records
@@ -173,10 +238,6 @@ def to_json(records: list[dict]) -> str:
 def main(argv=None) -> int:
     """``python -m parml.plan.planner --profile p.json --ranks 4 -K 2048 -L 8``: the ranked table
     (the integrator's ``parml plan`` takes the same options)."""
-    import argparse
-    import sys
-
-    from ..config import ConfigError, TrainConfig
     ap = argparse.ArgumentParser(description="Rank parml layouts by simulated time.")
     ap.add_argument("--profile", required=True)
     ap.add_argument("--ranks", type=int, required=True)

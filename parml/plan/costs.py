@@ -1,0 +1,258 @@
+"""What is simulated and what it costs: the workload, a candidate layout, each level's layout
+(``parallel.layout.plan_levels`` and the coarse-layout rule) and one layer rank's costs per
+micro-batch from the profile's fits.
+
+The mesh (issue 17): world = D data replicas × P layer ranks, world rank = d·P + s. Coarse levels:
+``gather`` keeps D replicas on the first P_l layer ranks of each replica (the others idle);
+``replicate`` runs P_l layer ranks × D·P/P_l replicas (P_l rounded down to a divisor of P).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..model import ModelSpec
+from ..multilevel.hierarchy import level_specs
+from ..multilevel.mgopt import CycleSetup
+from ..parallel.layout import LayoutError, Partition, partition_blocks, plan_levels
+from .profile import Profile
+
+DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+COARSE_LAYOUTS = ("gather", "replicate")
+
+
+@dataclass
+class Workload:
+    """The training problem: the finest network, samples per step, the hierarchy and its cycle."""
+    spec: ModelSpec
+    batch: int
+    levels: int = 1
+    cycle: object = None            # mgopt.CycleSetup; None: CycleSetup.default(levels)
+    dtype: str = "float32"
+    optimizer: str = "sgd"
+
+    @property
+    def setup(self):
+        return self.cycle if self.cycle is not None else CycleSetup.default(self.levels)
+
+    @classmethod
+    def from_config(cls, cfg, in_features: int, out_features: int, n_train: int, input_shape=None,
+                    task: str = "classification") -> Workload:
+        """From a ``TrainConfig`` and the dataset's sizes (no data is loaded)."""
+        spec = cfg.model_spec(in_features, out_features, task, input_shape)
+        batch = min(cfg.batch_size or n_train, n_train)
+        return cls(spec, batch, cfg.levels, cfg.setup, cfg.dtype, cfg.optimizer)
+
+
+@dataclass
+class Layout:
+    """One candidate: D data replicas × P layer ranks, M micro-batches, schedule, coarse layout."""
+    data_parallel: int = 1
+    layer_ranks: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    coarse_layout: str = "gather"
+    min_blocks_per_rank: int = 16
+    weight_grads: str = "deferred"
+    backend: str = "gloo"
+    ranks_per_node: int | None = None   # None: profile.cores (a full node, not oversubscribed)
+    background: float = 0.0             # other processes busy on each node (a shared machine)
+
+    @property
+    def world(self) -> int:
+        return self.data_parallel * self.layer_ranks
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Where one level runs: `replicas` × partition.ranks layer ranks; world rank = d·stride + j."""
+    level: int
+    spec: ModelSpec
+    partition: Partition
+    replicas: int
+    stride: int
+
+    @property
+    def ranks(self) -> int:
+        return self.partition.ranks
+
+    def world_rank(self, d, j) -> int:
+        return d * self.stride + j
+
+    def position(self, world_rank):
+        d, j = divmod(world_rank, self.stride)
+        if j >= self.ranks or d >= self.replicas:
+            return None
+        return d, j
+
+
+def _split_sizes(n: int, parts: int) -> list[int]:
+    """Row counts of ``tensor_split(n, parts)``: the first n % parts get one more."""
+    q, r = divmod(n, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
+
+def level_specs_of(spec: ModelSpec, levels: int) -> list[ModelSpec]:
+    return level_specs(spec, levels)
+
+
+def level_layouts(work: Workload, layout: Layout) -> list[LevelLayout]:
+    """Every level's layout (coarsest first) from ``plan_levels`` and the coarse-layout rule."""
+    D, P = layout.data_parallel, layout.layer_ranks
+    if layout.coarse_layout not in COARSE_LAYOUTS:
+        raise LayoutError(f"--coarse-layout {layout.coarse_layout!r} is not one of: {', '.join(COARSE_LAYOUTS)}")
+    specs = level_specs_of(work.spec, work.levels)
+    plans = plan_levels([s.total_blocks for s in specs], P, layout.min_blocks_per_rank)
+    out = []
+    for i, (sp, plan) in enumerate(zip(specs, plans)):
+        part = plan.partition
+        if part.ranks == P or layout.coarse_layout == "gather":
+            out.append(LevelLayout(i + 1, sp, part, D, P))
+            continue
+        pl = max(q for q in range(1, part.ranks + 1) if P % q == 0)
+        if pl != part.ranks:
+            part = partition_blocks(sp.total_blocks, pl, align=2 if i > 0 else 1)
+        out.append(LevelLayout(i + 1, sp, part, D * P // pl, pl))
+    return out
+
+
+# --- per-rank costs --------------------------------------------------------------------------------
+
+@lru_cache(maxsize=65536)
+def _stage_ranges(spec: ModelSpec, a: int, b: int):
+    """(stage index, blocks in [a, b) of that stage) for the stages the shard [a, b) touches."""
+    out, offset = [], 0
+    for i, s in enumerate(spec.stages):
+        lo, hi = max(a, offset), min(b, offset + s.blocks)
+        if lo < hi:
+            out.append((i, hi - lo))
+        offset += s.blocks
+    return tuple(out)
+
+
+def _stage_of_step(spec: ModelSpec, step: int) -> int:
+    for i, s in enumerate(spec.stages):
+        if step < s.blocks:
+            return i
+        step -= s.blocks
+    return len(spec.stages) - 1
+
+
+def _pixels(spec: ModelSpec, stage: int) -> int:
+    shape = spec.stage_state_shape(stage)
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def state_elements(spec: ModelSpec, boundary: int) -> int:
+    """Per-sample elements of the state passed at global step `boundary` (model.state_shape)."""
+    stage = _stage_of_step(spec, boundary)
+    offset = sum(s.blocks for s in spec.stages[:stage])
+    if boundary == offset and stage > 0:
+        stage -= 1
+    return math.prod(spec.stage_state_shape(stage))
+
+
+def _block_row_elements(spec: ModelSpec, stage: int) -> int:
+    v = spec.stages[stage].width
+    return v * v * (9 if spec.conv else 1) + v
+
+
+@lru_cache(maxsize=256)
+def shared_entries(spec: ModelSpec) -> dict:
+    """(cached: do not modify) Elements of each shared parameter and the global step whose owner holds it."""
+    v0, vl = spec.stages[0].width, spec.stages[-1].width
+    K = spec.total_blocks
+    out = {}
+    if spec.conv:
+        out["opening.weight"] = (v0 * spec.input_shape[0] * 9, 0)
+        feats = math.prod(spec.stage_state_shape(len(spec.stages) - 1)) if spec.head == "flatten" else vl
+    else:
+        out["opening.weight"] = (v0 * spec.in_features, 0)
+        feats = vl
+    offset = 0
+    for i, s in enumerate(spec.stages):
+        if i > 0:
+            out[f"projections.{i}.weight"] = (spec.stages[i - 1].width * s.width, offset)
+        offset += s.blocks
+    out["head.weight"] = (spec.out_features * feats, K - 1)
+    out["head.bias"] = (spec.out_features, K - 1)
+    return out
+
+
+@lru_cache(maxsize=65536)
+def shard_parameters(spec: ModelSpec, a: int, b: int) -> int:
+    """Parameter elements of shard [a, b) (blocks and the shared pieces that go with it)."""
+    offset, total = 0, 0
+    for i, s in enumerate(spec.stages):
+        lo, hi = max(a, offset), min(b, offset + s.blocks)
+        if lo < hi:
+            total += (hi - lo) * _block_row_elements(spec, i)
+        offset += s.blocks
+    for n, owner in shared_entries(spec).values():
+        if a <= owner < b:
+            total += n
+    return total
+
+
+def kernel_name(spec: ModelSpec, weight_grads: str) -> str:
+    if spec.conv:
+        return "conv"
+    return "dense" if weight_grads == "deferred" and spec.stepper == "euler" else "dense-inline"
+
+
+@dataclass
+class StageCost:
+    """One layer rank's costs per micro-batch of `rows`: forward, backward (adjoint), weight grads."""
+    spec: ModelSpec
+    a: int
+    b: int
+    profile: Profile
+    weight_grads: str
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def _parts(self, rows):
+        if rows not in self._memo:
+            self._memo[rows] = self._compute(rows)
+        return self._memo[rows]
+
+    def _compute(self, rows):
+        prof, spec = self.profile, self.spec
+        kern = prof.kernel(kernel_name(spec, self.weight_grads))
+        scale = 2.0 if spec.stepper == "rk2" else 1.0      # two F evaluations per step (estimate)
+        f = bw = w = 0.0
+        for stage, n in _stage_ranges(spec, self.a, self.b):
+            x = {"n": n, "b": rows, "v": spec.stages[stage].width, "s": _pixels(spec, stage)}
+            f += scale * kern.forward(**x)
+            bw += scale * kern.backward(**x)
+            w += scale * kern.weight(**x)
+        if self.a == 0:
+            x = {"b": rows, "v": spec.stages[0].width, "s": _pixels(spec, 0),
+                     "i": spec.input_shape[0] if spec.conv else spec.in_features}
+            f += prof.end_cost("first", "F", **x)
+            bw += prof.end_cost("first", "B", **x)
+        if self.b == spec.total_blocks:
+            last = len(spec.stages) - 1
+            x = {"b": rows, "v": spec.stages[last].width, "s": _pixels(spec, last), "o": spec.out_features}
+            f += prof.end_cost("last", "F", **x)
+            bw += prof.end_cost("last", "B", **x)
+        return f, bw, w
+
+    def forward(self, rows):
+        return self._parts(rows)[0]
+
+    def backward(self, rows):
+        return self._parts(rows)[1]
+
+    def weight(self, rows):
+        return self._parts(rows)[2]
+
+    def activation_bytes(self, rows, dtype_bytes):
+        """Saved states of one micro-batch (y_k and σ_k per block) and the adjoint buffer of B."""
+        held = gas = 0
+        for stage, n in _stage_ranges(self.spec, self.a, self.b):
+            per = rows * math.prod(self.spec.stage_state_shape(stage)) * dtype_bytes
+            held += 2 * n * per
+            gas += n * per
+        return held, gas

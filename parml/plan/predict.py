@@ -1,0 +1,201 @@
+"""Predictions: one GD step and one V-cycle of a workload on a layout, per rank and per level.
+
+A V-cycle is its recorded level sequence (``vcycle.cycle_trace``) with each event a simulated
+phase (``programs``): gradient evaluations and updates on that level's layout, moves between two
+levels' layouts. Phases shared by several events or candidates are simulated once (``cache``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..parallel.layout import LayoutError
+from ..parallel.schedule import get_schedule
+from .costs import DTYPE_BYTES, OPTIMIZER_STATES, Layout, LevelLayout, Workload, level_layouts, shard_parameters
+from .engine import Run
+from .profile import Profile
+from .programs import Context, PhaseResult, simulate_gradient, simulate_move, simulate_update
+from .vcycle import cycle_trace
+
+
+@dataclass
+class RankStats:
+    """Seconds of one layer rank (replica 0; replicas are identical) over a step or cycle."""
+    rank: int
+    compute: float = 0.0      # F + B + W + bookkeeping
+    wait: float = 0.0         # blocked on a message, a collective's slower members, or the all-reduce
+    comm: float = 0.0         # collective cost and message posting
+    idle: float = 0.0         # done, or outside the level's ranks, until the phase ends
+
+    @property
+    def total(self):
+        return self.compute + self.wait + self.comm + self.idle
+
+    def to_dict(self):
+        return {"rank": self.rank, "compute": self.compute, "wait": self.wait, "comm": self.comm,
+                "idle": self.idle, "bubble": 1.0 - self.compute / self.total if self.total > 0 else 0.0}
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    step_seconds: float                 # one GD step on the finest level (gradient + update)
+    cycle_seconds: float                # one V-cycle (= step_seconds for L = 1)
+    work_units: float                   # of the V-cycle (eq. 10)
+    level_seconds: list                 # per level of the cycle, coarsest first
+    step_ranks: list                    # RankStats per layer rank for the GD step
+    cycle_ranks: list                   # RankStats per world rank of one fine replica for the cycle
+    bubble: float                       # 1 - mean compute / step, GD step
+    activation_bytes: list              # peak per layer rank, finest level
+    memory_bytes: list                  # parameters, gradients, optimizer state, activations (all levels held)
+    allreduce: dict                     # gradient all-reduce of the GD step: seconds, exposed, overlap
+    levels: list                        # per level: blocks, layer ranks, replicas
+    step_run: Run | None = None
+
+    def to_dict(self):
+        return {"step_seconds": self.step_seconds, "cycle_seconds": self.cycle_seconds,
+                "work_units": self.work_units, "level_seconds": self.level_seconds, "bubble": self.bubble,
+                "step_ranks": [r.to_dict() for r in self.step_ranks],
+                "cycle_ranks": [r.to_dict() for r in self.cycle_ranks],
+                "activation_bytes": self.activation_bytes, "memory_bytes": self.memory_bytes,
+                "allreduce": self.allreduce, "levels": self.levels}
+
+
+def _accumulate(stats: dict, phase: PhaseResult, lev_ranks_to_world, end: float):
+    """Add one phase's per-rank totals to `stats` (world rank -> RankStats)."""
+    seen = set()
+    for key in phase.ranks:
+        tot = phase.run.totals(key)
+        for w in lev_ranks_to_world(key):
+            s = stats.setdefault(w, RankStats(w))
+            s.compute += sum(tot.get(k, 0.0) for k in ("F", "B", "W", "other"))
+            s.comm += tot.get("collective", 0.0) + tot.get("post", 0.0)
+            s.wait += tot.get("wait", 0.0)
+            s.idle += tot.get("idle", 0.0) + (end - phase.run.end)
+            seen.add(w)
+    for w, s in stats.items():
+        if w not in seen:
+            s.idle += end
+
+
+class _Phases:
+    """The simulated phases of one prediction, shared through `memo` with other candidates."""
+
+    def __init__(self, work: Workload, layout: Layout, ctx: Context, levs: list, memo: dict, record: bool):
+        self.work, self.layout, self.ctx, self.levs, self.memo, self.record = work, layout, ctx, levs, memo, record
+        self.common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend,
+                       ctx.ranks_per_node, ctx.world, ctx.background)
+        self.world = range(layout.layer_ranks)     # world ranks of fine replica 0
+        self._owners: dict = {}
+
+    @staticmethod
+    def where(lev: LevelLayout):
+        return (lev.level, lev.partition.bounds, lev.replicas, lev.stride)
+
+    def _get(self, key, make):
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def grad(self, lev) -> PhaseResult:
+        return self._get(("grad", self.where(lev), self.common),
+                         lambda: simulate_gradient(lev, self.work, self.layout, self.ctx, record=self.record))
+
+    def update(self, lev) -> PhaseResult:
+        return self._get(("update", self.where(lev), self.common), lambda: simulate_update(lev, self.ctx))
+
+    def move(self, i, down) -> PhaseResult:
+        levs = self.levs
+        return self._get(("move", self.where(levs[i]), self.where(levs[i - 1]), down, self.common),
+                         lambda: simulate_move(levs[i], levs[i - 1], self.ctx, DTYPE_BYTES[self.work.dtype],
+                                               down, self.world))
+
+    def to_world(self, lev):
+        """Layer rank j of replica 0 of `lev` stands for every rank of fine replica 0 at that position."""
+        if lev.level not in self._owners:
+            owners = defaultdict(list)
+            for r in self.world:
+                pos = lev.position(r)
+                if pos is not None:
+                    owners[pos[1]].append(r)
+            self._owners[lev.level] = owners
+        owners = self._owners[lev.level]
+        return lambda j: owners.get(j, [])
+
+
+def _cycle(ph: _Phases, events) -> tuple[float, list, dict]:
+    """Replay the recorded V-cycle: (seconds, per-level seconds, per-rank stats)."""
+    level_seconds = [0.0] * ph.work.levels
+    stats: dict = {r: RankStats(r) for r in ph.world}
+    total = 0.0
+    for kind, level in events:
+        lev = ph.levs[level - 1]
+        if kind == "grad":
+            phase = ph.grad(lev)
+        elif kind == "update":
+            phase = ph.update(lev)
+        elif kind == "assign":     # restriction from level+1 and the move down
+            phase = ph.move(level, True)
+        else:                      # "add": the correction from level-1 moves up
+            phase = ph.move(level - 1, False)
+        if kind in ("grad", "update"):
+            _accumulate(stats, phase, ph.to_world(lev), phase.seconds)
+        else:
+            _accumulate(stats, phase, lambda r: [r] if r in ph.world else [], phase.seconds)
+        level_seconds[level - 1] += phase.seconds
+        total += phase.seconds
+    return total, level_seconds, stats
+
+
+def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = False,
+            cache: dict | None = None) -> Prediction:
+    """Simulate one GD step on the finest level and one V-cycle of `work` on `layout`.
+    `cache`: a dict shared by predictions of the same workload and profile (the planner's), so
+    that a level phase shared by several candidates is simulated once."""
+    get_schedule(layout.schedule)      # unknown names fail here; registered extras are fine
+    D, P = layout.data_parallel, layout.layer_ranks
+    if D < 1 or P < 1:
+        raise LayoutError(f"--data-parallel {D} and layer ranks {P} must be at least 1")
+    if D * P > 1:
+        profile.backend(layout.backend)
+    ctx = Context(profile, layout.backend, D * P, layout.ranks_per_node or profile.cores, layout.background)
+    levs = level_layouts(work, layout)
+    ph = _Phases(work, layout, ctx, levs, {} if cache is None or keep_run else cache, keep_run)
+    g, u = ph.grad(levs[-1]), ph.update(levs[-1])
+    step_stats: dict = {}
+    _accumulate(step_stats, g, lambda j: [j], g.seconds)
+    _accumulate(step_stats, u, lambda j: [j], u.seconds)
+    step = g.seconds + u.seconds
+    events, wu = cycle_trace(str(work.setup))
+    total, level_seconds, cycle_stats = _cycle(ph, events)
+    compute = [step_stats[j].compute for j in range(P)]
+    bubble = 1.0 - sum(compute) / (P * step) if step > 0 else 0.0
+    acts = [g.activation_bytes[j] for j in range(P)]
+    mem = _memory(levs, work, acts, DTYPE_BYTES[work.dtype], ph.world)
+    return Prediction(layout, step, total, wu, level_seconds, [step_stats[j] for j in range(P)],
+                      [cycle_stats[r] for r in ph.world], bubble, acts, mem, g.allreduce,
+                      [{"level": lv.level, "blocks": lv.spec.total_blocks, "layer_ranks": lv.ranks,
+                        "replicas": lv.replicas} for lv in levs],
+                      g.run if keep_run else None)
+
+
+def _memory(levs, work, fine_acts, dbytes, world) -> list:
+    """Bytes per world rank of one fine replica: every level's parameters, gradients, the Level's
+    gradient copy and optimizer state; the finest level's peak activations."""
+    copies = 3 + OPTIMIZER_STATES.get(work.optimizer, 0)
+    out = []
+    for r in world:
+        total = fine_acts[r]
+        for lev in levs:
+            pos = lev.position(r)
+            if pos is not None:
+                a, b = lev.partition.range(pos[1])
+                total += copies * shard_parameters(lev.spec, a, b) * dbytes
+        out.append(total)
+    return out
+
+
+def serial_prediction(work: Workload, profile: Profile, backend: str = "gloo", schedule: str = "1f1b",
+                      weight_grads: str = "deferred") -> Prediction:
+    """One rank, one micro-batch: the reference for efficiencies."""
+    return predict(work, Layout(1, 1, 1, schedule, "gather", 1, weight_grads, backend), profile)
