@@ -1,4 +1,5 @@
-"""Command line: ``parml train``, ``parml reproduce``, ``parml info`` (also ``python -m parml``).
+"""Command line: ``parml train``, ``parml plan``, ``parml calibrate``, ``parml reproduce``, ``parml info``
+(also ``python -m parml``).
 
 The same command runs alone, under ``torchrun --nproc_per_node N`` or under ``mpirun -n N``: the
 backend is read from the launcher's environment. ``train``'s options are made from the fields of
@@ -9,6 +10,7 @@ printed by rank 0 only, and exit code 2, before any process group exists where p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,10 +21,16 @@ import torch
 
 from . import __version__
 from .comm import CommError, describe_environment, exit_process, launcher_rank, launcher_world_size
+from .comm.environment import resolve_device
 from .config import ConfigError, TrainConfig, field_type, flag
 from .data import DataError
 from .parallel.layout import LayoutError
 from .parallel.schedule import ScheduleError, dry_run, format_schedule, get_schedule
+from .plan.auto import (PlanError, auto_layout, config_for_plan, describe, load_profile, n_train, plan_config,
+                        plan_fields)
+from .plan.calibrate import calibrate as run_calibration
+from .plan.planner import format_table, to_json
+from .plan.profile import ProfileError
 from .reproduce import ReproduceError, build_plan, reproduce as run_reproduction
 from .training.trainer import resolve_options, run_from_cli
 
@@ -48,9 +56,12 @@ def cli():
     """
 
 
-def _train_options(command):
-    """One click option per TrainConfig field; default None = not given (TOML and defaults fill in)."""
+def _train_options(command, only=None):
+    """One click option per TrainConfig field (or the fields named in `only`); default None = not
+    given (TOML and defaults fill in)."""
     for f in reversed(dataclasses.fields(TrainConfig)):
+        if only is not None and f.name not in only:
+            continue
         base, _ = field_type(f)
         meta = f.metadata
         valid = f" [{' | '.join(meta['choices'])}]" if meta["choices"] else ""
@@ -78,10 +89,70 @@ def train(config_file, **options):
         cfg = resolve_options(config_file, given)
     except ConfigError as e:
         fail(str(e))
+    if cfg.layout == "auto" and not cfg.resume:
+        try:
+            cfg, best = auto_layout(cfg, launcher_world_size(), str(resolve_device(cfg.device)), given)
+        except (PlanError, ProfileError, ConfigError) as e:
+            fail(str(e))
+        if launcher_rank() == 0:
+            click.echo(f"parml: --layout auto ({cfg.profile}): {describe(best, cfg.levels)}")
     torch.set_num_threads(cfg.threads)
     run_from_cli(cfg, fail)
     if launcher_world_size() > 1:
         exit_process(0)
+
+
+@cli.command("plan", context_settings={"max_content_width": 110})
+@click.option("--config", "config_file", default=None, metavar="TOML",
+              help="Options from a TOML file; flags override it.")
+@click.option("--ranks-per-node", type=int, default=None,
+              help="Ranks per node [default: the profile's cores or GPUs per node]; more than that share them.")
+@click.option("--background", type=float, default=0.0, show_default=True,
+              help="Other busy processes per node (a shared machine), competing for its cores.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked candidates as a JSON list of objects.")
+@click.option("--limit", type=int, default=20, show_default=True, help="Rows of the table (0: all).")
+@functools.partial(_train_options, only=plan_fields())
+def plan_command(config_file, ranks_per_node, background, as_json, limit, **options):
+    """Rank the layouts of a training run by their predicted time (needs --profile and --ranks).
+
+    Candidates: every D x P = --ranks, micro-batches M, schedule, coarse layout and
+    min-blocks-per-rank (options given here fix theirs). Predictions replay parml's own
+    schedules and V-cycle on the profile's measured costs (see parml calibrate).
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        values = TrainConfig.load_toml(config_file) if config_file else {}
+        values.update(given)
+        cfg = config_for_plan(values)
+        if cfg.ranks is None:
+            fail("--ranks is required: the number of ranks to plan for")
+        if ranks_per_node is not None and ranks_per_node < 1:
+            fail(f"--ranks-per-node {ranks_per_node} must be at least 1")
+        if background < 0:
+            fail(f"--background {background} must be >= 0")
+        prof = load_profile(cfg, None if cfg.device == "auto" else str(cfg.device))
+        recs = plan_config(cfg, prof, cfg.ranks, set(given), ranks_per_node, background, n=n_train(cfg))
+    except (ConfigError, PlanError, ProfileError, LayoutError) as e:
+        fail(str(e))
+    click.echo(to_json(recs) if as_json else format_table(recs, limit or None))
+
+
+@cli.command("calibrate")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda: the device type to measure.")
+@click.option("--backend", default=None,
+              help="Comma-separated: gloo, mpi, nccl; none: compute only [default: every one present].")
+@click.option("--quick", is_flag=True, help="A small grid (seconds, for tests and a first look).")
+@click.option("--out", default="profile.json", show_default=True, help="Where to write the profile (JSON).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per rank while timing.")
+def calibrate_command(device, backend, quick, out, threads):
+    """Measure this machine's compute and communication costs into a profile for parml plan."""
+    if threads < 1:
+        fail(f"--threads {threads} must be at least 1")
+    try:
+        backends = None if backend is None else [] if backend == "none" else backend.split(",")
+        run_calibration(device, backends, out, quick, threads=threads)
+    except ProfileError as e:
+        fail(str(e))
 
 
 @cli.command()

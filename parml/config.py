@@ -33,6 +33,7 @@ else:                                   # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "float64")
+LAYOUTS = ("manual", "auto")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,11 @@ class TrainConfig:
     kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
                          choices=KERNELS, runtime=True)
     min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
+    layout: str = option("manual", "manual: the layout options as given; auto: the layout --profile predicts "
+                         "fastest (parml plan) sets --microbatches, --schedule, --min-blocks-per-rank.",
+                         choices=LAYOUTS, runtime=True)
+    profile: str | None = option(None, "Machine profile (JSON from parml calibrate) for --layout auto and parml plan.",
+                                 runtime=True)
     comm_timeout: float = option(300.0, "Seconds before a blocked communication fails.", runtime=True)
     threads: int = option(1, "torch compute threads per rank (ranks are the parallelism; small blocks run best "
                           "on one).", runtime=True)
@@ -264,6 +270,8 @@ class TrainConfig:
              "run folder (or 'auto')")
         need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --overwrite "
              "deletes the run that --resume would continue")
+        need(self.layout != "auto" or self.profile, "--layout auto needs --profile PROFILE.json (create one with: "
+             "parml calibrate --out PROFILE.json)")
         try:
             level_specs(self.model_spec(1, 1, "classification"), self.levels)
             self.setup.check(self.levels)

@@ -70,8 +70,8 @@ def _structures(work: Workload, ranks: int, backend: str, schedules, coarse_layo
                     shape = tuple((lv.ranks, lv.replicas) for lv in level_layouts(work, probe))
                 except LayoutError:
                     continue
-                if (shape, cl) not in seen:
-                    seen.add((shape, cl))
+                if shape not in seen:       # the same level layouts: the same predictions
+                    seen.add(shape)
                     out.append((probe, scheds, work.batch // D))
     return out
 
@@ -89,8 +89,8 @@ def candidates(work: Workload, ranks: int, backend: str, microbatches=None, sche
                                            weight_grads, ranks_per_node, data_parallel, background):
         ms = list(microbatches) if microbatches else _powers(min(most, max_microbatches))
         for m in ms:
-            if m <= most:
-                out += [replace(probe, microbatches=m, schedule=s) for s in scheds]
+            if m <= most:       # one micro-batch: every schedule runs F then B
+                out += [replace(probe, microbatches=m, schedule=s) for s in (scheds if m > 1 else scheds[:1])]
     return out
 
 
@@ -136,7 +136,7 @@ def _greedy(work, profile, structures, microbatches, cache, key, max_microbatche
                 if worse >= 2 and not microbatches:
                     break
         for s in scheds[1:]:
-            if best is not None:
+            if best is not None and best[0].microbatches > 1:
                 lay = replace(best[0], schedule=s)
                 pr = _evaluate(work, lay, profile, cache)
                 if pr is not None:
