@@ -87,6 +87,15 @@ class LevelLayout:
             return None
         return d, j
 
+    def members(self, world) -> list[tuple[int, int]]:
+        """(world rank, layer rank) of this level's ranks among `world` (a range from 0)."""
+        return _members(self.replicas, self.stride, self.ranks, len(world))
+
+
+@lru_cache(maxsize=1024)
+def _members(replicas, stride, ranks, n) -> list:
+    return [(d * stride + j, j) for d in range(replicas) for j in range(ranks) if d * stride + j < n]
+
 
 def _split_sizes(n: int, parts: int) -> list[int]:
     """Row counts of ``tensor_split(n, parts)``: the first n % parts get one more."""

@@ -6,8 +6,9 @@ levels' layouts. Phases shared by several events or candidates are simulated onc
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..parallel.layout import LayoutError
 from ..parallel.schedule import get_schedule
@@ -61,21 +62,24 @@ class Prediction:
                 "allreduce": self.allreduce, "levels": self.levels}
 
 
-def _accumulate(stats: dict, phase: PhaseResult, lev_ranks_to_world, end: float):
-    """Add one phase's per-rank totals to `stats` (world rank -> RankStats)."""
-    seen = set()
-    for key in phase.ranks:
-        tot = phase.run.totals(key)
-        for w in lev_ranks_to_world(key):
-            s = stats.setdefault(w, RankStats(w))
-            s.compute += sum(tot.get(k, 0.0) for k in ("F", "B", "W", "other"))
-            s.comm += tot.get("collective", 0.0) + tot.get("post", 0.0)
-            s.wait += tot.get("wait", 0.0)
-            s.idle += tot.get("idle", 0.0) + (end - phase.run.end)
-            seen.add(w)
-    for w, s in stats.items():
-        if w not in seen:
-            s.idle += end
+class _Stats:
+    """Seconds per world rank of one fine replica: compute, comm, wait, idle (rows of an array)."""
+
+    def __init__(self, n: int):
+        self.a = np.zeros((4, n))
+
+    def add(self, phase: PhaseResult, idx: np.ndarray, end: float) -> None:
+        """Add one phase: world rank r takes the totals of the phase's rank idx[r] (-1: not in
+        the phase, idle until it ends)."""
+        tot = phase.totals()
+        ok = idx >= 0
+        self.a[:, ok] += tot[:, idx[ok]]
+        self.a[3, ok] += end - phase.run.end
+        self.a[3, ~ok] += end
+
+    def ranks(self) -> list:
+        c, m, w, i = (self.a[k].tolist() for k in range(4))
+        return [RankStats(r, c[r], w[r], m[r], i[r]) for r in range(self.a.shape[1])]
 
 
 class _Phases:
@@ -86,7 +90,7 @@ class _Phases:
         self.common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend,
                        ctx.ranks_per_node, ctx.world, ctx.background)
         self.world = range(layout.layer_ranks)     # world ranks of fine replica 0
-        self._owners: dict = {}
+        self._index: dict = {}
 
     @staticmethod
     def where(lev: LevelLayout):
@@ -110,23 +114,24 @@ class _Phases:
                          lambda: simulate_move(levs[i], levs[i - 1], self.ctx, DTYPE_BYTES[self.work.dtype],
                                                down, self.world))
 
-    def to_world(self, lev):
-        """Layer rank j of replica 0 of `lev` stands for every rank of fine replica 0 at that position."""
-        if lev.level not in self._owners:
-            owners = defaultdict(list)
-            for r in self.world:
-                pos = lev.position(r)
-                if pos is not None:
-                    owners[pos[1]].append(r)
-            self._owners[lev.level] = owners
-        owners = self._owners[lev.level]
-        return lambda j: owners.get(j, [])
+    def level_index(self, lev) -> np.ndarray:
+        """Per world rank of fine replica 0: the layer rank of `lev`'s replica 0 that stands for it
+        (replicas run the same program), or -1 outside the level's ranks."""
+        if lev.level not in self._index:
+            d, j = np.divmod(np.arange(len(self.world)), lev.stride)
+            self._index[lev.level] = np.where((j < lev.ranks) & (d < lev.replicas), j, -1)
+        return self._index[lev.level]
+
+    def world_index(self, phase: PhaseResult) -> np.ndarray:
+        """Per world rank of fine replica 0: its index in a move's ranks, or -1."""
+        where = {r: i for i, r in enumerate(phase.ranks)}
+        return np.array([where.get(r, -1) for r in self.world], dtype=np.int64)
 
 
 def _cycle(ph: _Phases, events) -> tuple[float, list, dict]:
     """Replay the recorded V-cycle: (seconds, per-level seconds, per-rank stats)."""
     level_seconds = [0.0] * ph.work.levels
-    stats: dict = {r: RankStats(r) for r in ph.world}
+    stats = _Stats(len(ph.world))
     total = 0.0
     for kind, level in events:
         lev = ph.levs[level - 1]
@@ -138,10 +143,7 @@ def _cycle(ph: _Phases, events) -> tuple[float, list, dict]:
             phase = ph.move(level, True)
         else:                      # "add": the correction from level-1 moves up
             phase = ph.move(level - 1, False)
-        if kind in ("grad", "update"):
-            _accumulate(stats, phase, ph.to_world(lev), phase.seconds)
-        else:
-            _accumulate(stats, phase, lambda r: [r] if r in ph.world else [], phase.seconds)
+        stats.add(phase, ph.level_index(lev) if kind in ("grad", "update") else ph.world_index(phase), phase.seconds)
         level_seconds[level - 1] += phase.seconds
         total += phase.seconds
     return total, level_seconds, stats
@@ -162,18 +164,18 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
     levs = level_layouts(work, layout)
     ph = _Phases(work, layout, ctx, levs, {} if cache is None or keep_run else cache, keep_run)
     g, u = ph.grad(levs[-1]), ph.update(levs[-1])
-    step_stats: dict = {}
-    _accumulate(step_stats, g, lambda j: [j], g.seconds)
-    _accumulate(step_stats, u, lambda j: [j], u.seconds)
+    step_stats = _Stats(P)
+    every = np.arange(P)
+    step_stats.add(g, every, g.seconds)
+    step_stats.add(u, every, u.seconds)
     step = g.seconds + u.seconds
     events, wu = cycle_trace(str(work.setup))
     total, level_seconds, cycle_stats = _cycle(ph, events)
-    compute = [step_stats[j].compute for j in range(P)]
-    bubble = 1.0 - sum(compute) / (P * step) if step > 0 else 0.0
+    bubble = 1.0 - float(step_stats.a[0].sum()) / (P * step) if step > 0 else 0.0
     acts = [g.activation_bytes[j] for j in range(P)]
     mem = _memory(levs, work, acts, DTYPE_BYTES[work.dtype], ph.world)
-    return Prediction(layout, step, total, wu, level_seconds, [step_stats[j] for j in range(P)],
-                      [cycle_stats[r] for r in ph.world], bubble, acts, mem, g.allreduce,
+    return Prediction(layout, step, total, wu, level_seconds, step_stats.ranks(), cycle_stats.ranks(), bubble,
+                      acts, mem, g.allreduce,
                       [{"level": lv.level, "blocks": lv.spec.total_blocks, "layer_ranks": lv.ranks,
                         "replicas": lv.replicas} for lv in levs],
                       g.run if keep_run else None)
@@ -183,15 +185,10 @@ def _memory(levs, work, fine_acts, dbytes, world) -> list:
     """Bytes per world rank of one fine replica: every level's parameters, gradients, the Level's
     gradient copy and optimizer state; the finest level's peak activations."""
     copies = 3 + OPTIMIZER_STATES.get(work.optimizer, 0)
-    out = []
-    for r in world:
-        total = fine_acts[r]
-        for lev in levs:
-            pos = lev.position(r)
-            if pos is not None:
-                a, b = lev.partition.range(pos[1])
-                total += copies * shard_parameters(lev.spec, a, b) * dbytes
-        out.append(total)
+    out = list(fine_acts[:len(world)])
+    for lev in levs:
+        for r, j in lev.members(world):
+            out[r] += copies * shard_parameters(lev.spec, *lev.partition.range(j)) * dbytes
     return out
 
 

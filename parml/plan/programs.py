@@ -95,6 +95,17 @@ class PhaseResult:
     ranks: list                 # simulated ranks (layer ranks of replica 0, or world ranks of a move)
     activation_bytes: dict = field(default_factory=dict)
     allreduce: dict = field(default_factory=dict)
+    _totals: np.ndarray | None = None
+
+    def totals(self) -> np.ndarray:
+        """Rows compute (F, B, W, other), comm (collectives, posting), wait, idle; a column per rank."""
+        if self._totals is None:
+            out = np.zeros((4, len(self.ranks)))
+            for i, r in enumerate(self.ranks):
+                t = self.run.totals(r)
+                out[:, i] = (t["F"] + t["B"] + t["W"] + t["other"], t["collective"] + t["post"], t["wait"], t["idle"])
+            self._totals = out
+        return self._totals
 
 
 @lru_cache(maxsize=4096)
@@ -332,11 +343,8 @@ def move_messages(coarse: ModelSpec, src: LevelLayout, dst: LevelLayout, src_par
     destination takes its pieces from the source replica that contains its own world rank."""
     shared = shared_entries(coarse)
     out = []
-    for r in world:
-        pos = dst.position(r)
-        if pos is None:
-            continue
-        a, b = dst_part.range(pos[1])
+    for r, j in dst.members(world):
+        a, b = dst_part.range(j)
         ds = min(r // src.stride, src.replicas - 1)
         for k in range(bisect_right(src_part.bounds, a) - 1, src_part.ranks):
             lo, hi = max(a, src_part.bounds[k]), min(b, src_part.bounds[k + 1])
@@ -390,9 +398,12 @@ def simulate_move(fine: LevelLayout, coarse: LevelLayout, ctx: Context, dbytes: 
 
 def _transfer_compute(programs, lev, world, lists, prof, label):
     """Each rank of `lev` in `world` passes over its parameter lists once (restrict / assign / ...)."""
-    for r in world:
-        pos = lev.position(r)
-        if pos is not None:
-            a, b = lev.partition.range(pos[1])
-            programs.compute(r, lists * prof.step_cost("transfer", p=shard_parameters(lev.spec, a, b)), "other",
-                             label)
+    ranks, seconds, cost = [], [], {}
+    for r, j in lev.members(world):
+        if j not in cost:
+            cost[j] = lists * prof.step_cost("transfer", p=shard_parameters(lev.spec, *lev.partition.range(j)))
+        ranks.append(r)
+        seconds.append(cost[j])
+    if ranks:
+        programs.extend_ranks(ranks, [COMPUTE], [KIND["other"]], np.array(seconds)[:, None], [0.0], [-1], [-1],
+                              [label] * len(ranks) if programs.labelled else None)
