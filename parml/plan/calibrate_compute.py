@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..comm import SelfComm
+from ..kernels import attach_kernels
 from ..model import ModelSpec, StageSpec, build_model
 from ..multilevel.hierarchy import prolongate, restrict_gradient, restrict_parameters
 from ..multilevel.mgopt import Level, level_optimizer
@@ -26,6 +27,7 @@ KERNEL_FEATURES = ["1", "n", "n*b", "n*b*v*s", "n*b*v^2*s", "n*v^2"]
 FIRST_FEATURES = ["1", "b*v*s", "b*i*v*s"]
 LAST_FEATURES = ["1", "b*v*s", "b*o*v"]
 PARAM_FEATURES = ["1", "p"]
+WIDTH_FEATURES = ["1", "n", "n*b"]        # one width: per chunk, per block, per block and row
 MAX_ELEMENTS = 6e8      # n·b·v² cap of one timed kernel call (keeps the full grid in minutes)
 
 
@@ -97,6 +99,7 @@ def _stage_timer(spec, role, n, rows, device, weight_grads, dtype=torch.float32)
     model = build_model(spec, seed=0, dtype=dtype)
     rank = {"first": 0, "middle": 1, "last": 2}[role]
     shard = model.shard(rank * n, (rank + 1) * n).to(device)
+    attach_kernels(shard, "torch")          # the fused chunks LayerParallel runs
     stage = PipelineStage(shard, LoopbackComm(rank, 3, device), device, weight_grads)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, spec.in_features, generator=gen, dtype=dtype).to(device)
@@ -175,7 +178,7 @@ def measure_kernels(grid, device, log=print):
                         Fit.fitted(KERNEL_FEATURES, pts, W) if wg == "deferred" else Fit.constant(0.0),
                         f"fused Euler dense blocks, weight grads {wg}; PipelineStage middle rank",
                         [[p["n"], p["b"], p["v"], 1, f, b_, w] for p, f, b_, w in zip(pts, F, B, W)])
-        out[name] = kc
+        out[name] = with_width_fits(kc, wg == "deferred")
         log(f"  kernel {name}: {len(pts)} points, F fit median/max rel. error "
             f"{kc.forward.median_rel_error:.1%}/{kc.forward.max_rel_error:.1%}, B "
             f"{kc.backward.median_rel_error:.1%}/{kc.backward.max_rel_error:.1%}")
@@ -201,6 +204,20 @@ def measure_kernels(grid, device, log=print):
         ends[key] = Fit.fitted(FIRST_FEATURES if key.startswith("first") else LAST_FEATURES, pts, ys, floor)
     finish = Fit.fitted(PARAM_FEATURES, *finish_pts)
     return out, ends, finish
+
+
+def with_width_fits(kc: KernelCost, weight: bool = True) -> KernelCost:
+    """Add a fit per measured width (``KernelCost.by_width``) from the kernel's measured points."""
+    widths = sorted({int(m[2]) for m in kc.measured})
+    kc.by_width = {}
+    for v in widths:
+        rows = [m for m in kc.measured if int(m[2]) == v]
+        if len(rows) < len(WIDTH_FEATURES):
+            continue
+        pts = [{"n": m[0], "b": m[1], "v": v, "s": m[3]} for m in rows]
+        kc.by_width[str(v)] = [Fit.fitted(WIDTH_FEATURES, pts, [m[4 + k] for m in rows]) if k < 2 or weight
+                               else Fit.constant(0.0) for k in range(3)]
+    return kc
 
 
 def measure_conv(grid, device, log=print):

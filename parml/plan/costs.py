@@ -233,9 +233,9 @@ class StageCost:
         f = bw = w = 0.0
         for stage, n in _stage_ranges(spec, self.a, self.b):
             x = {"n": n, "b": rows, "v": spec.stages[stage].width, "s": _pixels(spec, stage)}
-            f += scale * kern.forward(**x)
-            bw += scale * kern.backward(**x)
-            w += scale * kern.weight(**x)
+            f += scale * kern.time(0, **x)
+            bw += scale * kern.time(1, **x)
+            w += scale * kern.time(2, **x)
         if self.a == 0:
             x = {"b": rows, "v": spec.stages[0].width, "s": _pixels(spec, 0),
                      "i": spec.input_shape[0] if spec.conv else spec.in_features}

@@ -130,6 +130,21 @@ class Programs(Mapping):
         if self._labels is not None:
             self._labels += list(labels) if labels is not None else [""] * (n * len(idx))
 
+    def extend_rows(self, ranks, code, kind, x, y, key, link, labels=None) -> None:
+        """Rows of many ranks at once, one rank per row; each rank's rows keep their order."""
+        self._flush()
+        ranks = np.asarray(ranks, dtype=np.int64)
+        uniq, inv = np.unique(ranks, return_inverse=True)
+        idx = np.array([self._ri(int(r)) for r in uniq], dtype=np.int64)[inv]
+        n = len(ranks)
+        cols = [np.broadcast_to(np.asarray(c, dtype=t), (n,)).copy()
+                for c, t in zip((code, kind, x, y, key, link), (np.int64, np.int64, float, float, np.int64, np.int64))]
+        self._blocks.append((idx, *cols))
+        for i, c in zip(*np.unique(idx, return_counts=True)):
+            self._count[i] += int(c)
+        if self._labels is not None:
+            self._labels += list(labels) if labels is not None else [""] * n
+
     def extend(self, r, code, kind, x, y=None, key=None, link=None, labels=None) -> None:
         """Rows of one rank given as arrays (or lists) of equal length."""
         n = len(code)

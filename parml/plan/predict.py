@@ -87,8 +87,8 @@ class _Phases:
 
     def __init__(self, work: Workload, layout: Layout, ctx: Context, levs: list, memo: dict, record: bool):
         self.work, self.layout, self.ctx, self.levs, self.memo, self.record = work, layout, ctx, levs, memo, record
-        self.common = (layout.microbatches, layout.schedule, layout.weight_grads, layout.backend,
-                       ctx.ranks_per_node, ctx.world, ctx.background)
+        self.machine = (layout.backend, ctx.ranks_per_node, ctx.world, ctx.background, work.dtype)
+        self.common = (layout.microbatches, layout.schedule, layout.weight_grads) + self.machine
         self.world = range(layout.layer_ranks)     # world ranks of fine replica 0
         self._index: dict = {}
 
@@ -106,11 +106,11 @@ class _Phases:
                          lambda: simulate_gradient(lev, self.work, self.layout, self.ctx, record=self.record))
 
     def update(self, lev) -> PhaseResult:
-        return self._get(("update", self.where(lev), self.common), lambda: simulate_update(lev, self.ctx))
+        return self._get(("update", self.where(lev), self.machine), lambda: simulate_update(lev, self.ctx))
 
     def move(self, i, down) -> PhaseResult:
         levs = self.levs
-        return self._get(("move", self.where(levs[i]), self.where(levs[i - 1]), down, self.common),
+        return self._get(("move", self.where(levs[i]), self.where(levs[i - 1]), down, self.machine),
                          lambda: simulate_move(levs[i], levs[i - 1], self.ctx, DTYPE_BYTES[self.work.dtype],
                                                down, self.world))
 

@@ -108,12 +108,19 @@ class PhaseResult:
         return self._totals
 
 
-@lru_cache(maxsize=4096)
-def stage_actions(schedule: str, stage: int, stages: int, microbatches: int):
-    """(is forward, micro-batch) arrays of one stage's action list from the schedule registry."""
-    acts = get_schedule(schedule).stage_actions(stage, stages, microbatches)
-    return (np.array([a.kind == "F" for a in acts], dtype=bool),
-            np.array([a.microbatch for a in acts], dtype=np.int64))
+@lru_cache(maxsize=256)
+def pipeline_actions(schedule: str, stages: int, microbatches: int):
+    """Per stage, (is forward, micro-batch) arrays of its action list from the schedule registry,
+    and a number shared by stages whose lists are identical."""
+    sched = get_schedule(schedule)
+    acts, kinds, seen = [], [], {}
+    for j in range(stages):
+        a = sched.stage_actions(j, stages, microbatches)
+        is_f = np.array([x.kind == "F" for x in a], dtype=bool)
+        mb = np.array([x.microbatch for x in a], dtype=np.int64)
+        acts.append((is_f, mb))
+        kinds.append(seen.setdefault((is_f.tobytes(), mb.tobytes()), len(seen)))
+    return acts, kinds
 
 
 @dataclass
@@ -237,6 +244,7 @@ class _Gradient:
             if D * P > 1 else 0.0
         self.loss = ctx.allreduce(8, group) if P > 1 else 0.0
         self.costs: dict = {}
+        self.actions = pipeline_actions(layout.schedule.lower(), P, M)
 
     def links(self, j):
         me = self.lev.world_rank(0, j)
@@ -246,10 +254,9 @@ class _Gradient:
 
     def group_key(self, j, alone):
         a, b = self.lev.partition.range(j)
-        is_f, mb = stage_actions(self.layout.schedule.lower(), j, self.P, self.M)
         fwd, bwd = self.links(j)
-        ck = (tuple(_stage_ranges(self.lev.spec, a, b)), a == 0, b == self.lev.spec.total_blocks)
-        return (j if alone else None, is_f.tobytes(), mb.tobytes(), ck, id(fwd), id(bwd), j == 0, j == self.P - 1)
+        ck = (_stage_ranges(self.lev.spec, a, b), a == 0, b == self.lev.spec.total_blocks)
+        return (j if alone else None, self.actions[1][j], ck, id(fwd), id(bwd), j == 0, j == self.P - 1)
 
     def stage_costs(self, a, b):
         """Per micro-batch: forward, backward, weight-gradient seconds, kept and adjoint bytes."""
@@ -289,7 +296,7 @@ class _Gradient:
         pp = _Pipe(j0, self.P, self.M, self.base, self.rows, f, bw, w, fwd, bwd,
                    (self.lbase + 2 * j0, self.lbase + 2 * j0 + 1),
                    state_elements(lev.spec, b) * self.dbytes, state_elements(lev.spec, a) * self.dbytes, self.deferred)
-        is_f, mb = stage_actions(self.layout.schedule.lower(), j0, self.P, self.M)
+        is_f, mb = self.actions[0][j0]
         code, kind, x, y, key, link = _pipeline_rows(pp, is_f, mb)
         tail = self.tail_rows(j0, shard_parameters(lev.spec, a, b))
         code = np.concatenate([code, [t[0] for t in tail]])
@@ -376,24 +383,42 @@ def simulate_move(fine: LevelLayout, coarse: LevelLayout, ctx: Context, dbytes: 
         msgs = move_messages(coarse.spec, coarse, fine, coarse.partition, fine_in_coarse, world)
         lists, src, dst = 1, coarse, fine
     prof = ctx.profile
-    programs = Programs(labels=True)
+    programs = Programs(labels=False)
     _transfer_compute(programs, src, world, lists, prof, "restrict" if down else "correction")
-    for n_list in range(lists):
-        for i, (s, d, elems) in enumerate(msgs):
-            if s != d:
-                link = ctx.link(s, d)
-                programs.compute(s, link.overhead, "post", "post")
-                programs.send(s, d, (n_list, i), elems * dbytes, link)
-    for n_list in range(lists):
-        for i, (s, d, _) in enumerate(msgs):
-            if s != d:
-                programs.recv(d, s, (n_list, i))
+    _move_rows(programs, [m for m in msgs if m[0] != m[1]], lists, ctx, dbytes)
     _transfer_compute(programs, dst, world, lists, prof, "assign" if down else "prolongate")
     share = None
     if ctx.oversubscribed or ctx.background:
         share = {r: {q: 1 for q in programs if ctx.node(q) == ctx.node(r)} for r in programs}
     run = run_programs(programs, share, prof.cores, background=ctx.background)
     return PhaseResult(run.end, run, sorted(programs))
+
+
+def _move_rows(programs: Programs, msgs, lists: int, ctx: Context, dbytes: int) -> None:
+    """Each list's pieces in order: the sender posts and sends each, then the receivers receive
+    them in the same order (messages on one link queue behind each other)."""
+    if not msgs:
+        return
+    S, Dst, E = (np.array(c, dtype=np.int64) for c in zip(*msgs))
+    rpn = ctx.ranks_per_node
+    inside, outside = ctx.link(0, 0), ctx.link(0, rpn)
+    same = (S // rpn) == (Dst // rpn)
+
+    def pick(attr):
+        return np.where(same, getattr(inside, attr), getattr(outside, attr))
+    pairs, inv = np.unique(S * (int(Dst.max()) + 1) + Dst, return_inverse=True)
+    link = programs.reserve_links(len(pairs)) + inv
+    k = len(S)
+    ids = programs.reserve_messages(lists * k) + np.arange(lists * k)
+    S, Dst, link = np.tile(S, lists), np.tile(Dst, lists), np.tile(link, lists)
+    lat, over = np.tile(pick("latency"), lists), np.tile(pick("overhead"), lists)
+    wire = np.tile(E * dbytes / pick("bandwidth"), lists)
+    zeros, minus = np.zeros(lists * k), np.full(lists * k, -1)
+    programs.extend_rows(np.repeat(S, 2), np.tile([COMPUTE, SEND], lists * k),
+                         np.tile([KIND["post"], 0], lists * k), np.column_stack([over, lat]).ravel(),
+                         np.column_stack([zeros, wire]).ravel(), np.column_stack([minus, ids]).ravel(),
+                         np.column_stack([minus, link]).ravel())
+    programs.extend_rows(Dst, np.full(lists * k, RECV), np.zeros(lists * k), zeros, S, ids, minus)
 
 
 def _transfer_compute(programs, lev, world, lists, prof, label):
