@@ -68,3 +68,14 @@ def test_vcycle_on_many_ranks_costs_eq10_with_replicated_coarse_levels():
     assert g.levels[0]["layer_ranks"] == 8 and r.levels[0]["replicas"] == 8
     assert r.cycle_seconds < g.cycle_seconds
     assert math.isclose(g.work_units, work.setup.cost())
+
+
+def test_per_width_fits_interpolate_geometrically_and_extrapolate_with_the_global_fit():
+    from parml.plan.profile import Fit, KernelCost
+    glob = Fit(["n*b*v^2*s"], [1.0])
+    k = KernelCost(glob, glob, glob, by_width={"4": [Fit(["n*b"], [10.0])] * 3, "16": [Fit(["n*b"], [90.0])] * 3})
+    x = {"n": 2, "b": 3}
+    assert k.time(0, v=4, **x) == pytest.approx(60.0) and k.time(1, v=16, **x) == pytest.approx(540.0)
+    assert k.time(0, v=8, **x) == pytest.approx(math.sqrt(60.0 * 540.0))        # halfway in log v
+    assert k.time(2, v=32, **x) == pytest.approx(540.0 * 32 ** 2 / 16 ** 2)    # nearest width, global shape
+    assert KernelCost(glob, glob).time(0, v=8, **x) == glob(v=8, **x)           # no per-width fits
