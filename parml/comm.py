@@ -19,6 +19,10 @@ Semantics shared by all communicators
   direction``.  NCCL has no tags: it delivers the messages between one pair of
   ranks in the order they were posted, so NCCL callers must post sends and
   receives in the same order on both sides (the tag is accepted and ignored).
+  ``comm.ordered_p2p`` is True on such a transport: there a pair's operations
+  also run in posting order on one stream, and a receive blocks everything
+  posted after it until its message arrives (so no receive may be posted
+  before a send the peer needs first).
 * ``isend``/``irecv`` never block; a rank may isend to a neighbour while the
   neighbour isends back.  The tensor of an ``isend``/``irecv`` must not be
   touched until :meth:`Request.wait` returned.
@@ -60,6 +64,8 @@ __all__ = [
     "detect_backend",
     "launcher_world_size",
     "make_communicator",
+    "nccl_device_for",
+    "process_group_timeout",
 ]
 
 BACKENDS = ("auto", "torch", "mpi", "self")
@@ -214,6 +220,8 @@ class Communicator:
     backend: str = "self"
     device: torch.device = torch.device("cpu")
     timeout: float = 300.0
+    # True where tags are ignored and a pair's operations run in posting order (NCCL)
+    ordered_p2p: bool = False
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -471,19 +479,46 @@ class _TorchRequest(Request):
 
     def _wait(self, deadline):
         comm = self._comm
-        if comm.backend == "nccl":
-            # NCCL: work.wait() only orders streams; poll for the host-side deadline.
-            _poll(self._work.is_completed, deadline, self._on_timeout)
+        if comm.backend == "nccl" and self.op != "collective":
+            # NCCL point to point: a stream wait, the host runs on; the process group's watchdog
+            # (timeout process_group_timeout(comm.timeout)) bounds the operation.
             self._work.wait()
-        else:
-            remaining = max(deadline - time.monotonic(), 1e-3)
-            self._work.wait(datetime.timedelta(seconds=remaining))
+            return
+        # gloo, and NCCL collectives (their result is read on the host): block with the deadline
+        remaining = max(deadline - time.monotonic(), 1e-3)
+        if self._work.wait(datetime.timedelta(seconds=remaining)) is False:
+            self._on_timeout()
 
     def _on_timeout(self):
         raise self._comm._timeout_error(self._describe())
 
 
 _TORCH_WORLD_COUNTER = [0]
+
+
+def process_group_timeout(comm_timeout: float) -> float:
+    """Seconds for the NCCL process group's watchdog, given ``--comm-timeout``.
+
+    The watchdog counts from when an operation is queued and kills the process (SIGABRT) when it
+    fires; parml's own timeout counts from when the host starts waiting and ends the run with a
+    one-line message and an abort. The watchdog gets twice the time, and at least two minutes
+    more, so that parml's timeout fires first while the host runs ahead of the device."""
+    t = float(comm_timeout)
+    return max(2.0 * t, t + 120.0)
+
+
+def nccl_device_for(local_rank: int, local_world_size: int | None, device_count: int) -> int:
+    """The CUDA device index of a local rank under NCCL (one GPU per rank), or a one-line error.
+
+    NCCL rejects two ranks on one GPU ("Duplicate GPU detected"); MPI can share a GPU by staging
+    through host memory, so the error suggests it."""
+    local = local_world_size if local_world_size is not None else local_rank + 1
+    if device_count < 1 or local > device_count or local_rank >= device_count:
+        raise CommError(
+            f"--backend torch on --device cuda (NCCL) needs one GPU per local rank: {local} local ranks, "
+            f"{device_count} GPU(s); launch at most {max(device_count, 1)} ranks per node "
+            f"(torchrun --nproc_per_node {max(device_count, 1)}) or use --backend mpi (ranks share a GPU)")
+    return local_rank
 
 
 class TorchComm(Communicator):
@@ -517,9 +552,10 @@ class TorchComm(Communicator):
                 raise CommError("the nccl backend needs CUDA, but torch.cuda.is_available() is False")
             if not dist.is_nccl_available():
                 raise CommError("the nccl backend is not built into this torch")
-            local_rank = _local_rank()
             if device is None or torch.device(device).index is None:
-                device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+                index = nccl_device_for(_local_rank(), _int_env(os.environ, "LOCAL_WORLD_SIZE"),
+                                        torch.cuda.device_count())
+                device = torch.device("cuda", index)
             self.device = torch.device(device)
             torch.cuda.set_device(self.device)
         else:
@@ -527,7 +563,7 @@ class TorchComm(Communicator):
                 raise CommError("the gloo backend is not built into this torch")
             self.device = torch.device("cpu")
 
-        td = datetime.timedelta(seconds=self.timeout)
+        td = datetime.timedelta(seconds=self._pg_timeout())
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
@@ -575,6 +611,14 @@ class TorchComm(Communicator):
         self._prefix = prefix
         self.global_ranks = global_ranks
         return self
+
+    @property
+    def ordered_p2p(self) -> bool:
+        """NCCL ignores tags and runs a pair's operations in posting order (module docstring)."""
+        return self.backend == "nccl"
+
+    def _pg_timeout(self) -> float:
+        return process_group_timeout(self.timeout) if self.backend == "nccl" else self.timeout
 
     # ---- helpers ------------------------------------------------------------
     def _call(self, what: str, fn):
@@ -636,7 +680,7 @@ class TorchComm(Communicator):
             work_t = tensor.contiguous()
         opts = self._dist.AllreduceOptions()
         opts.reduceOp = self._reduce_op(op)
-        opts.timeout = datetime.timedelta(seconds=self.timeout)
+        opts.timeout = datetime.timedelta(seconds=self._pg_timeout())
         what = f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"
         work = self._call(what, lambda: self._pg.allreduce([work_t], opts))
         self.collective_bytes += _nbytes(work_t)
@@ -655,7 +699,7 @@ class TorchComm(Communicator):
         opts = self._dist.BroadcastOptions()
         opts.rootRank = root
         opts.rootTensor = 0
-        opts.timeout = datetime.timedelta(seconds=self.timeout)
+        opts.timeout = datetime.timedelta(seconds=self._pg_timeout())
         what = f"broadcast from rank {root} of {tuple(tensor.shape)} {tensor.dtype}"
         work = self._call(what, lambda: self._pg.broadcast([work_t], opts))
         if self.rank == root:
@@ -672,7 +716,7 @@ class TorchComm(Communicator):
         t = torch.zeros(1, dtype=torch.int32, device=self.device)
         opts = self._dist.AllreduceOptions()
         opts.reduceOp = self._dist.ReduceOp.SUM
-        opts.timeout = datetime.timedelta(seconds=self.timeout)
+        opts.timeout = datetime.timedelta(seconds=self._pg_timeout())
         work = self._call("barrier", lambda: self._pg.allreduce([t], opts))
         self._wait_work("barrier", work)
 
@@ -688,7 +732,7 @@ class TorchComm(Communicator):
         sub_size = len(ranks)
         global_ranks = [self.global_ranks[r] for r in ranks]
         dist = self._dist
-        td = datetime.timedelta(seconds=self.timeout)
+        td = datetime.timedelta(seconds=self._pg_timeout())
         store = dist.PrefixStore(prefix + "/", self._store)
 
         def build():
