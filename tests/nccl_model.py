@@ -287,7 +287,7 @@ class Engine:
                         continue
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise CommTimeout(f"{op.describe()} on rank {op.rank} timed out after {timeout:g} s")
+                        raise CommTimeout(f"{op.describe()} on rank {op.rank} timed out after {self.timeout:g} s")
                     self.cv.wait(min(left, 0.25))
             finally:
                 self.blocked.pop(me, None)

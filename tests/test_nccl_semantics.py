@@ -200,6 +200,66 @@ def test_model_reports_swapped_messages():
         run_model(worker, 2, transfer="buffered", timeout=10)
 
 
+def _pattern(comm, name):
+    """Hand-built two-rank patterns whose fate under each rule is known."""
+    peer = 1 - comm.rank
+    a, b = torch.full((2,), float(comm.rank)), torch.empty(2)
+    if name == "send-then-recv":          # both send first: needs buffering or tags
+        s = comm.isend(a, peer, 0)
+        comm.recv(b, peer, 0)
+        s.wait()
+    elif name == "recv-then-send":        # both post the receive first: its stream blocks the send
+        r = comm.irecv(b, peer, 0)
+        s = comm.isend(a, peer, 0)
+        r.wait()
+        s.wait()
+    elif name == "send-before-collective":  # rank 0 sends, both meet in a barrier, rank 1 receives
+        if comm.rank == 0:
+            s = comm.isend(a, 1, 0)
+            comm.barrier()
+            s.wait()
+        else:
+            comm.barrier()
+            comm.recv(b, 0, 0)
+    return b.tolist()
+
+
+@pytest.mark.parametrize("name,transfer,streams,ok", [
+    ("send-then-recv", "tagged", "pair", True),
+    ("send-then-recv", "buffered", "pair", True),
+    ("send-then-recv", "rendezvous", "pair", False),
+    ("recv-then-send", "tagged", "pair", True),
+    ("recv-then-send", "buffered", "pair", False),
+    ("recv-then-send", "rendezvous", "rank", False),
+    ("send-before-collective", "rendezvous", "pair", True),    # collectives on their own stream
+    ("send-before-collective", "buffered", "rank", True),
+    ("send-before-collective", "rendezvous", "rank", False),   # the unmatched send blocks the barrier
+])
+def test_model_rules_on_hand_built_patterns(name, transfer, streams, ok):
+    if ok:
+        out = run_model(_pattern, 2, name, transfer=transfer, streams=streams, timeout=10)
+        assert out[1] == [0.0, 0.0] and (name == "send-before-collective" or out[0] == [1.0, 1.0])
+    else:
+        with pytest.raises(RankFailures, match="deadlock"):
+            run_model(_pattern, 2, name, transfer=transfer, streams=streams, timeout=10)
+
+
+def test_model_times_out_where_a_rank_never_communicates():
+    """A hang the deadlock detector cannot see (a rank busy elsewhere) still ends at the timeout."""
+    import time
+
+    def worker(comm):
+        if comm.rank == 0:
+            comm.recv(torch.empty(1), 1, 0)
+        else:
+            time.sleep(1.5)
+
+    t0 = time.monotonic()
+    with pytest.raises(RankFailures, match=r"recv #0 from rank 1 \(tag 0\) on world on rank 0 timed out after 0.5 s"):
+        run_model(worker, 2, transfer="buffered", timeout=0.5)
+    assert time.monotonic() - t0 < 10
+
+
 # --- movers and time halos --------------------------------------------------------------------------
 
 def _mover_worker(comm, spec, fine_bounds, coarse_ranks):
@@ -279,7 +339,8 @@ def _cycles_worker(comm, runs):
     return {key: _run_cycles(comm, *key) for key in runs}
 
 
-@pytest.mark.parametrize("P,transfer,streams", [(4, t, s) for t, s in MODES] + [(2, "rendezvous", "pair")])
+@pytest.mark.parametrize("P,transfer,streams", [(4, "rendezvous", "pair"), (4, "buffered", "rank"),
+                                                (2, "rendezvous", "rank"), (2, "buffered", "pair")])
 def test_vcycles_with_gathered_levels_equal_serial(P, transfer, streams):
     """GD and 5 MG/OPT V-cycles (coarse levels gathered, linear transfers with time halos)."""
     runs = RUNS if P == 4 else [r for r in RUNS if r[0] > 1]

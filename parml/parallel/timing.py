@@ -14,7 +14,7 @@ import torch
 
 def synchronize(device) -> None:
     """Wait for the device's queued work (a no-op on CPU), so that a host clock sees device time."""
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
