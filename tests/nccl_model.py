@@ -163,6 +163,7 @@ class Engine:
         dst.copy_(data.reshape(dst.shape))
         recv.done = True
         self.messages += 1
+        self.pending.pop((recv.group.id, recv.peer, recv.rank, recv.index), None)   # matched: forget
 
     def _deliver(self, data, recv, send):
         self._copy_in(recv, data, send)
