@@ -1,0 +1,204 @@
+"""Kernels for chunks of stacked dense ODE blocks: one call per chunk instead of ops per block.
+
+A chunk of K dense blocks, y <- y + h σ(W_k y + b_k) (Euler) or midpoint RK2 (design.md, "Kernels"),
+costs a few tensor ops per block; at width 3 each op is dispatch (~9 µs) around no arithmetic.
+Three implementations behind one interface, ``Kernel.apply(chunk, y, sink) -> y_K``:
+
+- ``torch``: the reference, today's behaviour — ``model._EulerDense`` for Euler, the plain
+  autograd loop otherwise.
+- ``fused`` on CPU (``cpu.FusedDense``): one numba call per chunk forward and backward, streaming
+  tiles of the batch through all blocks (``_numba_dense``).
+- ``fused`` on CUDA (``cuda_graphs.GraphedKernel``): the reference chunk captured in CUDA graphs
+  per (chunk, shape, slot), so a replay is one launch instead of thousands.
+
+``select_kernel(name, device, dtype, width, ...)`` picks one for ``--kernel auto|torch|fused`` and
+says why when ``auto`` does not pick the fused one; ``apply_chunk(chunk, y, kernel, sink)`` is the
+hook a ``BlockChunk.forward`` (or a pipeline stage) routes through.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from . import cpu
+
+KERNELS = ("auto", "torch", "fused")
+# auto keeps torch from this width on: the blocks are GEMM-bound and MKL beats the tile loops
+# (benchmarks/kernels.py: fused/torch time 1.2-1.5 at width 128, 0.2-0.5 at width 32).
+AUTO_MAX_WIDTH = 64
+# auto on CUDA: graphs are opt-in (``fused``) until benchmarks/kernels.py has run on a GPU.
+AUTO_CUDA_GRAPHS = False
+
+
+class KernelFallbackWarning(UserWarning):
+    """``--kernel auto`` wanted the fused kernel but could not load it."""
+
+
+class Kernel:
+    """Runs a chunk of stacked dense blocks: ``apply(chunk, y, sink)`` returns y_K.
+
+    ``sink`` is a deferred weight-gradient sink (``model.DeferredWeightGrads`` protocol, see
+    ``cpu``) or None for gradients written by autograd."""
+    name = "kernel"
+
+    def apply(self, chunk, y, sink=None):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<{self.name} kernel>"
+
+
+class TorchKernel(Kernel):
+    """The reference: exactly what ``BlockChunk.forward`` does today."""
+    name = "torch"
+
+    def apply(self, chunk, y, sink=None):
+        from ..model import _ACTIVATION_BACKWARD, _EulerDense
+        if chunk.weight.dim() != 3:      # conv chunks keep their oneDNN/cuDNN convolutions
+            return _plain(chunk, y)
+        if (chunk.stepper == "euler" and chunk.activation in _ACTIVATION_BACKWARD and chunk.num_blocks
+                and torch.is_grad_enabled()):
+            deferred = None if sink is None else (sink, chunk)
+            return _EulerDense.apply(y, chunk.weight, chunk.bias, chunk.h, chunk.activation, deferred)
+        return _plain(chunk, y)
+
+
+def _plain(chunk, y):
+    """The step-by-step loop of ``BlockChunk.forward`` (conv chunks: their own forward)."""
+    from ..model import ACTIVATIONS, STEPPERS
+    if chunk.weight.dim() != 3:
+        return chunk.forward(y)
+    sigma, step, h = ACTIVATIONS[chunk.activation], STEPPERS[chunk.stepper].step, chunk.h
+    for w, b in zip(chunk.weight.unbind(0), chunk.bias.unbind(0)):
+        y = step(lambda z, w=w, b=b: sigma(torch.addmm(b, z, w.t())), y, h)
+    return y
+
+
+class FusedCPUKernel(Kernel):
+    """The numba kernel for dense chunks on CPU; conv chunks fall through to the reference."""
+    name = "fused"
+
+    def apply(self, chunk, y, sink=None):
+        if chunk.weight.dim() != 3 or chunk.num_blocks == 0:
+            return TORCH.apply(chunk, y, sink)
+        deferred = None if sink is None else (sink, chunk)
+        return cpu.fused_chunk(y, chunk.weight, chunk.bias, chunk.h, chunk.activation, chunk.stepper, deferred)
+
+
+TORCH = TorchKernel()
+FUSED_CPU = FusedCPUKernel()
+_warned: set[str] = set()
+
+
+def _unsupported(dtype, stepper, activation) -> str | None:
+    if dtype not in cpu.DTYPES:
+        return f"dtype {dtype} (fused kernels: float32, float64)"
+    if stepper not in cpu.STEPPER_CODES:
+        return f"stepper {stepper!r} (fused kernels: {', '.join(cpu.STEPPER_CODES)})"
+    if activation not in cpu.ACTIVATION_CODES:
+        return f"activation {activation!r} (fused kernels: {', '.join(cpu.ACTIVATION_CODES)})"
+    return None
+
+
+def select_kernel(name: str, device, dtype: torch.dtype, width: int, stepper: str = "euler",
+                  activation: str = "relu") -> tuple[Kernel, str | None]:
+    """The kernel for ``--kernel name`` on `device` and the reason when auto did not pick fused.
+
+    ``fused`` where it cannot run raises a one-line error; ``auto`` falls back to torch (with one
+    warning line when the compiled kernel cannot load) and returns the reason."""
+    if name not in KERNELS:
+        raise ValueError(f"--kernel {name!r} is not one of {', '.join(KERNELS)}")
+    if name == "torch":
+        return TORCH, None
+    device = torch.device(device)
+    problem = _unsupported(dtype, stepper, activation)
+    if device.type == "cuda":
+        from . import cuda_graphs
+        ok, why = cuda_graphs.available()
+        if name == "fused":
+            if not ok:
+                raise RuntimeError(f"--kernel fused: {why}")
+            return cuda_graphs.GRAPHED, None
+        if not AUTO_CUDA_GRAPHS:
+            return TORCH, "CUDA graphs are opt-in (--kernel fused) until measured on a GPU"
+        return (cuda_graphs.GRAPHED, None) if ok else (TORCH, why)
+    if device.type != "cpu":
+        if name == "fused":
+            raise RuntimeError(f"--kernel fused: no fused kernel for device {device.type}; valid: cpu, cuda")
+        return TORCH, f"no fused kernel for device {device.type}"
+    if problem:
+        if name == "fused":
+            raise ValueError(f"--kernel fused: unsupported {problem}")
+        return TORCH, f"unsupported {problem}"
+    ok, why = cpu.available()
+    if name == "fused":
+        if not ok:
+            raise RuntimeError(f"--kernel fused: {why}")
+        return FUSED_CPU, None
+    if not ok:
+        if why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"--kernel auto: using torch kernels, {why}", KernelFallbackWarning, stacklevel=2)
+        return TORCH, why
+    if width >= AUTO_MAX_WIDTH:
+        return TORCH, f"width {width} >= {AUTO_MAX_WIDTH}: GEMM-bound blocks, torch's matmuls are faster"
+    return FUSED_CPU, None
+
+
+def kernel_for(chunk, name: str = "auto") -> tuple[Kernel, str | None]:
+    """``select_kernel`` for one chunk's device, dtype, width, stepper and activation."""
+    w = chunk.weight
+    return select_kernel(name, w.device, w.dtype, w.shape[1], chunk.stepper, chunk.activation)
+
+
+def apply_chunk(chunk, y, kernel: Kernel | str = "auto", sink=None):
+    """y_K of `chunk` from y through `kernel` (a Kernel, or a name resolved per chunk).
+
+    The integrator's hook: ``BlockChunk.forward(y)`` becomes
+    ``apply_chunk(self, y, self.kernel, self.weight_grad_sink)``."""
+    if isinstance(kernel, str):
+        kernel = kernel_for(chunk, kernel)[0]
+    return kernel.apply(chunk, y, sink)
+
+
+def install(model, kernel: Kernel | str = "auto") -> list[tuple]:
+    """Route every dense chunk of `model` (a full model or a shard) through `kernel`.
+
+    Sets an instance-level ``forward`` that calls ``apply_chunk(chunk, y, kernel,
+    chunk.weight_grad_sink)``, so a pipeline stage's deferred sink is honoured. Returns
+    [(chunk, kernel, reason)]. Install after ``shard()``/``slice()`` (copies do not inherit it);
+    ``uninstall`` restores the class's forward."""
+    chosen = []
+    for chunk in model.block_chunks():
+        if chunk.weight.dim() != 3:
+            continue
+        k, why = kernel_for(chunk, kernel) if isinstance(kernel, str) else (kernel, None)
+        chunk.forward = functools.partial(_routed_forward, chunk, k)
+        chosen.append((chunk, k, why))
+    return chosen
+
+
+def uninstall(model):
+    for chunk in model.block_chunks():
+        chunk.__dict__.pop("forward", None)
+
+
+def _routed_forward(chunk, kernel, y):
+    return kernel.apply(chunk, y, chunk.weight_grad_sink)
+
+
+__all__ = [
+    "AUTO_MAX_WIDTH",
+    "FUSED_CPU",
+    "KERNELS",
+    "TORCH",
+    "Kernel",
+    "KernelFallbackWarning",
+    "apply_chunk",
+    "install",
+    "kernel_for",
+    "select_kernel",
+    "uninstall",
+]
