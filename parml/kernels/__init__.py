@@ -25,9 +25,13 @@ import torch
 from . import cpu
 
 KERNELS = ("auto", "torch", "fused")
-# auto keeps torch from this width on: the blocks are GEMM-bound and MKL beats the tile loops
-# (benchmarks/kernels.py: fused/torch time 1.2-1.5 at width 128, 0.2-0.5 at width 32).
-AUTO_MAX_WIDTH = 64
+# auto on CPU, by width (benchmarks/kernels.py, one thread, torch time / fused time per step):
+# width <= 16 fused at every batch (width 8: 9.3x at batch 100, 3.3x at 2000); width 32 fused up
+# to batch 1024 (3.1x at 100, 1.13x at 1000, 0.91x at 2000); width 64 up to batch 128 (1.23x at
+# 100, 0.88x at 250); from width 96 on torch (width 128: 0.5-0.7x): GEMM-bound blocks, where
+# MKL's matmuls beat the tile loops.
+AUTO_BATCH_LIMITS = ((16, None), (48, 1024), (95, 128))   # (largest width, largest batch for fused)
+AUTO_MAX_WIDTH = 96
 # auto on CUDA: graphs are opt-in (``fused``) until benchmarks/kernels.py has run on a GPU.
 AUTO_CUDA_GRAPHS = False
 
@@ -87,6 +91,24 @@ class FusedCPUKernel(Kernel):
         return cpu.fused_chunk(y, chunk.weight, chunk.bias, chunk.h, chunk.activation, chunk.stepper, deferred)
 
 
+class AutoCPUKernel(Kernel):
+    """Per call: fused up to ``max_batch`` samples, torch above (mid widths, where the crossover
+    from dispatch-bound to GEMM-bound blocks depends on the batch)."""
+    name = "auto"
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+
+    def choose(self, batch: int) -> Kernel:
+        return FUSED_CPU if batch <= self.max_batch else TORCH
+
+    def apply(self, chunk, y, sink=None):
+        return self.choose(y.shape[0]).apply(chunk, y, sink)
+
+    def __repr__(self):
+        return f"<auto kernel: fused up to batch {self.max_batch}, torch above>"
+
+
 TORCH = TorchKernel()
 FUSED_CPU = FusedCPUKernel()
 _warned: set[str] = set()
@@ -142,9 +164,12 @@ def select_kernel(name: str, device, dtype: torch.dtype, width: int, stepper: st
             _warned.add(why)
             warnings.warn(f"--kernel auto: using torch kernels, {why}", KernelFallbackWarning, stacklevel=2)
         return TORCH, why
-    if width >= AUTO_MAX_WIDTH:
-        return TORCH, f"width {width} >= {AUTO_MAX_WIDTH}: GEMM-bound blocks, torch's matmuls are faster"
-    return FUSED_CPU, None
+    for max_width, max_batch in AUTO_BATCH_LIMITS:
+        if width <= max_width:
+            if max_batch is None:
+                return FUSED_CPU, None
+            return AutoCPUKernel(max_batch), f"width {width}: fused up to batch {max_batch}, torch above (GEMM-bound)"
+    return TORCH, f"width {width} >= {AUTO_MAX_WIDTH}: GEMM-bound blocks, torch's matmuls are faster"
 
 
 def kernel_for(chunk, name: str = "auto") -> tuple[Kernel, str | None]:

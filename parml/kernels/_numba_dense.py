@@ -382,8 +382,8 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
 
     Weight gradients: with G [K, v, NY] non-empty (deferred) the block adjoints are written there —
     Euler: G[k] = σ'(z_k) ⊙ λ_{k+1}; RK2: (g2 | g1 / 2) next to Y's (y' | y) — so that
-    Σ_n G[k, :, n] Y[k, :, n]ᵀ times h is ∂W_k. Otherwise the (unscaled) sums over the tiles go to
-    gw[k] / gb[k]; the caller multiplies by h. RK2 adjoint (stage 2 then stage 1, same θ_k):
+    Σ_n G[k, :, n] Y[k, :, n]ᵀ times h is ∂W_k. Otherwise ∂W_k, ∂b_k of the tiles [lo, hi) are
+    added to gw[k] / gb[k] (each tile's sums times h). RK2 adjoint (stage 2 then stage 1, same θ_k):
         g2 = σ'(z2) ⊙ λ,  μ = h g2 W,  g1 = σ'(z1) ⊙ μ,  λ <- λ + μ + (h/2) g1 W,
         ∂W += h (g2ᵀ y' + ½ g1ᵀ y),  ∂b += h (Σ g2 + ½ Σ g1).
     relu without kept activations uses z itself in σ' where σ(z) is not needed (z > 0 exactly
@@ -422,7 +422,7 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
                     _adjoint(W, k, h, G[k], b0, lam, 0, T)
                 else:
                     _dact(act, a1, o1, lam, 0, ga, 0, v, T, c)
-                    _outer(gw, gb, k, ga, 0, Yk, y0, v, T, one, zero)
+                    _outer(gw, gb, k, ga, 0, Yk, y0, v, T, h, zero)
                     _adjoint(W, k, h, ga, 0, lam, 0, T)
                 continue
             # RK2: y' (stored or y + h/2 σ(z1)) and σ(z2)
@@ -446,8 +446,8 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
                 _copy(G[k], B + b0, g1, 0, v, T)
                 _scale(G[k], B + b0, half, v, T)
             else:
-                _outer(gw, gb, k, ga, 0, yp, 0, v, T, one, zero)
-                _outer(gw, gb, k, g1, 0, Yk, y0, v, T, half, zero)
+                _outer(gw, gb, k, ga, 0, yp, 0, v, T, h, zero)
+                _outer(gw, gb, k, g1, 0, Yk, y0, v, T, h2, zero)
             _axpy(lam, 0, one, s2, 0, v, T)                      # λ += μ
             _adjoint(W, k, h2, g1, 0, lam, 0, T)                 # λ += (h/2) g1 W
         _store(gin, lam, b0, v, T)
