@@ -243,7 +243,7 @@ def test_select_kernel_choices():
     assert kernel is pk.TORCH and "width 128" in why
     if cpu.available()[0]:
         kernel, why = pk.select_kernel("auto", "cpu", torch.float32, 32)
-        assert isinstance(kernel, pk.AutoCPUKernel) and "batch 1024" in why
+        assert isinstance(kernel, pk.AutoCPUKernel) and "batch 768" in why
         assert kernel.choose(100) is pk.FUSED_CPU and kernel.choose(2000) is pk.TORCH
     kernel, why = pk.select_kernel("auto", "cpu", torch.float16, 3)
     assert kernel is pk.TORCH and "float16" in why

@@ -26,11 +26,11 @@ from . import cpu
 
 KERNELS = ("auto", "torch", "fused")
 # auto on CPU, by width (benchmarks/kernels.py, one thread, torch time / fused time per step):
-# width <= 16 fused at every batch (width 8: 9.3x at batch 100, 3.3x at 2000); width 32 fused up
-# to batch 1024 (3.1x at 100, 1.13x at 1000, 0.91x at 2000); width 64 up to batch 128 (1.23x at
-# 100, 0.88x at 250); from width 96 on torch (width 128: 0.5-0.7x): GEMM-bound blocks, where
+# width <= 16 fused at every batch (width 8: 13.6x at batch 100, 4.4x at 2000); width 32 fused up
+# to batch 768 (2.6x at 100, 1.3x at 500, 0.96-1.1x at 1000); width 64 up to batch 128 (1.4x at
+# 100, 0.9-1.0x at 250); from width 96 on torch (width 128: 0.5-0.7x): GEMM-bound blocks, where
 # MKL's matmuls beat the tile loops.
-AUTO_BATCH_LIMITS = ((16, None), (48, 1024), (95, 128))   # (largest width, largest batch for fused)
+AUTO_BATCH_LIMITS = ((16, None), (48, 768), (95, 128))   # (largest width, largest batch for fused)
 AUTO_MAX_WIDTH = 96
 # auto on CUDA: graphs are opt-in (``fused``) until benchmarks/kernels.py has run on a GPU.
 AUTO_CUDA_GRAPHS = False

@@ -1,25 +1,27 @@
 """numba kernels for a chunk of stacked dense ODE blocks (Euler and midpoint RK2), CPU.
 
-Layout: the batch is cut into tiles of ``tile`` samples; a tile runs through all K blocks with its
-state held feature-major in a small [v, tile] buffer (L1-resident), so every inner loop runs over
+Layout: the batch is cut into tiles (``cpu.tile_size``); a tile runs through all K blocks with its
+state held feature-major in small [v, tile] buffers (cache-resident), so every inner loop runs over
 the samples of the tile with unit stride and LLVM vectorises it. The states kept for the adjoint
 are stored feature-major too, Y[k, i, n] (n = sample, or for RK2 the column block (y', y)); the
 deferred weight-gradient sink receives them as transposed views. Threads split the tiles
-(``prange`` over ``nchunks`` contiguous runs of tiles); the inline weight gradients are summed per
-thread run into gwp[c] / gbp[c] and reduced by the caller.
+(``prange`` over ``nchunks`` contiguous runs of tiles); the inline weight gradients of run c go to
+gwp[c] / gbp[c], summed by the caller.
 
-Tile offsets are cast to uint64 inside the helpers: a signed index ``a[i, s0 + t]`` makes numba
-emit a negative-index wrap-around test that stops LLVM from vectorising the loop (measured 7-10x
-slower), an unsigned one does not (and needs no per-row slice objects, whose reference counting
-cost as much as the arithmetic at width 32).
+What keeps the loops vectorised (each measured, 2-10x when missed):
+- tile offsets are cast to uint64 inside the helpers: a signed index ``a[i, s0 + t]`` makes numba
+  emit a negative-index wrap-around test that stops LLVM's vectoriser (per-row slices avoid it
+  too, but their reference counting costs as much as the arithmetic at width 32);
+- an in-place update names its buffer once (``_advance``, ``_activate_inplace``): two names for one
+  buffer fail LLVM's runtime overlap check and the scalar loop runs;
+- relu is x * (1 if x > 0 else 0), its adjoint λ * (1 if s > 0 else 0): LLVM vectorises that,
+  not ``x if x > 0 else 0`` nor ``max``. It equals torch's relu except that -inf gives NaN, not 0
+  (and an infinite adjoint times a zero mask NaN, not 0): states that are already infinite;
+- fused passes: four inputs (or outputs) per pass over a row, the bias in the first pass, the
+  state store in the update pass, so a width <= 4 costs one loop per row and operation.
 
-Constants come in the array ``c`` = (h, h/2, 1, 0, 1/2, 2, tanh cut-off) of the working dtype so that float32 stays
-float32 (a Python float literal would promote to float64).
-
-relu is x * (1 if x > 0 else 0), and its adjoint λ * (1 if s > 0 else 0): LLVM vectorises that
-form, not ``x if x > 0 else 0`` nor ``max`` (measured 6x). It equals torch's relu except that
--inf gives NaN instead of 0 (and an infinite adjoint times a zero mask NaN instead of 0): states
-that are already infinite.
+Constants come in the array ``c`` = (h, h/2, 1, 0, 1/2, 2, tanh cut-off) of the working dtype so
+that float32 stays float32 (a Python float literal would promote to float64).
 
 Activation codes: 0 relu, 1 tanh, 2 sigmoid. Stepper codes: 0 Euler, 1 RK2.
 """
@@ -311,11 +313,15 @@ def _update(dst, y, y0, a, s, s0, Yk, yo, v, T, store):
 
 
 @njit(**_OPTS)
-def _load(dst, x, b0, v, T):
-    """dst[:, :T] = x[b0:b0+T, :]ᵀ (a batch-major tile into a feature-major buffer)."""
+def _load(dst, x, b0, v, T, tile, zero):
+    """dst[:, :T] = x[b0:b0+T, :]ᵀ (a batch-major tile into a feature-major buffer); the padding
+    columns [T, tile) of a last, short tile are zero (finite states, zero adjoints)."""
     for t in range(T):
         for i in range(v):
             dst[i, t] = x[b0 + t, i]
+    for i in range(v):
+        for t in range(T, tile):
+            dst[i, t] = zero
 
 
 @njit(**_OPTS)
@@ -323,6 +329,14 @@ def _store(out, src, b0, v, T):
     for t in range(T):
         for i in range(v):
             out[b0 + t, i] = src[i, t]
+
+
+@njit(**_OPTS)
+def padded(B, tile):
+    """Columns of the stored states: the batch rounded up to whole tiles. Every loop then runs over
+    a whole tile (a multiple of 32): no scalar remainder iterations, which cost 2/3 of a loop's
+    time at batch 250 (the padding holds zero-adjoint samples, adding exact zeros to the sums)."""
+    return (B + tile - 1) // tile * tile
 
 
 @njit(**_OPTS)
@@ -341,26 +355,28 @@ def _stage(act, W, bias, k, src, z, Sk, b0, keep, c, v, T):
 def forward(x, W, bias, c, stepper, act, tile, lo, hi, out, Y, S):
     """Run x [B, v] through the K blocks; out [B, v] gets y_K. Tiles [lo, hi) of ``tile`` samples.
 
-    Y [K, v, NY] receives y_k (Euler: NY = B); RK2 with NY = 2B stores (y'_k | y_k), with NY = B
-    only y_k; an empty Y stores nothing (no adjoint to follow). S [K, ns, v, B] (ns = 1 Euler,
-    2 RK2) receives the stage activations σ(z) when S.shape[0] == K; with S empty the backward
+    P = ``padded(B, tile)``. Y [K, v, NY] receives y_k (Euler: NY = P); RK2 with NY = 2P stores
+    (y'_k | y_k), with NY = P only y_k; an empty Y stores nothing (no adjoint to follow).
+    S [K, ns, v, P] (ns = 1 Euler, 2 RK2) receives the stage activations σ(z) when S.shape[0] == K; with S empty the backward
     recomputes them.
     """
     B, v = x.shape
     K = W.shape[0]
+    P = padded(B, tile)
     h, h2 = c[0], c[1]
     keep = S.shape[0] == K
     store = Y.shape[0] == K                   # Y empty: evaluation only, nothing kept
-    split = store and Y.shape[2] == 2 * B     # RK2 with y' stored (deferred layout)
+    split = store and Y.shape[2] == 2 * P     # RK2 with y' stored (deferred layout)
     y = np.empty((v, tile), W.dtype)
     z = np.empty((v, tile), W.dtype)
     yp = np.empty((v, tile), W.dtype)
     z2 = np.empty((v, tile), W.dtype)
     for it in range(lo, hi):
         b0 = it * tile
-        T = min(tile, B - b0)
-        yo = B + b0 if split else b0          # where y_k goes in Y[k]
-        _load(y, x, b0, v, T)
+        Tr = min(tile, B - b0)                # real samples; the loops run over the whole tile
+        T = tile
+        yo = P + b0 if split else b0          # where y_k goes in Y[k]
+        _load(y, x, b0, v, Tr, tile, c[3])
         if store:
             _copy(Y[0], yo, y, 0, v, T)
         for k in range(K):
@@ -373,7 +389,7 @@ def forward(x, W, bias, c, stepper, act, tile, lo, hi, out, Y, S):
                 _update(yp, y, 0, h2, s1, o1, Y[k], b0, v, T, split)
                 s2, o2 = _stage(act, W, bias, k, yp, z2, S[k, 1] if keep else z2, b0, keep, c, v, T)
                 _advance(y, h, s2, o2, Y[kn], yo, v, T, nxt)
-        _store(out, y, b0, v, T)
+        _store(out, y, b0, v, Tr)
 
 
 @njit(**_OPTS)
@@ -391,10 +407,11 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
     """
     B, v = g.shape
     K = W.shape[0]
+    P = padded(B, tile)
     h, h2, one, zero, half = c[0], c[1], c[2], c[3], c[4]
     keep = S.shape[0] == K
     deferred = G.shape[0] == K
-    split = Y.shape[2] == 2 * B
+    split = Y.shape[2] == 2 * P
     lam = np.empty((v, tile), W.dtype)
     s1 = np.empty((v, tile), W.dtype)
     s2 = np.empty((v, tile), W.dtype)
@@ -403,9 +420,10 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
     g1 = np.empty((v, tile), W.dtype)
     for it in range(lo, hi):
         b0 = it * tile
-        T = min(tile, B - b0)
-        y0 = B + b0 if split else b0
-        _load(lam, g, b0, v, T)
+        Tr = min(tile, B - b0)
+        T = tile
+        y0 = P + b0 if split else b0
+        _load(lam, g, b0, v, Tr, tile, zero)
         for k in range(K - 1, -1, -1):
             Yk = Y[k]
             # σ(z1) (Euler: the only stage), kept or recomputed
@@ -443,14 +461,14 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
             _dact(act, a1, o1, s2, 0, g1, 0, v, T, c)            # g1 = σ'(z1) ⊙ μ
             if deferred:
                 _copy(G[k], b0, ga, 0, v, T)
-                _copy(G[k], B + b0, g1, 0, v, T)
-                _scale(G[k], B + b0, half, v, T)
+                _copy(G[k], P + b0, g1, 0, v, T)
+                _scale(G[k], P + b0, half, v, T)
             else:
                 _outer(gw, gb, k, ga, 0, yp, 0, v, T, h, zero)
                 _outer(gw, gb, k, g1, 0, Yk, y0, v, T, h2, zero)
             _axpy(lam, 0, one, s2, 0, v, T)                      # λ += μ
             _adjoint(W, k, h2, g1, 0, lam, 0, T)                 # λ += (h/2) g1 W
-        _store(gin, lam, b0, v, T)
+        _store(gin, lam, b0, v, Tr)
 
 
 @njit(parallel=True, **_OPTS)

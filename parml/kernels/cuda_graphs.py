@@ -7,15 +7,21 @@ backward into one graph replay each; the arithmetic is the reference's, so the r
 (same kernels, same order).
 
 A captured graph owns static buffers: its input copy, its saved activations, its output and its
-gradients. Hence one graph per (chunk, batch shape, dtype, requires_grad, slot): a pipeline stage
-with several micro-batches in flight passes ``slot = micro-batch index`` so that a forward never
-overwrites activations a pending backward still needs; the output is a static buffer that the next
-replay of the same slot overwrites. Parameters are captured by address (in-place optimizer updates
-are seen; re-allocated parameters need ``GraphedKernel.clear()``). Weight gradients are returned
-through autograd (``.grad``); a deferred sink is not used here (its bookkeeping allocates, which a
-capture cannot), so the stage's ``flush`` has nothing to do for these chunks.
+gradients. So a graph is *busy* from its forward until its backward has run (or its autograd node
+is freed), and a forward that finds every graph of its key (chunk, batch shape, dtype, grad mode)
+busy captures another one: a pipeline stage with M micro-batches in flight gets M graphs, and a
+forward never overwrites activations that a pending backward still needs. The gradients a replay
+returns are cloned on their way out (``_CloneGrad``): autograd would otherwise keep the static
+buffer itself as ``.grad`` of a leaf (a stage's input, the parameters), which the next replay
+overwrites. Parameters are captured by address (in-place optimizer updates are seen; re-allocated
+parameters need ``GraphedKernel.clear()``). Weight gradients go through autograd (``.grad``); a
+deferred sink is not used here (its bookkeeping allocates, which a capture cannot), so the
+stage's ``flush`` has nothing to do for these chunks. A forward's output is a static buffer too:
+it is valid until that graph's next replay, i.e. until after its backward.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -44,18 +50,30 @@ class GraphedKernel(Kernel):
         self._graphs.clear()
 
     def __len__(self):
-        return len(self._graphs)
+        """How many graphs are captured (all keys, all in-flight copies)."""
+        return sum(len(v) for v in self._graphs.values())
 
-    def apply(self, chunk, y, sink=None, slot: int = 0):
+    def apply(self, chunk, y, sink=None):
         if chunk.weight.dim() != 3 or chunk.num_blocks == 0 or y.device.type != "cuda":
             return self._reference.apply(chunk, y, sink)
         grad = torch.is_grad_enabled()
-        key = (id(chunk), tuple(y.shape), y.dtype, y.requires_grad, grad, slot)
-        fn = self._graphs.get(key)
-        if fn is None:
-            fn = self._capture(chunk, y)
-            self._graphs[key] = fn
-        return fn(y, chunk.weight, chunk.bias)
+        key = (id(chunk), tuple(y.shape), y.dtype, y.requires_grad, grad)
+        entries = self._graphs.setdefault(key, [])
+        entry = next((e for e in entries if not e.busy), None)
+        if entry is None:
+            entry = _Entry(self._capture(chunk, y))
+            entries.append(entry)
+        if not grad:
+            return entry.fn(y, chunk.weight, chunk.bias)
+        entry.busy = True
+        out = entry.fn(*(_CloneGrad.apply(t) if t.requires_grad else t for t in (y, chunk.weight, chunk.bias)))
+        node = out.grad_fn
+        if node is None:            # nothing to differentiate: free at once
+            entry.busy = False
+        else:
+            node.register_hook(entry.release)
+            weakref.finalize(node, entry.release)
+        return out
 
     def _capture(self, chunk, y):
         """make_graphed_callables of f(y, W, b) = the reference chunk on (W, b) = the chunk's own
@@ -73,6 +91,29 @@ class GraphedKernel(Kernel):
                                                     num_warmup_iters=self.warmup)
         torch.cuda.synchronize()
         return graphed
+
+
+class _Entry:
+    """One captured graph and whether a pending backward still needs its buffers."""
+
+    def __init__(self, fn):
+        self.fn, self.busy = fn, False
+
+    def release(self, *_):
+        self.busy = False
+
+
+class _CloneGrad(torch.autograd.Function):
+    """Identity forward (a view: same storage, so the graph sees its captured address); the
+    backward clones, so no gradient handed to autograd aliases a graph's static buffer."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
 
 
 class _Params:

@@ -52,18 +52,19 @@ def test_graphed_chunk_equals_autograd(stepper, act):
         chunk.zero_grad(set_to_none=True)
         out, gx = _grads(lambda y: kernel.apply(chunk, y), x, W, b, w_out)
         Wr, br = chunk.weight.detach().clone().requires_grad_(), chunk.bias.detach().clone().requires_grad_()
-        ref_out, ref_gx = _grads(lambda y: _reference(y, Wr, br, 0.3, act, stepper), x, Wr, br, w_out)
+        ref_out, ref_gx = _grads(lambda y, Wr=Wr, br=br: _reference(y, Wr, br, 0.3, act, stepper), x, Wr, br, w_out)
         _close(out, ref_out, 1e-12, f"y_K replay {it}")
         _close(gx, ref_gx, 1e-12, f"input adjoint replay {it}")
         _close(chunk.weight.grad, Wr.grad, 1e-12, f"weight grad replay {it}")
         _close(chunk.bias.grad, br.grad, 1e-12, f"bias grad replay {it}")
         with torch.no_grad():
             chunk.weight.mul_(0.9)          # an optimizer step in place: the graph sees it
-    assert len(kernel) == 1
+    assert len(kernel) == 1                      # backward done before the next forward: one graph
 
 
-def test_slots_keep_microbatches_apart():
-    """Two micro-batches in flight (forward, forward, backward, backward) need two slots."""
+def test_microbatches_in_flight_get_their_own_graphs():
+    """Two micro-batches in flight (forward, forward, backward, backward): the second forward finds
+    the first graph busy and captures another; the gradients do not alias static buffers."""
     dev, dt = torch.device("cuda"), torch.float64
     kernel = pk.select_kernel("fused", dev, dt, 4)[0]
     kernel.clear()
@@ -71,9 +72,16 @@ def test_slots_keep_microbatches_apart():
     chunk = BlockChunk(torch.randn(5, 4, 4, generator=g, dtype=dt).to(dev) * 0.5,
                        torch.randn(5, 4, generator=g, dtype=dt).to(dev) * 0.2, 0.2, "tanh", "euler")
     xs = [torch.randn(8, 4, generator=g, dtype=dt).to(dev).requires_grad_() for _ in range(2)]
-    outs = [kernel.apply(chunk, x, slot=m) for m, x in enumerate(xs)]
+    outs = [kernel.apply(chunk, x) for x in xs]
+    assert len(kernel) == 2
     for out in reversed(outs):
         out.square().sum().backward()
+    grads = [x.grad.clone() for x in xs]
+    del outs
+    kernel.apply(chunk, xs[0].detach().clone().requires_grad_()).sum().backward()   # a third replay
+    assert len(kernel) == 2                      # a free graph was reused
+    for x, g in zip(xs, grads):
+        assert torch.equal(x.grad, g)            # .grad is not a graph buffer that replay overwrote
     W, b = chunk.weight.detach().clone().requires_grad_(), chunk.bias.detach().clone().requires_grad_()
     refs = [x.detach().clone().requires_grad_() for x in xs]
     for x in refs:
