@@ -9,7 +9,7 @@ Three implementations behind one interface, ``Kernel.apply(chunk, y, sink) -> y_
 - ``fused`` on CPU (``cpu.FusedDense``): one numba call per chunk forward and backward, streaming
   tiles of the batch through all blocks (``_numba_dense``).
 - ``fused`` on CUDA (``cuda_graphs.GraphedKernel``): the reference chunk captured in CUDA graphs
-  per (chunk, shape, slot), so a replay is one launch instead of thousands.
+  per (chunk, shape) and micro-batch in flight, so a replay is one launch instead of thousands.
 
 ``select_kernel(name, device, dtype, width, ...)`` picks one for ``--kernel auto|torch|fused`` and
 says why when ``auto`` does not pick the fused one; ``apply_chunk(chunk, y, kernel, sink)`` is the
