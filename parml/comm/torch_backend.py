@@ -228,9 +228,10 @@ class TorchComm(Communicator):
         self._children.append(child)
         return child
 
-    def abort(self, message):
+    def abort(self, message, quiet=False):
         try:
-            print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
         except Exception:
             pass
         groups = [c._group for c in self._children] + [self._group]
