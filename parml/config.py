@@ -109,8 +109,8 @@ class TrainConfig:
                                 "else start.", runtime=True)
     checkpoint_every: int = option(0, "Write a checkpoint (per-rank shards + manifest) every n cycles; 0 = never.",
                                    runtime=True)
-    keep_checkpoints: int = option(3, "Complete checkpoints kept; older ones are removed once a newer one is "
-                                   "verified.", runtime=True)
+    keep_checkpoints: int = option(3, "Checkpoints kept: an older one is removed only once this many newer ones "
+                                   "are written and verified (sizes and SHA-256 read back).", runtime=True)
     eval_every: int = option(1, "Validate every n cycles.", runtime=True)
     tensorboard: bool = option(False, "Also write the metrics as TensorBoard scalars to <run>/tensorboard "
                                "(pip install 'parml[tb]').", runtime=True)

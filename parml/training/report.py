@@ -62,12 +62,12 @@ class RunWriter:
             atomic_write(os.path.join(self.folder, name), text.encode())
 
     def _append(self, record: dict) -> None:
-        line = (json.dumps(record) + "\n").encode()       # one write per row: a row is whole or absent
+        line = (json.dumps(record) + "\n").encode()
         try:
             write_all(self._fd, line)
         except OSError as e:
             try:
-                os.ftruncate(self._fd, self._pos)          # no torn last line
+                os.ftruncate(self._fd, self._pos)          # cut a torn row off: rows are whole or absent
             except OSError:
                 pass
             raise write_error(os.path.join(self.folder, METRICS), e) from None

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from multiproc import REPO_ROOT, base_env
 from parml.comm import SelfComm
@@ -25,16 +24,7 @@ from parml.training.report import read_metrics
 from parml.training.trainer import train
 from smallfs import LIMITED, small_tmpfs, temporaries
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs on one thread, as `parml train` runs by default (--threads 1): tiny
-    blocks on several threads of a busy machine run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 PARML = [sys.executable, "-m", "parml"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
 OPTIONS = {"blocks": 32, "levels": 3, "dtype": "float64", "optimizer": "momentum", "lr": 0.05, "max_cycles": 6,

@@ -16,16 +16,7 @@ from parml.training.report import read_metrics, scalars
 from parml.training.trainer import resolve_options, train
 from smallfs import remount_readonly, small_tmpfs, temporaries
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs on one thread, as `parml train` runs by default (--threads 1): tiny
-    blocks on several threads of a busy machine run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = dict(blocks=32, levels=3, dtype="float64", optimizer="momentum", lr=0.05, max_cycles=6,
             target_accuracy=None, progress=False, min_blocks_per_rank=4)
 
