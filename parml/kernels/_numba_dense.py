@@ -393,6 +393,39 @@ def forward(x, W, bias, c, stepper, act, tile, lo, hi, out, Y, S):
 
 
 @njit(**_OPTS)
+def _rk2_block(W, bias, k, Yk, y0, a1, o1, act, keep, split, deferred, S, G, gw, gb, lam, yp, s2, ga, g1, b0, P,
+               v, T, c):
+    """One RK2 block of ``backward`` on one tile: λ_k from λ_{k+1} (in ``lam``), the block's weight
+    gradients into G[k] (deferred) or gw[k] / gb[k]."""
+    h, h2, one, zero, half = c[0], c[1], c[2], c[3], c[4]
+    # RK2: y' (stored or y + h/2 σ(z1)) and σ(z2)
+    if split:
+        _copy(yp, 0, Yk, b0, v, T)
+    else:
+        _update(yp, Yk, y0, h2, a1, o1, Yk, 0, v, T, False)
+    if keep:
+        a2, o2 = S[k, 1], b0
+    else:
+        _affine(W, bias, k, yp, 0, s2, 0, T)
+        if act != 0:                     # relu: σ' from z2 itself
+            _activate_inplace(act, s2, v, T, c)
+        a2, o2 = s2, 0
+    _dact(act, a2, o2, lam, 0, ga, 0, v, T, c)          # g2
+    _fill(s2, 0, zero, v, T)                             # μ = h g2 W (s2 is free now)
+    _adjoint(W, k, h, ga, 0, s2, 0, T)
+    _dact(act, a1, o1, s2, 0, g1, 0, v, T, c)            # g1 = σ'(z1) ⊙ μ
+    if deferred:
+        _copy(G[k], b0, ga, 0, v, T)
+        _copy(G[k], P + b0, g1, 0, v, T)
+        _scale(G[k], P + b0, half, v, T)
+    else:
+        _outer(gw, gb, k, ga, 0, yp, 0, v, T, h, zero)
+        _outer(gw, gb, k, g1, 0, Yk, y0, v, T, h2, zero)
+    _axpy(lam, 0, one, s2, 0, v, T)                      # λ += μ
+    _adjoint(W, k, h2, g1, 0, lam, 0, T)                 # λ += (h/2) g1 W
+
+
+@njit(**_OPTS)
 def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
     """Adjoint of ``forward``: gin [B, v] = dL/dx from g = dL/dy_K.
 
@@ -408,7 +441,7 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
     B, v = g.shape
     K = W.shape[0]
     P = padded(B, tile)
-    h, h2, one, zero, half = c[0], c[1], c[2], c[3], c[4]
+    h, zero = c[0], c[3]
     keep = S.shape[0] == K
     deferred = G.shape[0] == K
     split = Y.shape[2] == 2 * P
@@ -443,31 +476,8 @@ def backward(g, W, bias, c, stepper, act, tile, lo, hi, Y, S, gin, G, gw, gb):
                     _outer(gw, gb, k, ga, 0, Yk, y0, v, T, h, zero)
                     _adjoint(W, k, h, ga, 0, lam, 0, T)
                 continue
-            # RK2: y' (stored or y + h/2 σ(z1)) and σ(z2)
-            if split:
-                _copy(yp, 0, Yk, b0, v, T)
-            else:
-                _update(yp, Yk, y0, h2, a1, o1, Yk, 0, v, T, False)
-            if keep:
-                a2, o2 = S[k, 1], b0
-            else:
-                _affine(W, bias, k, yp, 0, s2, 0, T)
-                if act != 0:                     # relu: σ' from z2 itself
-                    _activate_inplace(act, s2, v, T, c)
-                a2, o2 = s2, 0
-            _dact(act, a2, o2, lam, 0, ga, 0, v, T, c)          # g2
-            _fill(s2, 0, zero, v, T)                             # μ = h g2 W (s2 is free now)
-            _adjoint(W, k, h, ga, 0, s2, 0, T)
-            _dact(act, a1, o1, s2, 0, g1, 0, v, T, c)            # g1 = σ'(z1) ⊙ μ
-            if deferred:
-                _copy(G[k], b0, ga, 0, v, T)
-                _copy(G[k], P + b0, g1, 0, v, T)
-                _scale(G[k], P + b0, half, v, T)
-            else:
-                _outer(gw, gb, k, ga, 0, yp, 0, v, T, h, zero)
-                _outer(gw, gb, k, g1, 0, Yk, y0, v, T, h2, zero)
-            _axpy(lam, 0, one, s2, 0, v, T)                      # λ += μ
-            _adjoint(W, k, h2, g1, 0, lam, 0, T)                 # λ += (h/2) g1 W
+            _rk2_block(W, bias, k, Yk, y0, a1, o1, act, keep, split, deferred, S, G, gw, gb, lam, yp, s2, ga,
+                       g1, b0, P, v, T, c)
         _store(gin, lam, b0, v, Tr)
 
 
