@@ -41,7 +41,29 @@ def _load_numba():
         from . import _numba_dense
     except Exception as e:   # ImportError, or numba refusing this numpy version
         raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    tolerate_cache_write_errors(_numba_dense)
     return _numba_dense
+
+
+def tolerate_cache_write_errors(module) -> None:
+    """numba writes its on-disk cache on a function's first compile, next to the module. A full disk
+    or a file-size limit there must not fail a training step (the compiled code is already in
+    memory; only the next process's start-up is slower), so failed cache writes are dropped."""
+    for obj in vars(module).values():
+        cache = getattr(obj, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is not None and not getattr(save, "tolerant", False):
+            cache.save_overload = _dropping_os_errors(save)
+
+
+def _dropping_os_errors(save):
+    def tolerant(sig, data):
+        try:
+            save(sig, data)
+        except OSError:
+            pass
+    tolerant.tolerant = True
+    return tolerant
 
 
 def available() -> tuple[bool, str | None]:
