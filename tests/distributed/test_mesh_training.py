@@ -25,6 +25,7 @@ from parml.data import load_dataset
 from parml.model import build_model
 from parml.training.build import build_vcycle
 from parml.training.trainer import train
+from tests.distributed.test_mesh import check_mesh_results, grads_worker
 
 torch.set_num_threads(1)
 
@@ -109,12 +110,28 @@ def check_cycles(ranks, world):
             assert other[key][4][1] == serial[key[2:]][1]
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend,world", [("gloo", 2), ("gloo", 4), ("gloo", 8), ("mpi", 2), ("mpi", 4),
-                                           ("mpi", 8)])
-def test_vcycles_on_the_mesh_equal_the_reference(backend, world):
-    ranks = run_ranks("tests.distributed.test_mesh_training:cycles_worker", world, backend, timeout=280)
-    check_cycles(ranks, world)
+def mesh_worker(comm):
+    """On 8 ranks: the world-2 shapes on ranks 0-1 while the world-4 shapes run on ranks 2-5 (two
+    sub-communicators standing for their own launches), then the world-8 shape on everyone."""
+    out = {}
+    for sub in (comm.split([0, 1]), comm.split([2, 3, 4, 5])):       # collective: every rank makes both
+        if sub is not None:
+            out[sub.size] = (sub.rank, {"grads": grads_worker(sub), "cycles": cycles_worker(sub)})
+    out[comm.size] = (comm.rank, {"grads": grads_worker(comm), "cycles": cycles_worker(comm)})
+    return out
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("backend", ["gloo", "mpi"])
+def test_mesh_gradients_and_vcycles_equal_the_reference(backend):
+    """Every (D, P) of world sizes 2, 4 and 8 in one launch of 8 ranks: loss and gradients
+    (``test_mesh``) and 5 V-cycles with gathered and replicated coarse levels."""
+    ranks = run_ranks("tests.distributed.test_mesh_training:mesh_worker", 8, backend, timeout=380)
+    for world in (2, 4, 8):
+        results = dict(r[world] for r in ranks if world in r)
+        assert sorted(results) == list(range(world))
+        check_mesh_results([results[i]["grads"] for i in range(world)], world)
+        check_cycles([results[i]["cycles"] for i in range(world)], world)
 
 
 @pytest.mark.timeout(300)
