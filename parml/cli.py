@@ -123,7 +123,7 @@ def _print_mesh(data_parallel: int, stages: int, config_file: str | None, given:
         given.setdefault("ranks", data_parallel * stages)
         cfg = resolve_options(config_file, given)
         data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, flatten=cfg.arch != "conv")
-        plan = plan_run(cfg, cfg.ranks, data.x_train.shape[0])
+        plan = plan_run(cfg, cfg.ranks, data)
     except (ConfigError, DataError, LayoutError) as e:
         fail(str(e))
     n = data.x_train.shape[0]

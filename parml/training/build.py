@@ -22,10 +22,11 @@ def smallest_batch(n: int, batch_size: int | None) -> int:
     return n % batch_size or batch_size
 
 
-def plan_run(cfg: TrainConfig, world: int, n_train: int, finest_ranks: int | None = None) -> MeshPlan:
-    """The mesh of `cfg` on `world` ranks with every check (``layout.plan_mesh``) as a ConfigError;
-    `finest_ranks` caps the finest level's layer ranks (a cascade stage)."""
-    specs = level_specs(cfg.model_spec(1, 1, "classification"), cfg.levels)
+def plan_run(cfg: TrainConfig, world: int, data: Dataset, finest_ranks: int | None = None) -> MeshPlan:
+    """The mesh of `cfg` on `world` ranks for `data` with every check (``layout.plan_mesh``) as a
+    ConfigError; `finest_ranks` caps the finest level's layer ranks (a cascade stage)."""
+    specs = level_specs(cfg.spec_for(data), cfg.levels)
+    n_train = data.x_train.shape[0]
     batch = smallest_batch(n_train, cfg.batch_size)
     name = "the full batch of" if cfg.batch_size is None or cfg.batch_size >= n_train else \
         "--batch-size" if batch == cfg.batch_size else \
@@ -48,7 +49,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     dtype = getattr(torch, cfg.dtype)
     spec = cfg.spec_for(data)
     specs = level_specs(spec, cfg.levels)
-    mesh = mesh or plan_run(cfg, comm.size, data.x_train.shape[0])
+    mesh = mesh or plan_run(cfg, comm.size, data)
     groups = groups or MeshGroups(comm)
     levels = []
     for i, (sp, layout) in enumerate(zip(specs, mesh.levels)):

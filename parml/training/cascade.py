@@ -21,7 +21,7 @@ def run_cascade(cfg, comm, data, device, out, clock):
     P = comm.size // cfg.data_parallel
     for depth in cascade_depths(cfg.blocks, cfg.cascade):
         stage_cfg = dataclasses.replace(cfg, blocks=depth, levels=1, cycle=None, cascade=0)
-        mesh = plan_run(stage_cfg, comm.size, data.x_train.shape[0],
+        mesh = plan_run(stage_cfg, comm.size, data,
                         finest_ranks=max(1, min(P, depth // cfg.min_blocks_per_rank)))
         layout = mesh.levels[0]
         stage_state = None

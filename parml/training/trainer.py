@@ -28,7 +28,7 @@ def _prepare(cfg: TrainConfig, world: int, data: Dataset | None) -> Dataset:
     data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
                                                       flatten=cfg.arch != "conv")
     data = data.to(dtype=getattr(torch, cfg.dtype))
-    plan_run(cfg, world, data.x_train.shape[0])
+    plan_run(cfg, world, data)
     torch.manual_seed(cfg.seed)
     return data
 
