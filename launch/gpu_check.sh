@@ -7,7 +7,7 @@
 # "gpu_check: STEP: ok | FAILED (...) | skipped (...)"; a failing step makes the script exit 1,
 # and the later steps still run. One GPU: the GPU unit tests (NCCL at P = 1, MPI staging CUDA
 # tensors through host memory at P = 1 and 2), training with NCCL at P = 1 and with MPI at P = 2
-# sharing the GPU, and the pipeline benchmark in quick mode. Two or more GPUs: also NCCL at P = 2
+# sharing the GPU, the fused-kernel and pipeline benchmarks in quick mode. Two or more GPUs: also NCCL at P = 2
 # (exactness in the unit tests, a short training run, the benchmark's NCCL rows).
 #
 #   PARML_PYTHON   the python to run (default: python)
@@ -60,27 +60,31 @@ case "$ngpu" in ''|*[!0-9]*) ngpu=0 ;; esac
 
 step "parml info" 15 "$PY" -m parml.cli info
 
-step "GPU unit tests" 100 \
-    "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
+step "GPU unit tests (exactness, kernels)" 110 \
+    "$PY" -m pytest tests/test_gpu.py tests/gpu -q -rs -p no:cacheprovider
 
-step "train NCCL P=1" 45 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+step "train NCCL P=1" 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
     -m parml.cli train -K 256 -L 4 --device cuda --max-cycles 5 --no-progress --out "$out/train" \
     --run-name nccl1
 
-step "train MPI P=2 on one GPU (host staging)" 45 "$MPIRUN" -n 2 --oversubscribe --bind-to none \
+step "train MPI P=2 on one GPU (host staging)" 40 "$MPIRUN" -n 2 --oversubscribe --bind-to none \
     "$PY" -m parml.cli train --backend mpi --device cuda --ranks 2 -K 256 -L 4 --max-cycles 5 \
     --no-progress --out "$out/train" --run-name mpi2
 
 if [ "$ngpu" -ge 2 ]; then
-    step "train NCCL P=2" 45 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    step "train NCCL P=2" 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
         -m parml.cli train --ranks 2 -M 2 -K 256 -L 4 --device cuda --max-cycles 5 --no-progress \
         --out "$out/train" --run-name nccl2
 else
     summary+=("gpu_check: train NCCL P=2: skipped (needs 2 GPUs, found $ngpu)")
 fi
 
+step "kernel benchmark (quick)" 45 "$PY" benchmarks/kernels.py --device cuda --quick --reps 3 \
+    --out "$out/kernels_cuda"
+head -n 30 "$out/kernels_cuda/kernels.md" 2>/dev/null
+
 # quick sizes, compute-bound model only: NCCL rows at P = 1 (and 2), MPI rows at P = 1, 2
-step "pipeline benchmark (quick)" 90 "$PY" benchmarks/pipeline_scaling.py --device cuda --quick \
+step "pipeline benchmark (quick)" 50 "$PY" benchmarks/pipeline_scaling.py --device cuda --quick \
     --only compute --out "$out/pipeline_cuda"
 head -n 40 "$out/pipeline_cuda/pipeline_scaling.md" 2>/dev/null
 

@@ -277,7 +277,9 @@ class Communicator:
     def split(self, ranks: list[int]) -> "Communicator | None":
         raise NotImplementedError
 
-    def abort(self, message: str) -> None:
+    def abort(self, message: str, quiet: bool = False) -> None:
+        """End this communicator and its sub-communicators at once (MPI: the whole job); `message`
+        goes to stderr unless `quiet` (the caller has already told the user, in one line)."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -112,6 +112,9 @@ class TorchComm(Communicator):
             kwargs = {"backend": backend, "init_method": "env://", "timeout": datetime.timedelta(seconds=pg_timeout)}
             if backend == "nccl":
                 kwargs["device_id"] = dev
+            if _attempt_prefix():       # a job torchrun restarted: not on the keys of the attempt before
+                kwargs.update(init_method=None, store=_launcher_store(timeout), rank=int(os.environ["RANK"]),
+                              world_size=int(os.environ["WORLD_SIZE"]))
             try:
                 dist.init_process_group(**kwargs)
             except Exception as exc:
@@ -255,9 +258,10 @@ class TorchComm(Communicator):
         self._children.append(child)
         return child
 
-    def abort(self, message):
+    def abort(self, message, quiet=False):
         try:
-            print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
         except Exception:
             pass
         groups = [c._group for c in self._children] + [self._group]
@@ -302,9 +306,19 @@ def _launcher_store(timeout: float):
     if not addr or not port:
         return None
     try:
-        return dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:
         raise CommError(f"cannot reach the launcher's store at {addr}:{port}: {exc}") from exc
+    prefix = _attempt_prefix()
+    return dist.PrefixStore(prefix, store) if prefix else store
+
+
+def _attempt_prefix() -> str:
+    """torchrun keeps its store when it restarts a job (--max-restarts), and torch does not prefix
+    the keys per attempt: a restarted worker can read its peers' addresses of the attempt before
+    (gloo: "connectFullMesh failed ... Connection refused"). A restarted attempt gets its own keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return "" if attempt in ("", "0") else f"parml/attempt{attempt}/"
 
 
 def _local_world_size() -> int | None:

@@ -49,7 +49,7 @@ class LayerParallel:
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
                  partition: Partition | None = None, device=None, weight_grads: str = "deferred",
-                 kernel: str = "torch", data=None, world_rank: int | None = None):
+                 kernel: str = "auto", data=None, world_rank: int | None = None):
         self.comm = comm
         self.data = data if data is not None and data.size > 1 else None
         self.world_rank = comm.rank if world_rank is None else world_rank
@@ -63,7 +63,7 @@ class LayerParallel:
         start, stop = self.partition.range(comm.rank)
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
-        self.kernel = attach_kernels(self.model, kernel)
+        self.kernels = attach_kernels(self.model, kernel)
         if getattr(comm, "ordered_p2p", False) and comm.size > 1:
             try:       # a tag-blind transport needs equal send and receive orders per direction
                 check_message_order(self.schedule.actions(comm.size, microbatches))

@@ -9,6 +9,7 @@ import statistics
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ..training.report import read_metrics
 from .paper import PAPER_SENSITIVITY, THRESHOLDS
@@ -357,7 +358,8 @@ def plot_curves(results: dict, out: str) -> list[str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("loss (solid)")
             ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7, loc="center right")
+            styles = [Line2D([], [], color="0.3", label="loss"), Line2D([], [], color="0.3", ls="--", label="val acc")]
+            ax.legend(handles=ax.get_legend_handles_labels()[0] + styles, fontsize=7, loc="center right")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.tight_layout()

@@ -63,7 +63,8 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
         if init_state is not None and i == cfg.levels - 1:
             model.load_state_dict(init_state)
         executor = LayerParallel(model, layer, cfg.schedule.lower(), cfg.microbatches, layout.partition,
-                                 device=device, weight_grads=cfg.weight_grads, data=replicas, world_rank=comm.rank)
+                                 device=device, weight_grads=cfg.weight_grads, kernel=cfg.kernel, data=replicas,
+                                 world_rank=comm.rank)
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,
