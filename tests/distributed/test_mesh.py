@@ -43,9 +43,9 @@ def _local_grads(model):
     return out
 
 
-def grads_worker(comm, shapes=None):
+def grads_worker(comm, shapes=None, kernel="auto"):
     """Every case on every (D, P) of this world size; gradient buckets of 64 bytes under GPipe
-    (many all-reduces per step), the default (one per step) under 1F1B."""
+    (many all-reduces per step), the default (one per step) under 1F1B. `kernel`: ``--kernel``."""
     results = {}
     for D, P in shapes or SHAPES[comm.size]:
         layout = plan_mesh([SPEC.total_blocks], comm.size, D).levels[-1]
@@ -53,7 +53,9 @@ def grads_worker(comm, shapes=None):
         for schedule, m, dtype in CASES:
             dt = getattr(torch, dtype)
             lp = LayerParallel(build_model(SPEC, seed=2, dtype=dt), layer, schedule, m, layout.partition,
-                               data=data, world_rank=comm.rank)
+                               data=data, world_rank=comm.rank, kernel=kernel)
+            if kernel != "auto":
+                assert {k.name for k in lp.kernels} == {kernel}, (kernel, [k.name for k in lp.kernels])
             if lp.reducer is not None and schedule == "gpipe":
                 lp.reducer.bucket_bytes = 64
             x, y = _data(dt)
@@ -135,3 +137,12 @@ def test_mesh_under_nccl_semantics(world, transfer, streams):
     and rendezvous sends nothing can wait on the other (a deadlock would be a CommTimeout here)."""
     ranks = run_model(grads_worker, world, transfer=transfer, streams=streams, timeout=60)
     check_mesh_results(ranks, world)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kernel", ["torch", "fused"])
+def test_mesh_kernels_equal_the_reference(kernel):
+    """``--kernel torch`` and ``fused`` (the numba chunk kernel, its weight gradients through the
+    deferred sink) on (D, P) = (2, 1) and (1, 2): loss and every gradient equal the reference."""
+    ranks = run_model(grads_worker, 2, transfer="rendezvous", streams="rank", timeout=120, kernel=kernel)
+    check_mesh_results(ranks, 2)
