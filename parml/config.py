@@ -10,6 +10,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from .model import ACTIVATIONS, HEADS, INITS, NORMS, PROJECTIONS, STAGE_KINDS, S
 from .multilevel.hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
 from .multilevel.cascade import LR_SCHEDULES
 from .multilevel.mgopt import LEVEL_OPTIMIZERS, CycleError, CycleSetup
+from .parallel.layout import COARSE_LAYOUTS
 from .parallel.schedule import SCHEDULES
 from .parallel.stage import WEIGHT_GRADS
 
@@ -34,6 +36,7 @@ else:                                   # pragma: no cover - Python 3.10
 
 DTYPES = ("float32", "float64")
 LAYOUTS = ("manual", "auto")
+TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install 'parml[tb]'"
 
 
 class ConfigError(ValueError):
@@ -108,8 +111,8 @@ class TrainConfig:
                                 "else start.", runtime=True)
     checkpoint_every: int = option(0, "Write a checkpoint (per-rank shards + manifest) every n cycles; 0 = never.",
                                    runtime=True)
-    keep_checkpoints: int = option(3, "Complete checkpoints kept; older ones are removed once a newer one is "
-                                   "verified.", runtime=True)
+    keep_checkpoints: int = option(3, "Checkpoints kept: an older one is removed only once this many newer ones "
+                                   "are written and verified (sizes and SHA-256 read back).", runtime=True)
     eval_every: int = option(1, "Validate every n cycles.", runtime=True)
     tensorboard: bool = option(False, "Also write the metrics as TensorBoard scalars to <run>/tensorboard "
                                "(pip install 'parml[tb]').", runtime=True)
@@ -126,9 +129,17 @@ class TrainConfig:
                                choices=WEIGHT_GRADS, runtime=True)
     kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
                          choices=KERNELS, runtime=True)
-    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
+    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank runs on fewer layer ranks "
+                                      "(see --coarse-layout).")
+    data_parallel: int = option(1, "Data replicas D: the world is D replicas x P = world/D layer ranks (world rank "
+                                "= d*P + p); each replica runs its share of every batch, gradients are summed over "
+                                "the replicas.", runtime=True)
+    coarse_layout: str = option("gather", "A coarse level on P_l < P layer ranks: gather (the other ranks wait) | "
+                                "replicate (P_l layer ranks x D*P/P_l replicas: every rank works).",
+                                choices=COARSE_LAYOUTS, runtime=True)
     layout: str = option("manual", "manual: the layout options as given; auto: the layout --profile predicts "
-                         "fastest (parml plan) sets --microbatches, --schedule, --min-blocks-per-rank.",
+                         "fastest (parml plan) sets --data-parallel, --microbatches, --schedule, --coarse-layout and "
+                         "--min-blocks-per-rank.",
                          choices=LAYOUTS, runtime=True)
     profile: str | None = option(None, "Machine profile (JSON from parml calibrate) for --layout auto and parml plan.",
                                  runtime=True)
@@ -234,7 +245,8 @@ class TrainConfig:
             if fields[k].metadata["runtime"]:
                 setattr(saved, k, _convert(fields[k], v, ""))
         saved.resume = run_dir
-        saved.out, saved.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
+        where = os.path.abspath(run_dir)
+        saved.out, saved.run_name = os.path.dirname(where), os.path.basename(where)
         saved.overwrite = False
         return saved
 
@@ -251,7 +263,8 @@ class TrainConfig:
                     not in valid:
                 raise ConfigError(f"{flag(f.name)} {value!r} is not one of: {', '.join(valid)}")
         at_least_one = ("blocks", "width", "max_cycles", "max_epochs", "batch_size", "microbatches", "eval_every",
-                        "min_blocks_per_rank", "ranks", "cascade_cycles", "threads", "keep_checkpoints", "levels")
+                        "min_blocks_per_rank", "ranks", "data_parallel", "cascade_cycles", "threads",
+                        "keep_checkpoints", "levels")
         for name in at_least_one:
             value = getattr(self, name)
             need(value is None or value >= 1, f"{flag(name)} {value} must be at least 1")
@@ -268,6 +281,7 @@ class TrainConfig:
              f"--channels {self.channels!r} must be comma-separated positive integers, e.g. 16,32,64")
         need(self.resume in (None, "auto") or os.path.isdir(self.resume), f"--resume {self.resume!r} is not a "
              "run folder (or 'auto')")
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, TENSORBOARD_MISSING)
         need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --overwrite "
              "deletes the run that --resume would continue")
         need(self.layout != "auto" or self.profile, "--layout auto needs --profile PROFILE.json (create one with: "

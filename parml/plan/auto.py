@@ -1,10 +1,10 @@
 """``parml plan`` and ``parml train --layout auto``: a TrainConfig's workload ranked on a profile.
 
 Options the user gave restrict the candidates (``-M 4`` plans only M = 4); the others are
-searched. ``--layout auto`` applies the best candidate to the config: micro-batches, schedule,
-min-blocks-per-rank and, where this parml has the mesh (TrainConfig fields ``data_parallel``,
-``coarse_layout``), the data-parallel degree and the coarse layout; without them it plans D = 1
-and gathered coarse levels, which is what the executor runs.
+searched. ``--layout auto`` applies the best candidate to the config: the data-parallel degree D
+(P = world / D layer ranks), micro-batches, schedule, coarse layout and min-blocks-per-rank, the
+options ``parallel.layout.plan_mesh`` turns into the mesh the executor runs (and the simulator
+replays).
 """
 from __future__ import annotations
 
@@ -28,12 +28,6 @@ LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALN
 
 class PlanError(ValueError):
     """A plan that cannot be made; the message is one line."""
-
-
-def has_mesh() -> bool:
-    """Whether this parml's TrainConfig has the data × layer mesh options (issue 17)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {"data_parallel", "coarse_layout"} <= names
 
 
 def plan_fields() -> tuple[str, ...]:
@@ -77,27 +71,21 @@ def restrictions(cfg: TrainConfig, given) -> dict:
     out["schedules"] = [cfg.schedule.lower()] if "schedule" in given else list(SCHEDULE_CHOICES)
     if "min_blocks_per_rank" in given:
         out["min_blocks"] = [cfg.min_blocks_per_rank]
-    if has_mesh():
-        if "data_parallel" in given and getattr(cfg, "data_parallel", None):
-            out["data_parallel"] = [cfg.data_parallel]
-        if "coarse_layout" in given:
-            out["coarse_layouts"] = [cfg.coarse_layout]
-    else:                       # the executor runs D = 1 and gathered coarse levels only
-        out["data_parallel"], out["coarse_layouts"] = [1], ["gather"]
+    if "data_parallel" in given:
+        out["data_parallel"] = [cfg.data_parallel]
+    if "coarse_layout" in given:
+        out["coarse_layouts"] = [cfg.coarse_layout]
     return out
 
 
 def plan_config(cfg: TrainConfig, profile: Profile, ranks: int, given=(), ranks_per_node: int | None = None,
-                background: float = 0.0, mesh: bool = True, n: int | None = None) -> list[dict]:
-    """Ranked records for `cfg` on `ranks` ranks. `mesh`: also D > 1 and replicated coarse levels
-    (the model's candidates) even where this parml cannot run them yet."""
+                background: float = 0.0, n: int | None = None) -> list[dict]:
+    """Ranked records for `cfg` on `ranks` ranks (every D x P, M, schedule and coarse layout the
+    options leave open)."""
     if cfg.dataset not in DATASET_SHAPES:
         raise PlanError(f"--dataset {cfg.dataset!r}: the planner knows {', '.join(DATASET_SHAPES)}")
     work = workload_for(cfg, n)
     opts = restrictions(cfg, given)
-    if mesh and not has_mesh():
-        opts.pop("data_parallel", None)
-        opts.pop("coarse_layouts", None)
     backend = _backend(cfg, profile)
     return plan(work, ranks, profile, backend, ranks_per_node=ranks_per_node, background=background,
                 weight_grads=cfg.weight_grads, **opts)
@@ -115,10 +103,9 @@ def apply(cfg: TrainConfig, record: dict) -> TrainConfig:
     cfg.microbatches, cfg.schedule = record["microbatches"], record["schedule"]
     if record.get("min_blocks_per_rank") is not None:
         cfg.min_blocks_per_rank = record["min_blocks_per_rank"]
-    if has_mesh():
-        cfg.data_parallel = record["data_parallel"]
-        if record.get("coarse_layout") is not None:
-            cfg.coarse_layout = record["coarse_layout"]
+    cfg.data_parallel = record["data_parallel"]
+    if record.get("coarse_layout") is not None:
+        cfg.coarse_layout = record["coarse_layout"]
     return cfg
 
 
@@ -133,14 +120,13 @@ def describe(record: dict, levels: int) -> str:
 
 
 def auto_layout(cfg: TrainConfig, world: int, device: str, given=()) -> tuple[TrainConfig, dict]:
-    """``--layout auto``: the best candidate this parml can run on `world` ranks, applied to cfg."""
+    """``--layout auto``: the best candidate on `world` ranks, applied to cfg (and checked again)."""
     prof = load_profile(cfg, device)
     try:
-        recs = plan_config(cfg, prof, world, given, ranks_per_node=local_world_size(world), mesh=False,
-                           n=n_train(cfg))
+        recs = plan_config(cfg, prof, world, given, ranks_per_node=local_world_size(world), n=n_train(cfg))
     except (LayoutError, ProfileError) as e:
         raise PlanError(str(e)) from None
-    return apply(cfg, recs[0]), recs[0]
+    return apply(cfg, recs[0]).validate(), recs[0]
 
 
 def config_for_plan(values: dict) -> TrainConfig:

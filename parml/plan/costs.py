@@ -1,10 +1,9 @@
 """What is simulated and what it costs: the workload, a candidate layout, each level's layout
-(``parallel.layout.plan_levels`` and the coarse-layout rule) and one layer rank's costs per
+(``parallel.layout.plan_mesh``, the executor's own plan) and one layer rank's costs per
 micro-batch from the profile's fits.
 
-The mesh (issue 17): world = D data replicas × P layer ranks, world rank = d·P + s. Coarse levels:
-``gather`` keeps D replicas on the first P_l layer ranks of each replica (the others idle);
-``replicate`` runs P_l layer ranks × D·P/P_l replicas (P_l rounded down to a divisor of P).
+The mesh (issue 17): world = D data replicas × P layer ranks, world rank = d·P + s. Coarse levels
+(``gather`` or ``replicate``) are placed by ``plan_mesh``; nothing here restates its rule.
 """
 from __future__ import annotations
 
@@ -15,12 +14,11 @@ from functools import lru_cache
 from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
 from ..multilevel.mgopt import CycleSetup
-from ..parallel.layout import LayoutError, Partition, partition_blocks, plan_levels
+from ..parallel.layout import COARSE_LAYOUTS, Partition, plan_mesh  # noqa: F401 (COARSE_LAYOUTS: re-exported)
 from .profile import Profile
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
-COARSE_LAYOUTS = ("gather", "replicate")
 
 
 @dataclass
@@ -108,23 +106,11 @@ def level_specs_of(spec: ModelSpec, levels: int) -> list[ModelSpec]:
 
 
 def level_layouts(work: Workload, layout: Layout) -> list[LevelLayout]:
-    """Every level's layout (coarsest first) from ``plan_levels`` and the coarse-layout rule."""
-    D, P = layout.data_parallel, layout.layer_ranks
-    if layout.coarse_layout not in COARSE_LAYOUTS:
-        raise LayoutError(f"--coarse-layout {layout.coarse_layout!r} is not one of: {', '.join(COARSE_LAYOUTS)}")
+    """Every level's layout (coarsest first): ``parallel.layout.plan_mesh``, the run's own rule."""
     specs = level_specs_of(work.spec, work.levels)
-    plans = plan_levels([s.total_blocks for s in specs], P, layout.min_blocks_per_rank)
-    out = []
-    for i, (sp, plan) in enumerate(zip(specs, plans)):
-        part = plan.partition
-        if part.ranks == P or layout.coarse_layout == "gather":
-            out.append(LevelLayout(i + 1, sp, part, D, P))
-            continue
-        pl = max(q for q in range(1, part.ranks + 1) if P % q == 0)
-        if pl != part.ranks:
-            part = partition_blocks(sp.total_blocks, pl, align=2 if i > 0 else 1)
-        out.append(LevelLayout(i + 1, sp, part, D * P // pl, pl))
-    return out
+    mesh = plan_mesh([s.total_blocks for s in specs], layout.world, layout.data_parallel,
+                     layout.min_blocks_per_rank, layout.coarse_layout, work.batch, layout.microbatches)
+    return [LevelLayout(lv.level, sp, lv.partition, lv.replicas, lv.stride) for lv, sp in zip(mesh.levels, specs)]
 
 
 # --- per-rank costs --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..model import ModelSpec
-from ..parallel.layout import LayoutError, Partition
+from ..parallel.layout import LayoutError, Partition, batch_share
 from ..parallel.schedule import get_schedule
 from .costs import (
     DTYPE_BYTES,
@@ -209,7 +209,8 @@ def gradient_programs(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
     rank's peak activation bytes. Ranks with the same action list, costs and links get the same
     rows (message, link and handle ids shifted by the rank), built once."""
     P, D, M = lev.ranks, lev.replicas, layout.microbatches
-    rows_replica = _split_sizes(work.batch, D)[0] if D <= work.batch else 0
+    a, b = batch_share(work.batch, D, 0)
+    rows_replica = b - a
     if rows_replica < M:
         raise LayoutError(f"--microbatches {M} with {D} data replicas needs a batch of at least {D * M} samples "
                           f"(level {lev.level} has {work.batch})")

@@ -7,7 +7,7 @@ Nothing here restates the pipeline or the cycle as formulas:
   Level.gradient's all-reduce, the data group's gradient all-reduce, ``transfer.Mover``'s pieces);
 * the level sequence of a V-cycle is recorded by running the real ``mgopt.VCycle`` (Algorithm 1)
   on stand-in levels (``vcycle``), so its work units are eq. (10) by construction of the engine;
-* level layouts come from ``parallel.layout.plan_levels`` and the coarse-layout rule (``costs``);
+* level layouts come from ``parallel.layout.plan_mesh``, the plan the executor runs (``costs``);
 * the engine (``engine``) runs the programs: exactly (max-plus, numba-compiled when large) or with
   processor sharing when ranks share cores (more ranks than ``profile.cores``, or other busy
   processes on a shared machine, ``Layout.background``).
