@@ -27,7 +27,7 @@ from .data import DataError, load_dataset
 from .parallel.layout import LayoutError, describe_mesh
 from .parallel.schedule import ScheduleError, dry_run, format_schedule, get_schedule
 from .plan.auto import (PlanError, auto_layout, config_for_plan, describe, load_profile, n_train, plan_config,
-                        plan_fields)
+                        plan_fields, profile_note)
 from .plan.calibrate import calibrate as run_calibration
 from .plan.planner import format_table, to_json
 from .plan.profile import ProfileError
@@ -101,7 +101,9 @@ def train(config_file, **options):
         except (PlanError, ProfileError, ConfigError) as e:
             fail(str(e))
         if launcher_rank() == 0:
-            click.echo(f"parml: --layout auto ({cfg.profile}): {describe(best, cfg.levels)}")
+            if profile_note(cfg):
+                click.echo(profile_note(cfg), err=True)
+            click.echo(f"parml: --layout auto ({cfg.profile or 'reference profile'}): {describe(best, cfg.levels)}")
     torch.set_num_threads(cfg.threads)
     run_from_cli(cfg, fail)
     if launcher_world_size() > 1:
@@ -119,7 +121,7 @@ def train(config_file, **options):
 @click.option("--limit", type=int, default=20, show_default=True, help="Rows of the table (0: all).")
 @functools.partial(_train_options, only=plan_fields())
 def plan_command(config_file, ranks_per_node, background, as_json, limit, **options):
-    """Rank the layouts of a training run by their predicted time (needs --profile and --ranks).
+    """Rank the layouts of a training run by their predicted time on --ranks ranks.
 
     Candidates: every D x P = --ranks, micro-batches M, schedule, coarse layout and
     min-blocks-per-rank (options given here fix theirs). Predictions replay parml's own
@@ -140,6 +142,8 @@ def plan_command(config_file, ranks_per_node, background, as_json, limit, **opti
         recs = plan_config(cfg, prof, cfg.ranks, set(given), ranks_per_node, background, n=n_train(cfg))
     except (ConfigError, PlanError, ProfileError, LayoutError) as e:
         fail(str(e))
+    if profile_note(cfg):
+        click.echo(profile_note(cfg), err=True)
     click.echo(to_json(recs) if as_json else format_table(recs, limit or None))
 
 

@@ -141,8 +141,8 @@ class TrainConfig:
                          "fastest (parml plan) sets --data-parallel, --microbatches, --schedule, --coarse-layout and "
                          "--min-blocks-per-rank.",
                          choices=LAYOUTS, runtime=True)
-    profile: str | None = option(None, "Machine profile (JSON from parml calibrate) for --layout auto and parml plan.",
-                                 runtime=True)
+    profile: str | None = option(None, "Machine profile (JSON from parml calibrate) for --layout auto and parml plan "
+                                 "[default: parml's reference CPU profile, with a note to calibrate].", runtime=True)
     comm_timeout: float = option(300.0, "Seconds before a blocked communication fails.", runtime=True)
     threads: int = option(1, "torch compute threads per rank (ranks are the parallelism; small blocks run best "
                           "on one).", runtime=True)
@@ -284,8 +284,6 @@ class TrainConfig:
         need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, TENSORBOARD_MISSING)
         need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --overwrite "
              "deletes the run that --resume would continue")
-        need(self.layout != "auto" or self.profile, "--layout auto needs --profile PROFILE.json (create one with: "
-             "parml calibrate --out PROFILE.json)")
         try:
             level_specs(self.model_spec(1, 1, "classification"), self.levels)
             self.setup.check(self.levels)

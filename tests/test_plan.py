@@ -6,11 +6,14 @@ import math
 import pytest
 import torch
 
+from parml.config import TrainConfig
+from parml.data import load_dataset
 from parml.multilevel.mgopt import CycleSetup
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.transfer import _pieces
-from parml.parallel.layout import LayoutError, Partition, plan_levels
-from parml.plan.planner import candidates, format_table, plan, to_json
+from parml.training.build import plan_run
+from parml.parallel.layout import LayoutError, Partition
+from parml.plan.planner import candidates, format_table, plan, to_json, workload_for
 from parml.plan.profile import (
     CommCost,
     Fit,
@@ -214,11 +217,20 @@ def test_move_messages_are_the_movers_pieces():
             assert sorted(up) == mover_pieces(coarse.spec, coarse.partition, fic)
 
 
-def test_plan_levels_is_used_for_gather():
-    work = Workload(dense(2, 256), batch=16, levels=5)
-    levs = level_layouts(work, Layout(1, 4, 1, min_blocks_per_rank=16))
-    plans = plan_levels([16, 32, 64, 128, 256], 4, 16)
-    assert [lv.partition for lv in levs] == [p.partition for p in plans]
+@pytest.mark.parametrize("coarse", ["gather", "replicate"])
+def test_level_layouts_are_the_runs_mesh(coarse):
+    """The simulator's layouts are the mesh ``parml train`` builds (``training.build.plan_run``):
+    partitions, replicas and strides on every level, for every (D, P) of 8 ranks."""
+    data = load_dataset("circles", None, 0)
+    for D, mbpr in ((1, 16), (2, 8), (4, 1), (1, 1)):
+        cfg = TrainConfig.from_options({"blocks": "128", "levels": "5", "data_parallel": str(D),
+                                        "coarse_layout": coarse, "min_blocks_per_rank": str(mbpr)}).validate()
+        mesh = plan_run(cfg, 8, data)
+        work = workload_for(cfg, len(data.x_train))
+        sim = level_layouts(work, Layout(D, 8 // D, 1, coarse_layout=coarse, min_blocks_per_rank=mbpr))
+        assert [(lv.partition, lv.replicas, lv.stride) for lv in sim] == \
+            [(lv.partition, lv.replicas, lv.stride) for lv in mesh.levels]
+        assert [lv.spec.total_blocks for lv in sim] == [128 >> (5 - i) for i in range(1, 6)]
 
 
 # --- profiles --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ PLAN_FIELDS = ("dataset", "data_dir", "arch", "channels", "projection", "norm", 
                "activation", "stepper", "levels", "cycle", "optimizer", "batch_size", "dtype", "backend", "device",
                "ranks", "schedule", "microbatches", "weight_grads", "min_blocks_per_rank", "profile",
                "data_parallel", "coarse_layout")
+REFERENCE_PROFILE = os.path.join(os.path.dirname(__file__), "profiles", "reference_cpu.json")
 FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 
@@ -58,9 +59,18 @@ def n_train(cfg: TrainConfig) -> int | None:
 
 
 def load_profile(cfg: TrainConfig, device: str | None) -> Profile:
+    """--profile, or without it the reference CPU profile shipped with parml (see profile_note)."""
     if not cfg.profile:
-        raise PlanError("--profile is required: a machine profile written by parml calibrate --out PROFILE.json")
+        return Profile.load(REFERENCE_PROFILE, device=device, option="the reference profile (no --profile)")
     return Profile.load(cfg.profile, device=device)
+
+
+def profile_note(cfg: TrainConfig) -> str | None:
+    """The line to print when predictions use the reference profile instead of this machine's."""
+    if cfg.profile:
+        return None
+    return ("parml: no --profile: predictions use parml's reference CPU profile (another machine); for this "
+            "machine's run: parml calibrate --out profile.json, then --profile profile.json")
 
 
 def restrictions(cfg: TrainConfig, given) -> dict:
