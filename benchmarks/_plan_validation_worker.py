@@ -5,9 +5,8 @@ Usage: python benchmarks/_plan_validation_worker.py JOB.json RESULT.json
 Every rank runs each configuration of the job: it builds the training run's V-cycle with parml's
 own ``training.build.build_vcycle`` (L = 1: one GD step; L = 8: one V-cycle), warms up, then times
 the calls (``VCycle.__call__``: gradient evaluations, updates and transfers, as training runs
-them). A step's time is the slowest rank's, after a barrier. Data-parallel layouts (D > 1) are
-not in this parml yet (issue 17's mesh): a stand-in runs each replica's share through a one-rank
-``LayerParallel`` and all-reduces the gradients through the Communicator before the update.
+them). A step's time is the slowest rank's, after a barrier. Layouts (D, P) run on parml's
+data x layer mesh (``--data-parallel D``, ``--coarse-layout``), as ``parml train`` runs them.
 
 The machine is shared: before every timed step all ranks spin for a moment and record the
 share of a core they got; the background load (other busy processes competing for the cores)
@@ -30,12 +29,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from parml.comm import SelfComm, exit_process, make_communicator  # noqa: E402
+from parml.comm import exit_process, make_communicator  # noqa: E402
 from parml.config import TrainConfig  # noqa: E402
 from parml.data import Dataset, load_dataset  # noqa: E402
-from parml.model import build_model  # noqa: E402
-from parml.multilevel.mgopt import Level, VCycle, level_optimizer  # noqa: E402
-from parml.parallel.executor import LayerParallel  # noqa: E402
 from parml.training.build import build_vcycle  # noqa: E402
 
 
@@ -55,50 +51,11 @@ def config(case: dict, conf: dict) -> TrainConfig:
     return TrainConfig(dataset="circles" if case["dataset"] == "random" else case["dataset"],
                        blocks=case["blocks"], width=case["width"], levels=conf["levels"], lr=case.get("lr", 0.01),
                        microbatches=conf["M"], schedule=conf["schedule"], min_blocks_per_rank=conf["mbpr"],
-                       progress=False)
-
-
-class DataParallel:
-    """Stand-in for a data replica of issue 17's mesh (P = 1): this rank's share of the batch on a
-    one-rank executor, gradients summed over the replicas with the Communicator."""
-
-    def __init__(self, model, comm, microbatches, schedule):
-        self.inner = LayerParallel(model, SelfComm(), schedule, microbatches)
-        self.model, self.comm, self.rank = model, comm, 0
-        self.params = [p for p in model.parameters()]
-
-    def forward_backward(self, x, y):
-        xs, ys = x.tensor_split(self.comm.size), y.tensor_split(self.comm.size)
-        mine = self.comm.rank
-        share = xs[mine].shape[0] / x.shape[0]
-        loss = self.inner.forward_backward(xs[mine], ys[mine]) * share
-        flat = torch.cat([p.grad.reshape(-1) * share for p in self.params] + [torch.tensor([loss])])
-        self.comm.allreduce(flat)
-        i = 0
-        for p in self.params:
-            p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-            i += p.numel()
-        return float(flat[-1])
-
-    def allreduce(self, tensor):
-        self.comm.allreduce(tensor)
-        return tensor.div_(self.comm.size)      # every replica holds every block
-
-    def allgather_object(self, obj):
-        return self.comm.allgather_object(obj)
-
-    def time_halos(self, tensors, mask, kind):
-        return None, None
+                       data_parallel=conf["D"], coarse_layout=conf.get("coarse", "gather"), progress=False)
 
 
 def build(case, conf, comm, data):
-    cfg = config(case, conf)
-    if conf["D"] == 1:
-        return build_vcycle(cfg, data, comm)
-    model = build_model(cfg.spec_for(data), seed=0)
-    ex = DataParallel(model, comm, conf["M"], conf["schedule"])
-    level = Level(ex, cfg.beta, cfg.T / cfg.blocks, cfg.metric, 1.0, level_optimizer(cfg.optimizer, cfg.lr), number=1)
-    return VCycle([level], cfg.setup)
+    return build_vcycle(config(case, conf), data, comm)
 
 
 def probe(comm, seconds=0.08) -> float:

@@ -9,7 +9,7 @@
    512), the circles default (K=2048 width 3, full batch 2000) and the MNIST setup (K=2048 width 10,
    mini-batch 1000 of the t10k split); one GD step (L = 1) of each, one 8-level V-cycle of circles
    and MNIST; on 1, 2 and 4 ranks (4 share the 2 cores: the profile knows it), M = 1, 2, 4, 8,
-   layouts (D, P) with D > 1 through a data-parallel stand-in (the mesh is not in this parml).
+   layouts (D, P) on parml's data x layer mesh (gathered and replicated coarse levels).
 3. Predicted by ``parml.plan`` for each configuration with the load measured while it ran (the
    machine is shared: before every timed step all ranks spin for a moment and record the share of
    a core they got, giving the number of other busy processes B = cores / share - ranks), and the
@@ -57,8 +57,8 @@ VCYCLE_CASES = ("circles", "mnist")
 TARGET_MEDIAN, TARGET_MAX = 0.15, 0.30
 
 
-def conf(case, levels, D, M, schedule="1f1b", mbpr=16, steps=None, warmup=1):
-    return {"case": case, "levels": levels, "D": D, "M": M, "schedule": schedule, "mbpr": mbpr,
+def conf(case, levels, D, M, schedule="1f1b", mbpr=16, steps=None, warmup=1, coarse="gather"):
+    return {"case": case, "levels": levels, "D": D, "M": M, "schedule": schedule, "mbpr": mbpr, "coarse": coarse,
             "steps": steps or (5 if levels == 1 else 3), "warmup": warmup}
 
 
@@ -72,7 +72,8 @@ def build_jobs(quick: bool) -> dict[int, list[dict]]:
         jobs[4] += [conf(case, 1, 1, m) for m in ms] + [conf(case, 1, 4, 1)]
         if case in VCYCLE_CASES:
             jobs[1] += [conf(case, 8, 1, 1)]
-            jobs[2] += [conf(case, 8, 1, m) for m in ms] + [conf(case, 8, 1, 1, mbpr=1)]
+            jobs[2] += [conf(case, 8, 1, m) for m in ms] + [conf(case, 8, 1, 1, mbpr=1)] + \
+                [conf(case, 8, 2, 1), conf(case, 8, 1, 1, coarse="replicate")]
             jobs[4] += [conf(case, 8, 1, m) for m in ([1, 4] if quick else [1, 4, 8])]
     if quick:
         jobs = {n: [c for c in cs if c["case"] in ("overhead", "circles")] for n, cs in jobs.items()}
@@ -105,7 +106,8 @@ def background(entry: dict, cores: int) -> float:
 
 def layout_of(entry: dict, cores: int) -> Layout:
     D, N = entry["D"], entry["world"]
-    return Layout(D, N // D, entry["M"], entry["schedule"], "gather", entry["mbpr"], "deferred", "gloo",
+    return Layout(D, N // D, entry["M"], entry["schedule"], entry.get("coarse", "gather"), entry["mbpr"], "deferred",
+                  "gloo",
                   ranks_per_node=N, background=background(entry, cores))
 
 
@@ -115,8 +117,8 @@ def predicted(entry: dict, prof: Profile, cases: dict) -> float:
 
 
 def auto_choices(results: list[dict], prof: Profile, cases: dict) -> list[dict]:
-    """``--layout auto`` at 2 ranks per case (D = 1 and gathered coarse levels: what this parml
-    runs), at the median background of that case's 2-rank runs."""
+    """``--layout auto`` at 2 ranks per case (every D x P, M, schedule and coarse layout), at the
+    median background of that case's 2-rank runs."""
     out = []
     for case, levels in [(c, 1) for c in cases] + [(c, 8) for c in VCYCLE_CASES if c in cases]:
         runs = [e for e in results if e["case"] == case and e["levels"] == levels and e["world"] == 2]
@@ -124,9 +126,10 @@ def auto_choices(results: list[dict], prof: Profile, cases: dict) -> list[dict]:
             continue
         b = statistics.median(background(e, prof.cores) for e in runs)
         recs = plan(workload(cases[case], levels), 2, prof, "gloo", ranks_per_node=2, background=b,
-                    data_parallel=[1], coarse_layouts=["gather"], max_microbatches=8)
+                    max_microbatches=8)
         best = recs[0]
-        out.append({"case": case, "levels": levels, "background": b, "M": best["microbatches"],
+        out.append({"case": case, "levels": levels, "background": b, "D": best["data_parallel"],
+                    "coarse": best["coarse_layout"], "M": best["microbatches"],
                     "schedule": best["schedule"], "mbpr": best["min_blocks_per_rank"] or 16,
                     "predicted_s": best["predicted_cycle_seconds" if levels > 1 else "predicted_step_seconds"]})
     return out
@@ -134,8 +137,8 @@ def auto_choices(results: list[dict], prof: Profile, cases: dict) -> list[dict]:
 
 def same(entry, choice) -> bool:
     return (entry["case"], entry["levels"], entry["D"], entry["M"], entry["schedule"]) == \
-        (choice["case"], choice["levels"], 1, choice["M"], choice["schedule"]) and \
-        (entry["levels"] == 1 or entry["mbpr"] == choice["mbpr"])
+        (choice["case"], choice["levels"], choice["D"], choice["M"], choice["schedule"]) and \
+        (entry["levels"] == 1 or (entry["mbpr"], entry.get("coarse", "gather")) == (choice["mbpr"], choice["coarse"]))
 
 
 def judge_auto(choices: list[dict], results: list[dict]) -> list[dict]:
@@ -178,7 +181,7 @@ def write_report(res: dict, out: Path) -> None:
          f"{res['started']} to {res['finished']} (UTC), 1-minute load average {res['load_range'][0]:.1f}"
          f"-{res['load_range'][1]:.1f} on {res['cores']} cores. gloo ranks started locally; 4 ranks (marked *) share "
          "the 2 cores. Step = one GD step (L = 1) or one 8-level V-cycle, the slowest rank's time after a "
-         "barrier, median of the timed steps. D > 1: data-parallel stand-in (the mesh is not in this parml).",
+         "barrier, median of the timed steps. D > 1: parml's data x layer mesh.",
          "", "B: other busy processes on the machine while the configuration ran, from the share of a core all its "
          "ranks got while spinning before each timed step; the prediction uses it (processor sharing).", "",
          f"**Errors**: median {100 * err['median']:.1f} %, max {100 * err['max']:.1f} % over {err['n']} "
