@@ -116,7 +116,7 @@ def test_train_layout_auto_applies_and_prints_the_best_layout(tmp_path, inproc):
     saved = (tmp_path / "circles-L2-K16-s0" / "config.toml").read_text()
     assert 'layout = "auto"' in saved and "microbatches = 1" in saved
     missing = str(tmp_path / "none.json")
-    assert "no such file" in one_line(inproc("train", "--layout", "auto", "--profile", missing, "-K", "16",
+    assert "no such file" in one_line(inproc("train", "--layout", "auto", "--profile", missing, "-K", "16", "-L", "2",
                                              "--out", str(tmp_path)))
     gpu = profile(tmp_path / "gpu.json", device="cuda")
     err = one_line(inproc("train", "--layout", "auto", "--profile", gpu, "-K", "16", "-L", "2", "--device", "cpu",
