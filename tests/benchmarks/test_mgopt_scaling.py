@@ -1,47 +1,34 @@
-"""The MG/OPT scaling and cascade benchmarks run end to end (``--quick``) and report consistent numbers."""
+"""The MG/OPT scaling benchmark (benchmarks/mgopt_scaling.py) runs end to end (``--quick``) and
+reports consistent numbers."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from parml.multilevel.cascade import theoretical_saving
+from multiproc import REPO_ROOT, run_benchmark
 from parml.multilevel.mgopt import CycleSetup
 
-ROOT = Path(__file__).resolve().parent.parent
-MGOPT = ROOT / "benchmarks" / "mgopt_scaling.py"
-CASCADE = ROOT / "benchmarks" / "cascade.py"
+MGOPT = REPO_ROOT / "benchmarks" / "mgopt_scaling.py"
 U_L8 = CycleSetup.parse("[(1),1,1,1,2,2,2,{2}]").cost()
 
 
-def _run(script, out):
-    env = {k: v for k, v in __import__("os").environ.items()}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=230, env=env)
+def run_quick(script, out, timeout=230):
+    """``script --quick --out OUT`` with its ranks, killed together at the deadline; returns stdout."""
+    proc = run_benchmark(script, ["--quick", "--out", out], timeout)
     assert proc.returncode == 0, f"{script.name} failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+def one(runs, **kw):
+    hits = [r for r in runs if all(r.get(k) == v for k, v in kw.items())]
+    assert len(hits) == 1, (kw, len(hits))
+    return hits[0]
 
 
 @pytest.fixture(scope="module")
 def mgopt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mgopt")
-    stdout = _run(MGOPT, out)
+    stdout = run_quick(MGOPT, out)
     return out, json.loads((out / "results.json").read_text()), stdout
-
-
-@pytest.fixture(scope="module")
-def cascade_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cascade")
-    stdout = _run(CASCADE, out)
-    return out, json.loads((out / "results.json").read_text()), stdout
-
-
-def _one(runs, **kw):
-    hits = [r for r in runs if all(r.get(k) == v for k, v in kw.items())]
-    assert len(hits) == 1, (kw, len(hits))
-    return hits[0]
 
 
 @pytest.mark.timeout(240)
@@ -74,15 +61,15 @@ def test_mgopt_quick_files_and_runs(mgopt_run):
             assert r["work_units"] == r["cycles"] * U_L8
     # P = 2 gives the P = 1 iterates: same cycles, work units, validation accuracy
     for L in (1, 8):
-        a, b = _one(runs, P=1, levels=L, variant="default"), _one(runs, P=2, levels=L, variant="default")
+        a, b = one(runs, P=1, levels=L, variant="default"), one(runs, P=2, levels=L, variant="default")
         assert (a["cycles"], a["work_units"], a["val_acc"]) == (b["cycles"], b["work_units"], b["val_acc"])
         assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
     # the level plan: coarse levels gathered onto rank 0 with 16 blocks per rank, not with 1
-    g, m = (_one(runs, P=2, levels=8, variant=v) for v in ("default", "min1"))
+    g, m = (one(runs, P=2, levels=8, variant=v) for v in ("default", "min1"))
     assert g["min_blocks_per_rank"] == 16 and m["min_blocks_per_rank"] == 1
     assert g["plan"] == [1, 1, 1, 1, 1, 2, 2, 2] and m["plan"] == [1, 1, 2, 2, 2, 2, 2, 2]
     assert (g["cycles"], g["work_units"]) == (m["cycles"], m["work_units"])
-    assert _one(runs, P=1, levels=8)["plan"] == [1] * 8
+    assert one(runs, P=1, levels=8)["plan"] == [1] * 8
 
 
 @pytest.mark.timeout(240)
@@ -91,7 +78,7 @@ def test_mgopt_quick_analysis_and_report(mgopt_run):
     an, runs = res["analysis"], res["runs"]
     for P in (1, 2):
         e = an["ratios"][f"circles-P{P}"]
-        l1, l8 = _one(runs, P=P, levels=1, variant="default"), _one(runs, P=P, levels=8, variant="default")
+        l1, l8 = one(runs, P=P, levels=1, variant="default"), one(runs, P=P, levels=8, variant="default")
         assert e["work_ratio"] == pytest.approx(l1["work_units"] / l8["work_units"])
         assert e["wall_ratio"] == pytest.approx(l1["seconds"] / l8["seconds"])
         assert e["goal_work_met"] == (e["work_ratio"] >= 4.0)
@@ -103,38 +90,6 @@ def test_mgopt_quick_analysis_and_report(mgopt_run):
     for text in ("## circles", "## Goal", "P = 2 against P = 1", "Parallel efficiency", "Time per level",
                  "min blocks per rank"):
         assert text in md, text
-
-
-@pytest.mark.timeout(240)
-def test_cascade_quick(cascade_run):
-    out, res, stdout = cascade_run
-    for name in ("results.json", "cascade.md", "cascade.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    cfg, runs, an = res["config"], res["runs"], res["analysis"]
-    assert cfg["quick"] and cfg["datasets"] == ["circles"]
-    s = cfg["setups"]["circles"]
-    K, B = s["blocks"], s["budget"]
-    assert len(runs) == 2 and len(stdout.strip().splitlines()) >= 2
-    d, c = _one(runs, mode="direct"), _one(runs, mode="cascade")
-    # same budget of steps: B at depth K vs B/3 at K/4, K/2 and K
-    assert d["cycles"] == d["steps"] == B and d["work_units"] == B and d["cascade_work_units"] == 0
-    assert [st["blocks"] for st in c["stages"]] == [K // 4, K // 2]
-    assert [st["cycles"] for st in c["stages"]] == [B // 3, B // 3] and c["cycles"] == B // 3
-    assert c["steps"] == B
-    assert c["cascade_work_units"] == pytest.approx(B / 3 * (1 / 4 + 1 / 2))
-    assert c["work_units"] == pytest.approx(B / 3 * (1 / 4 + 1 / 2 + 1))
-    assert an["theoretical_saving"] == pytest.approx(theoretical_saving(2))
-    p = an["pairs"][0]
-    assert p["work_saved"] == pytest.approx(theoretical_saving(2))   # equal budget per stage: Chang's formula
-    assert p["time_saved"] == pytest.approx(1 - c["seconds"] / d["seconds"])
-    assert p["acc_diff"] == pytest.approx(c["val_acc"] - d["val_acc"])
-    for r in (d, c):
-        assert r["seconds"] >= r["train_s"] > 0 and 0 <= r["val_acc"] <= 1
-        assert r["curve"]["val_acc"][-1] == r["val_acc"]
-        assert all(a <= b for a, b in zip(r["curve"]["seconds"], r["curve"]["seconds"][1:]))
-    assert c["curve"]["phase"][0].startswith("cascade") and c["curve"]["phase"][-1] == "train"
-    md = (out / "cascade.md").read_text()
-    assert "## circles" in md and "## Goal" in md and "41.7 %" in md
 
 
 def test_bootstrap_interval_of_the_work_ratio():

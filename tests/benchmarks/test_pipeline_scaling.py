@@ -1,15 +1,13 @@
 """The pipeline-scaling benchmark runs end to end (``--quick``) and writes complete results."""
 import importlib.util
 import json
-import subprocess
-import sys
 from itertools import product
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "pipeline_scaling.py"
+from multiproc import REPO_ROOT, run_benchmark
+
+SCRIPT = REPO_ROOT / "benchmarks" / "pipeline_scaling.py"
 
 
 def _torch_pipelining_importable() -> bool:
@@ -23,8 +21,7 @@ def _torch_pipelining_importable() -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=170)
+    proc = run_benchmark(SCRIPT, ["--quick", "--out", out], 170)
     assert proc.returncode == 0, f"benchmark failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out, proc.stdout
 
@@ -91,7 +88,6 @@ def test_bad_device_or_backend_is_one_line(argv, message):
     import torch
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", *argv], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=50)
+    proc = run_benchmark(SCRIPT, ["--quick", *argv], 50)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr

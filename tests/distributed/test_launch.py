@@ -1,27 +1,12 @@
 """`parml train` under the real launchers (torchrun, mpirun) equals the single-process run."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from multiproc import base_env, mpirun_available, mpirun_command
+from multiproc import launch
 
 ARGS = ["train", "-K", "64", "-L", "4", "--dtype", "float64", "--min-blocks-per-rank", "16", "-M", "2",
         "--no-progress", "--max-cycles", "40"]
-
-
-def launch(kind, nprocs, args, tmp, timeout=120):
-    if kind == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
-               "-m", "parml.cli", *args]
-    elif kind == "mpirun":
-        if not mpirun_available():
-            pytest.skip("mpirun / mpi4py not available")
-        cmd = mpirun_command(nprocs) + [sys.executable, "-m", "parml.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "parml.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=base_env(), cwd=tmp)
 
 
 def summary(tmp, name):

@@ -1,19 +1,14 @@
 """The command line as a user runs it: defaults, run folder contents, one-line errors."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-    ENV.pop(var, None)
+from multiproc import launch
 
 
 def parml(*args, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "parml.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd)
+    """`parml ARGS` in one process, a clean environment, killed with its children at the deadline."""
+    return launch("serial", 1, list(args), cwd, timeout=timeout)
 
 
 @pytest.mark.timeout(300)
@@ -119,3 +114,16 @@ def test_corrupt_data_file_is_one_line(tmp_path):
     r = parml("train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path), timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "t10k-images-idx3-ubyte" in r.stderr, r.stderr
+
+
+def test_info_reports_backends_and_the_exact_1f1b_order():
+    r = parml("info", "--schedule", "1f1b", "-P", "2", "-M", "3", timeout=60)
+    assert r.returncode == 0, r.stderr
+    end = r.stdout.rindex("}") + 1
+    info = json.loads(r.stdout[:end])
+    assert info["parml"] and info["torch"]
+    # 1F1B on P = 2, M = 3: stage 0 runs P - 0 = 2 warm-up forwards, stage 1 alternates from the start
+    assert r.stdout[end:].strip().splitlines() == [
+        "stage 0: 0F0 0F1 0B0 0F2 0B1 0B2",
+        "stage 1: 1F0 1B0 1F1 1B1 1F2 1B2",
+        "8 unit time steps (ideal 2(M+P-1) = 8)"]

@@ -1,16 +1,22 @@
 """Tests for parml.data: synthetic generators, file readers and their error messages, batching."""
 import gzip
+import hashlib
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from parml.comm import SelfComm
+from parml.config import TrainConfig
 from parml.data import DATASETS, Dataset, DataError, batches, load_dataset, read_idx
+from parml.training.report import read_metrics
+from parml.training.trainer import train
 
-SHIPPED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# sha256 of the fixture files (tests/fixtures/mnist/README.md)
+FIXTURE_SHA256 = {"t10k-images-idx3-ubyte.gz": "dea257571a8e56515f82c0ee3b3a60128230d9b9210708d7185af68badf7a9e0",
+                  "t10k-labels-idx1-ubyte.gz": "a3c98ad4b9ec72f2e248f6dfb6798ecc6c74961a3300ed95aeedd7e96510beed"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -110,10 +116,32 @@ def test_dataset_to():
     assert d.x_train.dtype == torch.float64 and d.y_train.dtype == torch.int64
 
 
-# ------------------------------------------------------------------ shipped MNIST
-@pytest.mark.skipif(not (SHIPPED_MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason="shipped MNIST absent")
-def test_shipped_mnist_t10k_split():
-    d = load_dataset("mnist", data_dir=str(SHIPPED_MNIST), seed=0)
+# ------------------------------------------------------------------ MNIST: the fixture and the full set
+def test_mnist_fixture_is_intact_and_loads(mnist_fixture):
+    for name, digest in FIXTURE_SHA256.items():
+        assert hashlib.sha256((mnist_fixture / name).read_bytes()).hexdigest() == digest, name
+    d = load_dataset("mnist", data_dir=str(mnist_fixture), seed=0, n_train=400, n_val=200)
+    assert d.name == "mnist(t10k split 400/200)"
+    assert d.x_train.shape == (400, 784) and d.x_val.shape == (200, 784) and d.num_classes == 10
+    for y in (d.y_train, d.y_val):
+        assert torch.equal(torch.unique(y), torch.arange(10))
+    assert d.x_train.mean(dim=0).abs().max() < 1e-5 and d.x_train.max() - d.x_train.min() > 0.9
+    images = read_idx(str(mnist_fixture / "t10k-images-idx3-ubyte.gz"), "images", "mnist")
+    labels = read_idx(str(mnist_fixture / "t10k-labels-idx1-ubyte.gz"), "labels", "mnist")
+    assert images.shape == (600, 28, 28) and labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    with pytest.raises(DataError, match=r"^mnist: cannot split the 600 t10k samples into n_train=8000 / n_val=2000$"):
+        load_dataset("mnist", data_dir=str(mnist_fixture))
+
+
+def test_mnist_fixture_is_the_head_of_the_official_test_set(mnist_fixture, full_mnist):
+    for kind, name in (("images", "t10k-images-idx3-ubyte.gz"), ("labels", "t10k-labels-idx1-ubyte.gz")):
+        cut = read_idx(str(mnist_fixture / name), kind, "mnist")
+        full = read_idx(str(full_mnist / name), kind, "mnist")
+        assert len(full) == 10000 and torch.equal(cut, full[:len(cut)]), name
+
+
+def test_full_mnist_t10k_split(full_mnist):
+    d = load_dataset("mnist", data_dir=str(full_mnist), seed=0)
     assert d.name == "mnist(t10k split 8000/2000)"
     assert d.x_train.shape == (8000, 784) and d.x_val.shape == (2000, 784)
     assert d.input_shape == (784,) and d.num_classes == 10
@@ -123,11 +151,27 @@ def test_shipped_mnist_t10k_split():
     assert d.x_train.mean(dim=0).abs().max() < 1e-5
     assert d.x_train.max() - d.x_train.min() > 0.9
     # same seed, same split, whatever the resolution or layout
-    again = load_dataset("mnist", data_dir=str(SHIPPED_MNIST), seed=0, flatten=False, resolution=14)
+    again = load_dataset("mnist", data_dir=str(full_mnist), seed=0, flatten=False, resolution=14)
     assert again.x_train.shape == (8000, 1, 14, 14) and again.input_shape == (1, 14, 14)
     assert torch.equal(again.y_train, d.y_train)
-    other = load_dataset("mnist", data_dir=str(SHIPPED_MNIST), seed=1, n_train=100, n_val=50)
+    other = load_dataset("mnist", data_dir=str(full_mnist), seed=1, n_train=100, n_val=50)
     assert len(other.x_train) == 100 and len(other.x_val) == 50 and other.name == "mnist(t10k split 100/50)"
+
+
+# ------------------------------------------------------------------ digits (scikit-learn, in the test extra)
+def test_digits_loads_and_trains(tmp_path):
+    pytest.importorskip("sklearn", reason="digits needs scikit-learn (pip install -e '.[test]')")
+    d = load_dataset("digits")
+    assert (d.name, d.num_classes, d.task, d.input_shape) == ("digits", 10, "classification", (64,))
+    assert d.x_train.shape == (1438, 64) and d.x_val.shape == (359, 64)
+    assert torch.equal(torch.unique(d.y_train), torch.arange(10)) and d.x_train.mean(dim=0).abs().max() < 1e-6
+    assert load_dataset("digits", flatten=False).x_train.shape == (1438, 1, 8, 8)
+    cfg = TrainConfig(dataset="digits", blocks=4, levels=2, width=12, lr=0.1, max_cycles=8, target_accuracy=None,
+                      progress=False, out=str(tmp_path), run_name="digits")
+    summary = train(cfg, SelfComm())
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "digits"))]
+    assert len(losses) == 8 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert summary["val_acc"] > 0.25          # chance: 0.1
 
 
 # ------------------------------------------------------------------ IDX reader

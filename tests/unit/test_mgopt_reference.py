@@ -6,7 +6,7 @@
 - The coherence of eq. (9) at run time: every gradient a level steps with is ∇L + δg with one δg
   per visit (0 on the finest level), ∇L is the reference gradient at the observed point, and the
   first step of each coarse level sees R ∇H of the level above at the restricted point; serially
-  and on 2 ranks (gloo), where the iterates are also compared with the reference.
+  here, on 2 ranks (gloo) in tests/distributed/test_mgopt.py with these helpers.
 - Multilevel SGD (Algorithm 2, a V-cycle per mini-batch, through ``train.run_cycles``) and the
   cascade (multilevel initialization, through ``train.train``) against the same reference.
 """
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import reference as ref
-from multiproc import run_ranks
 from parml.comm import SelfComm
 from parml.config import TrainConfig
 from parml.data import batches, load_dataset
@@ -55,7 +54,9 @@ def data(n=16):
 def initial_state(K, width=3, seed=11):
     """Random parameters, nonzero biases included, drawn here (not by parml's initializer)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def r(*s, scale=1.0):
+        return scale * torch.randn(*s, generator=g, dtype=torch.float64)
     return {"opening.weight": r(width, 2), "chunks.0.weight": r(K, width, width, scale=0.7),
             "chunks.0.bias": r(K, width, scale=0.3), "head.weight": r(2, width), "head.bias": r(2, scale=0.3)}
 
@@ -241,34 +242,6 @@ def test_coherence_at_run_time_serial(interpolation, metric):
                                                    else ["pre", "pre", "restrict", "post", "post"])
         _check_coherence(merged, cfg, 8, batch)
         _check_iterates(run, cfg, 8, batch)
-
-
-# (K, cycle, interpolation, min blocks per rank): every level on both ranks (linear reads halos
-# across the boundary), and the coarsest level gathered onto rank 0 (movers)
-PARALLEL_RUNS = [(8, "[(1),1,{2}]", "constant", 1), (8, "[1,2,{2}]", "linear", 1),
-                 (16, "[(1),1,{2}]", "linear", 4), (16, "[1,2,{2}]", "constant", 8)]
-
-
-def _parallel_worker(comm, runs):
-    return [_observed_run(comm, K, cycle, interpolation=interp, min_blocks_per_rank=mb)
-            for K, cycle, interp, mb in runs]
-
-
-@pytest.mark.timeout(120)
-def test_coherence_at_run_time_on_two_ranks():
-    ranks = run_ranks("tests.test_mgopt_reference:_parallel_worker", 2, "gloo", timeout=100,
-                      args={"runs": PARALLEL_RUNS})
-    batch = (data().x_train, data().y_train)
-    for n, (K, cycle, interp, mb) in enumerate(PARALLEL_RUNS):
-        runs = [r[n] for r in ranks]
-        cfg = config(K, cycle, interpolation=interp, min_blocks_per_rank=mb)
-        expected = {1: [2, 2, 2], 4: [1, 2, 2], 8: [1, 1, 2]}[mb]
-        assert runs[0]["ranks"] == expected, runs[0]["ranks"]
-        _check_coherence(_merge(runs), cfg, K, batch)
-        _check_iterates(runs[0], cfg, K, batch)
-        # every rank reports the loss; work units are complete on rank 0 only (which holds every level)
-        assert runs[1]["states"] == [None, None]
-        assert [r[0] for r in runs[1]["results"]] == [r[0] for r in runs[0]["results"]]
 
 
 # --- 3. multilevel SGD (Algorithm 2) and the cascade --------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as tf
 
+from parml.data import read_idx
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.multilevel.multiscale import (galerkin_kernel, galerkin_matrix, gaussian_blur, prolongate_image,
                               prolongate_kernel, prolongate_model, prolongation_matrix, resolution_spec,
@@ -116,8 +117,8 @@ def test_flattened_classifier_keeps_its_response_on_smooth_states():
     with torch.no_grad():
         x = (torch.arange(16, dtype=torch.float64) + 0.5) / 16
         img = torch.sin(2 * x)[:, None] * torch.cos(x)[None, :]
-        fine.head.weight.copy_((img[None, None] * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)[:, None, None, None])
-                               .expand(3, 2, 16, 16).reshape(3, -1))
+        scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)[:, None, None, None]
+        fine.head.weight.copy_((img[None, None] * scale).expand(3, 2, 16, 16).reshape(3, -1))
     coarse = restrict_model(fine)
     assert coarse.head.weight.shape == (3, 2 * 8 * 8)
     bump = torch.sin(math.pi * x) ** 2
@@ -128,22 +129,16 @@ def test_flattened_classifier_keeps_its_response_on_smooth_states():
     assert prolongate_model(coarse).head.weight.shape == (3, 2 * 16 * 16)
 
 
-def _mnist_digit():
-    """One real MNIST digit (float64, [1, 1, 28, 28], centred), or skip when the IDX files are absent."""
-    import os
-    from parml.data import default_mnist_dir, read_idx
-    for name in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
-        path = os.path.join(default_mnist_dir() or "/nonexistent", name)
-        if os.path.exists(path):
-            x = read_idx(path, "images", "mnist")[:1].to(torch.float64) / 255
-            return (x - x.mean())[:, None]
-    pytest.skip("no MNIST IDX files")
+def _mnist_digit(folder):
+    """The first digit of the MNIST fixture (float64, [1, 1, 28, 28], centred)."""
+    x = read_idx(str(folder / "t10k-images-idx3-ubyte.gz"), "images", "mnist")[:1].to(torch.float64) / 255
+    return (x - x.mean())[:, None]
 
 
-def test_one_conv_on_a_blurred_digit_commutes_with_restriction():
+def test_one_conv_on_a_blurred_digit_commutes_with_restriction(mnist_fixture):
     """End to end on real data: K_H (R y) ~ R (K_h y) for a blurred MNIST digit and a derivative
     stencil (gradient + Laplacian, h-scaled by G), far better than the unadapted stencil."""
-    y = gaussian_blur(_mnist_digit(), 1.5)
+    y = gaussian_blur(_mnist_digit(mnist_fixture), 1.5)
     s = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64) \
         + torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     target = restrict_image(tf.conv2d(y, s[None, None], padding=1))

@@ -1,11 +1,10 @@
 """`parml reproduce`: the paper's setups and U_c, the quick table end to end, determinism, one-line errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from multiproc import launch
 from parml.comm import SelfComm
 from parml.config import ConfigError
 from parml.multilevel.mgopt import CycleSetup
@@ -13,10 +12,6 @@ from parml.reproduce.run import run_config
 from parml.reproduce import (PAPER_SENSITIVITY, PAPER_TABLE1, PAPER_TABLE2, TASK_SETUP, Plan, Row,
                              build_plan, load_results, render_markdown, reproduce, sensitivity_summary, table1_rows,
                              table2_rows)
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-    ENV.pop(var, None)
 
 # --- the paper's numbers, typed in from Tables 1 and 2 (not computed) ------------------------------
 TABLE1_SETUP = {1: "[{1}]", 2: "[(1),{2}]", 4: "[(1),1,2,{2}]", 6: "[(1),1,1,2,2,{2}]", 8: "[(1),1,1,1,2,2,2,{2}]"}
@@ -32,8 +27,8 @@ TABLE2_U = [42, 42, 36, 30, 31, 26]
 
 
 def parml(*args, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "parml.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd)
+    """`parml ARGS` in one process, a clean environment, killed with its children at the deadline."""
+    return launch("serial", 1, list(args), cwd, timeout=timeout)
 
 
 def table_rows(md: str) -> list[list[str]]:

@@ -1,25 +1,15 @@
-"""The scaling model: simulator against theory and hand-built timelines, V-cycle work units against
-eq. (10), profile round trip and errors, planner rankings on synthetic profiles."""
-import json
+"""The scaling model's simulator (parml.plan.simulate): against the bubble bound and hand-built
+timelines, V-cycle work units against eq. (10), transfers against transfer.Mover's pieces.
+Profiles: test_profile.py; the planner: test_planner.py; calibration: tests/distributed/test_calibrate.py."""
 import math
 
 import pytest
-import torch
 
 from parml.multilevel.mgopt import CycleSetup
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.transfer import _pieces
-from parml.parallel.layout import LayoutError, Partition, plan_levels
-from parml.plan.planner import candidates, format_table, plan, to_json
-from parml.plan.profile import (
-    CommCost,
-    Fit,
-    KernelCost,
-    Profile,
-    ProfileError,
-    check_device,
-    uniform_profile,
-)
+from parml.parallel.layout import Partition, plan_levels
+from parml.plan.profile import Fit, uniform_profile
 from parml.plan.simulate import (
     Context,
     Layout,
@@ -219,158 +209,3 @@ def test_plan_levels_is_used_for_gather():
     levs = level_layouts(work, Layout(1, 4, 1, min_blocks_per_rank=16))
     plans = plan_levels([16, 32, 64, 128, 256], 4, 16)
     assert [lv.partition for lv in levs] == [p.partition for p in plans]
-
-
-# --- profiles --------------------------------------------------------------------------------------
-
-def synthetic_profile(**kw):
-    k = KernelCost(Fit(["n", "n*b*v*s"], [2e-6, 1e-9], 0.05, 0.1, 12), Fit(["n"], [3e-6]), Fit(["n*b*v^2*s"], [1e-10]))
-    c = CommCost(5e-5, 1e9, 1e-6, Fit(["log2(g)", "B*(g-1)/g"], [1e-4, 2e-9]))
-    c.oversubscribed = CommCost(1e-4, 5e8)
-    base = {"device": "cpu", "kernels": {"dense": k, "dense-inline": k}, "comm": {"gloo": c},
-                "ends": {"first_F": Fit(["1"], [1e-5])}, "step": {"update": Fit(["1", "p"], [1e-5, 1e-9])},
-                "cores": 2, "memory_bytes": 1e9, "machine": {"cpus": 2}, "versions": {"torch": torch.__version__},
-                "date": "2025-01-01T00:00:00+00:00"}
-    base.update(kw)
-    return Profile(**base)
-
-
-def test_profile_round_trip(tmp_path):
-    prof = synthetic_profile()
-    path = tmp_path / "p.json"
-    prof.save(path)
-    back = Profile.load(str(path), device="cpu")
-    assert back.to_dict() == prof.to_dict()
-    assert back.kernels["dense"].forward(n=4, b=10, v=3) == pytest.approx(4 * 2e-6 + 4 * 10 * 3 * 1e-9)
-    assert back.comm["gloo"].oversubscribed.latency == 1e-4
-    work = Workload(dense(4, 16), batch=32)
-    assert predict(work, Layout(1, 2, 4), back).step_seconds == predict(work, Layout(1, 2, 4), prof).step_seconds
-
-
-def one_line(exc):
-    msg = str(exc.value)
-    assert "\n" not in msg and msg
-    return msg
-
-
-def test_profile_errors_are_one_line(tmp_path):
-    with pytest.raises(ProfileError) as e:
-        Profile.load(str(tmp_path / "missing.json"))
-    assert "no such file" in one_line(e) and "parml calibrate" in one_line(e)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ProfileError) as e:
-        Profile.load(str(bad))
-    assert "corrupt" in one_line(e)
-    bad.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"dense": {"forward": 3}}, "comm": {}}))
-    with pytest.raises(ProfileError) as e:
-        Profile.load(str(bad))
-    assert "corrupt" in one_line(e)
-    bad.write_text(json.dumps({"hello": 1}))
-    with pytest.raises(ProfileError) as e:
-        Profile.load(str(bad))
-    assert "not a parml profile" in one_line(e)
-    gpu = tmp_path / "gpu.json"
-    synthetic_profile(device="cuda").save(gpu)
-    with pytest.raises(ProfileError) as e:
-        Profile.load(str(gpu), device="cpu")
-    assert "'cuda'" in one_line(e) and "'cpu'" in one_line(e)
-    with pytest.raises(ProfileError) as e:
-        check_device(synthetic_profile(), "tpu")
-    one_line(e)
-    with pytest.raises(ProfileError) as e:
-        predict(Workload(dense(2, 8), batch=8), Layout(1, 2, 1, backend="mpi"), synthetic_profile())
-    assert "--backend 'mpi'" in one_line(e)
-
-
-def test_ranks_that_do_not_fit_the_blocks_are_one_line():
-    with pytest.raises(LayoutError) as e:       # batch 2 allows D <= 2, and 4 blocks in pairs P <= 2
-        plan(Workload(dense(2, 4), batch=2, levels=2), 8, synthetic_profile())
-    assert "--ranks 8" in one_line(e)
-    with pytest.raises(LayoutError) as e:
-        predict(Workload(dense(2, 4), batch=64), Layout(1, 8, 1), synthetic_profile())
-    one_line(e)
-
-
-def test_planner_main_prints_a_table_or_one_line(tmp_path, capsys):
-    from parml.plan.planner import main
-    path = tmp_path / "p.json"
-    planner_profile().save(path)
-    assert main(["--profile", str(path), "--ranks", "2", "-K", "64", "--width", "4", "-L", "2",
-                 "--microbatches", "1,2"]) == 0
-    out = capsys.readouterr().out
-    assert "D x P" in out and "2 x 1" in out
-    assert main(["--profile", str(tmp_path / "none.json"), "--ranks", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("parml: error: --profile") and "\n" not in err
-
-
-def test_calibrate_comm_on_two_gloo_ranks():
-    """The communication worker runs on 2 real ranks through parml's Communicator."""
-    from parml.plan.calibrate import GRIDS, measure_comm
-    grid = dict(GRIDS["quick"], p2p_bytes=[8, 4096], p2p_reps=5)
-    c = measure_comm(["gloo"], 2, grid, "cpu", log=lambda *a: None)["gloo"]
-    assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
-    assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
-    assert {g for g, _, _ in c.measured["allreduce"]} == {2}
-
-
-def test_calibrate_quick_compute(tmp_path):
-    """A quick compute-only calibration writes a loadable profile whose dense fits are positive."""
-    from parml.plan.calibrate import calibrate
-    out = tmp_path / "prof.json"
-    prof = calibrate("cpu", [], str(out), quick=True, log=lambda *a: None)
-    back = Profile.load(str(out), device="cpu")
-    assert back.device == "cpu" and back.cores >= 1 and back.versions["torch"] == torch.__version__
-    k = back.kernels["dense"]
-    assert k.forward(n=8, b=64, v=16) > 0 and k.backward(n=8, b=64, v=16) > 0
-    assert k.forward.points > 0 and len(k.measured) == k.forward.points
-    assert back.date and prof.step["update"](p=1000) > 0
-    pr = predict(Workload(dense(8, 16), batch=32), Layout(1, 1, 2), back)
-    assert pr.step_seconds > 0
-
-
-# --- the planner -----------------------------------------------------------------------------------
-
-def planner_profile(memory=math.inf):
-    k = KernelCost(Fit(["n", "n*b*v^2*s"], [5e-6, 1e-9]), Fit(["n", "n*b*v^2*s"], [5e-6, 1e-9]),
-                   Fit(["n*b*v^2*s"], [1e-9]))
-    c = CommCost(2e-5, 5e9, 2e-6, Fit(["log2(g)", "B*(g-1)/g"], [3e-5, 4e-10]))
-    return Profile("cpu", {"dense": k, "dense-inline": k}, {"gloo": c},
-                   step={"update": Fit(["p"], [2e-10]), "gradient": Fit(["1"], [1e-5])}, cores=64,
-                   memory_bytes=memory)
-
-
-def test_planner_prefers_data_parallel_for_tiny_width_and_large_batch():
-    recs = plan(Workload(dense(3, 256), batch=4096), 8, planner_profile())
-    top = recs[0]
-    assert (top["data_parallel"], top["layer_ranks"]) == (8, 1)
-    assert top["fits_memory"] and top["efficiency"] == max(r["efficiency"] for r in recs)
-    for key in ("data_parallel", "layer_ranks", "microbatches", "schedule", "coarse_layout",
-                "predicted_step_seconds", "predicted_cycle_seconds", "efficiency", "memory_bytes_per_rank"):
-        assert key in top
-    times = [r["predicted_step_seconds"] for r in recs if r["fits_memory"]]
-    assert times == sorted(times)
-    table = format_table(recs, 5)
-    assert "8 x 1" in table.splitlines()[2]
-    assert json.loads(to_json(recs))[0]["data_parallel"] == 8
-
-
-def test_planner_picks_layer_parallel_when_replicas_do_not_fit_memory():
-    work = Workload(dense(512, 64), batch=64)
-    full = predict(work, Layout(1, 1, 1), planner_profile()).memory_bytes[0]
-    recs = plan(work, 4, planner_profile(memory=full * 0.4))
-    top = recs[0]
-    assert top["fits_memory"] and top["layer_ranks"] == 4
-    assert not any(r["fits_memory"] for r in recs if r["layer_ranks"] < 4)
-
-
-def test_planner_candidates_cover_the_mesh_and_coarse_layouts():
-    work = Workload(dense(2, 256), batch=64, levels=4)
-    cands = candidates(work, 4, "gloo")
-    pairs = {(c.data_parallel, c.layer_ranks) for c in cands}
-    assert pairs == {(4, 1), (2, 2), (1, 4)}
-    assert {c.coarse_layout for c in cands} == {"gather", "replicate"}
-    assert {c.schedule for c in cands if c.layer_ranks > 1} == {"gpipe", "1f1b"}
-    recs = plan(work, 4, planner_profile(), microbatches=[1, 4])
-    assert all(r["predicted_cycle_seconds"] > r["predicted_step_seconds"] for r in recs)
