@@ -18,6 +18,7 @@ def cascade_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_cascade_quick(cascade_run):
     out, res, stdout = cascade_run

@@ -28,6 +28,7 @@ def quick(tmp_path_factory, mnist_fixture):
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_files(quick):
     out, res, stdout = quick
@@ -41,6 +42,7 @@ def test_quick_files(quick):
     assert "time saved" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_multilevel_work_is_the_theoretical_fraction(quick):
     _, res, _ = quick
@@ -63,6 +65,7 @@ def test_quick_multilevel_work_is_the_theoretical_fraction(quick):
     assert all(v > 0 for v in m["step_ms"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_accuracies_and_times_are_real(quick):
     _, res, _ = quick
@@ -94,6 +97,7 @@ def test_bad_data_dir_is_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("chang_multilevel.py: error:")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_cifar_batches_are_used(tmp_path):
     """--data-dir with CIFAR-10 binary batches (here: random records) trains on them."""

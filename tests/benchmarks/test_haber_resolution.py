@@ -77,6 +77,7 @@ def test_summary_counts_wins_and_means():
     assert s["prolongated_wins"] == 1 and s["restricted_wins"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_quick_run_writes_consistent_files(tmp_path, mnist_fixture):
     proc = _run("--quick", "--out", tmp_path, "--data-dir", mnist_fixture, quick=FIXTURE_SIZES)

@@ -31,6 +31,7 @@ def mgopt_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mgopt_quick_files_and_runs(mgopt_run):
     out, res, stdout = mgopt_run
@@ -72,6 +73,7 @@ def test_mgopt_quick_files_and_runs(mgopt_run):
     assert one(runs, P=1, levels=8)["plan"] == [1] * 8
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mgopt_quick_analysis_and_report(mgopt_run):
     out, res, _ = mgopt_run

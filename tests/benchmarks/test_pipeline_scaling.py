@@ -26,6 +26,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_files_and_entries(quick_run):
     out, stdout = quick_run
@@ -58,6 +59,7 @@ def test_quick_files_and_entries(quick_run):
         assert m["label"] in md
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_torch_pipelining_comparison(quick_run):
     if not _torch_pipelining_importable():

@@ -41,6 +41,7 @@ def assert_same_run(a, b, exact=True):
             close(fb[name], fa[name], 1e-9, name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_run_resumes_bit_identically(tmp_path):
     whole = run("serial", 1, ARGS + ["--out", str(tmp_path), "--run-name", "whole"], tmp_path)
@@ -55,6 +56,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert_same_run(tmp_path / "whole", tmp_path / "cut", exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("saved_on,resumed_on", [(1, 2), (2, 1)])
 def test_resume_on_another_rank_count(saved_on, resumed_on, tmp_path):

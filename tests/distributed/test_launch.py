@@ -16,6 +16,7 @@ def summary(tmp, name):
     return json.loads((tmp / name / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("kind", ["torchrun", "mpirun"])
 def test_two_rank_training_equals_serial(kind, tmp_path):

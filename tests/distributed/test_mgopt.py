@@ -64,6 +64,7 @@ RUNS = [(1, 20, 3, "1f1b", 1), (2, 5, 1, "gpipe", 1), (4, 5, 2, "1f1b", 1), (2, 
         (4, 5, 1, "gpipe", 4), (4, 5, 1, "gpipe", 1, "linear"), (3, 5, 2, "1f1b", 8, "linear")]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend,nprocs", [("gloo", 2), ("gloo", 4), ("mpi", 2), ("mpi", 4)])
 def test_training_iterates_equal_serial(backend, nprocs):

@@ -65,6 +65,7 @@ def test_failing_or_killed_rank_ends_the_job(kind, fault, tmp_path):
         assert re.search(r"MPI_ABORT was invoked on rank 1\b", text), r.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_loss_curve_is_the_same_on_1_2_4_ranks(tmp_path):
     args = ARGS + ["--out", str(tmp_path), "--max-cycles", "6", "-M", "3"]

@@ -11,6 +11,7 @@ def parml(*args, timeout=300, cwd=None):
     return launch("serial", 1, list(args), cwd, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_defaults_reach_full_accuracy_and_write_a_run_folder(tmp_path):
     r = parml("train", "--out", str(tmp_path), "--no-progress")
@@ -28,6 +29,7 @@ def test_defaults_reach_full_accuracy_and_write_a_run_folder(tmp_path):
     assert (folder / "plot.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_eight_levels_need_fewer_work_units_than_one(tmp_path):
     units = {}

@@ -162,6 +162,7 @@ def test_table2_uc_printed_by_parml_equals_eq10_with_the_swap_footnoted(tmp_path
 
 # --- the command end to end ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_table1_writes_files_and_is_deterministic(tmp_path):
     out = tmp_path / "a"
