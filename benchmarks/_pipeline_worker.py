@@ -21,8 +21,9 @@ that the "other" time of ``LayerParallel.times`` can be split into posting sends
 broadcast and the rest.
 
 On CUDA every timed step is bracketed by ``torch.cuda.synchronize``, so step times are device
-times; the per-rank compute / wait split of ``LayerParallel.times`` stays host-side there (kernel
-launches, plus the waits the communication makes), so its efficiency is approximate.
+times, and the per-rank compute / wait split of ``LayerParallel.times`` comes from CUDA events on
+the compute stream (``parml.parallel.timing``): device time of the kernels and of the stalls on
+receives and sends, not launch time, so efficiency is judged on device time.
 
 Activation memory is measured in one extra (untimed) step per configuration with
 ``torch.autograd.graph.saved_tensors_hooks``: the live bytes of the distinct storages autograd
@@ -31,6 +32,7 @@ saved for backward (parameters excluded), tracked until autograd frees them; the
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -318,12 +320,19 @@ def run_parallel(job):
                 spent[key] += time.perf_counter() - t0
         return call
 
-    comm.isend = _timed(comm.isend, "isend")
+    channels = [comm]
+    if comm.ordered_p2p and comm.size > 1:       # NCCL: the stages send on one group per direction
+        from parml.parallel.stage import direction_groups
+        channels += list(direction_groups(comm))
+    for c in channels:
+        c.isend = _timed(c.isend, "isend")
     comm.broadcast = _timed(comm.broadcast, "broadcast")
     torch_ok, torch_err = False, None
     if job["torch_pipelining"] and kind != "mpi":
         try:
-            import torch.distributed.pipelining  # noqa: F401
+            # not `import torch.distributed.pipelining`: that would make `torch` a local name of this
+            # function, unbound where the CUDA path reads torch.cuda above
+            importlib.import_module("torch.distributed.pipelining")
             torch_ok = True
         except Exception as exc:  # pragma: no cover - depends on the torch build
             torch_err = f"import failed: {exc}"

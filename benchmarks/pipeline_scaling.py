@@ -181,9 +181,9 @@ def write_markdown(res: dict, path: Path) -> None:
     if tb == "nccl":
         machine = (f"Machine: {res['meta'].get('gpu_count')} × {res['meta'].get('gpu_name')}, torch "
                    f"{res['meta']['torch']}, float32; every timed step is bracketed by "
-                   "`torch.cuda.synchronize`. compute / wait / efficiency are host-side times (kernel "
-                   "launches and the waits communication makes), so they are approximate on GPUs; step "
-                   "times and the parml/torch ratio are device times.")
+                   "`torch.cuda.synchronize`, so step times and the parml/torch ratio are device times; "
+                   "compute / wait (and so efficiency) come from CUDA events on the compute stream "
+                   "around each stage's kernels and communication waits (`parallel.timing`).")
         over = (f"**Rows marked \\* are oversubscribed**: more ranks than the {res['meta'].get('gpu_count')} "
                 "GPU(s), so ranks share a GPU (MPI only; NCCL needs a GPU per rank).")
     else:

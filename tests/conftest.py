@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _TESTS = Path(__file__).resolve().parent
 for _p in (str(_TESTS.parent), str(_TESTS)):      # `import multiproc` and `import tests.x` both work
@@ -80,3 +81,13 @@ def pytest_runtest_makereport(item, call):
         if os.environ.get(var) == "1" and prefix in reason:
             report.outcome = "failed"
             report.longrepr = f"{var}=1, but this test was skipped: {reason}"
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread, as ``parml train`` runs (--threads 1): tiny blocks
+    on several threads of a busy machine run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

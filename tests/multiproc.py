@@ -1,6 +1,6 @@
 """Run a function on several real processes, the way the launchers do.
 
-``run_ranks("tests.test_comm:_suite", 4, "gloo")`` starts 4 processes running
+``run_ranks("tests.distributed.test_comm:_suite", 4, "gloo")`` starts 4 processes running
 ``tests/_worker.py``; each builds ``comm = make_communicator("auto", ...)``,
 calls ``_suite(comm, **args)`` and saves what it returns.  The list of the
 returned values (index = rank) comes back; any failing rank turns into an
