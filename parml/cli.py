@@ -67,8 +67,8 @@ def _train_options(command):
             command = click.option(*names, f.name, default=None, help=help_text)(command)
         else:
             # values are parsed by TrainConfig, so every bad value gets the same one-line error
-            command = click.option(*names, f.name, type=str, default=None, metavar={int: "INT", float: "FLOAT"}.get(base, "TEXT"),
-                                   help=help_text)(command)
+            metavar = {int: "INT", float: "FLOAT"}.get(base, "TEXT")
+            command = click.option(*names, f.name, type=str, default=None, metavar=metavar, help=help_text)(command)
     return command
 
 
@@ -114,14 +114,16 @@ def info(schedule, stages, microbatches):
 @click.option("--out", default=os.path.join("runs", "reproduce"),
               help="Results folder (table, JSON, plots; run folders under OUT/runs). The committed results live "
                    "in benchmarks/results/reproduce: name it to update them.")
-@click.option("--data-dir", default=None, help="MNIST IDX folder [default: ../shared/data/mnist next to the repository].")
+@click.option("--data-dir", default=None,
+              help="MNIST IDX folder [default: ../shared/data/mnist next to the repository].")
 @click.option("--max-cycles", type=int, default=None, help="V-cycle budget per run [default: 3000; 600 with --quick].")
 @click.option("--target-accuracy", type=float, default=None,
               help="Stop at this validation accuracy [default: the paper's, 1.0 circles / 0.93 MNIST].")
 @click.option("--levels", default=None, help="table1 only: comma-separated subset of L = 1,2,4,6,8.")
 @click.option("--max-work-units", type=float, default=None,
               help="Same work budget for every setup: V-cycles <= max-work-units / U_c (and <= --max-cycles).")
-@click.option("--reuse", is_flag=True, help="Keep runs whose folder under OUT/runs already holds the same config's summary.")
+@click.option("--reuse", is_flag=True,
+              help="Keep runs whose folder under OUT/runs already holds the same config's summary.")
 @click.option("--overwrite", is_flag=True, help="Replace run folders under OUT/runs that hold another config's run.")
 @click.option("--threads", type=int, default=1, help="torch compute threads per rank.")
 @click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")

@@ -230,7 +230,8 @@ class TrainConfig:
             if fields[k].metadata["runtime"]:
                 setattr(saved, k, _convert(fields[k], v, ""))
         saved.resume = run_dir
-        saved.out, saved.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
+        run_dir = os.path.abspath(run_dir)
+        saved.out, saved.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
         saved.overwrite = False
         return saved
 

@@ -40,7 +40,8 @@ def _load_numba():
 
         from . import _numba_dense
     except Exception as e:   # ImportError, or numba refusing this numpy version
-        raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {first})") from e
     return _numba_dense
 
 
@@ -237,7 +238,8 @@ def fused_chunk(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h: fl
     if stepper not in STEPPER_CODES:
         raise ValueError(f"fused kernel: stepper {stepper!r} not supported; valid: {', '.join(STEPPER_CODES)}")
     if weight.dtype not in DTYPES or y.dtype != weight.dtype:
-        raise ValueError(f"fused kernel: dtype {y.dtype}/{weight.dtype} not supported; valid: float32, float64 (same for state and weights)")
+        raise ValueError(f"fused kernel: dtype {y.dtype}/{weight.dtype} not supported; valid: float32, float64 "
+                         f"(same for state and weights)")
     if y.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"fused CPU kernel: tensors on {y.device}, expected cpu")
     if y.dim() != 2 or y.shape[1] != weight.shape[-1]:

@@ -93,7 +93,8 @@ class PipelineStage:
             req, buf = self._posted.pop(tag)
             req.wait()
             if tuple(buf.shape) != tuple(shape):
-                raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, expected {tuple(shape)}")
+                raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, "
+                                   f"expected {tuple(shape)}")
         else:
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
             comm.recv(buf, src, tag)

@@ -39,8 +39,8 @@ ALLREDUCE_FEATURES = ["log2(g)", "B*(g-1)/g"]
 
 GRIDS = {
     "quick": {"widths": [4, 32], "rows": [32, 256], "blocks": [4, 16], "ends_io": [(2, 2), (64, 10)],
-              "ends_widths": [4, 32], "ends_rows": [32, 256], "conv": [], "min_time": 0.004, "max_reps": 5, "p2p_bytes": [8, 65536, 1 << 20],
-              "p2p_reps": 20, "groups": "two"},
+              "ends_widths": [4, 32], "ends_rows": [32, 256], "conv": [], "min_time": 0.004, "max_reps": 5,
+              "p2p_bytes": [8, 65536, 1 << 20], "p2p_reps": 20, "groups": "two"},
     "full": {"widths": [3, 10, 32, 128, 512], "rows": [16, 128, 500, 2000], "blocks": [4, 32, 256],
              "ends_io": [(2, 2), (64, 10), (784, 10)], "ends_widths": [3, 32, 128], "ends_rows": [64, 1000],
              "conv": [(4, 7), (16, 14), (8, 28)], "min_time": 0.03, "max_reps": 11,
@@ -433,7 +433,8 @@ def machine_info(device) -> tuple[dict, dict, str, int, float]:
     mpirun = mpirun_path()
     if mpirun:
         try:
-            first = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20, check=False).stdout
+            first = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20,
+                                   check=False).stdout
             versions["mpi"] = first.strip().splitlines()[0] if first.strip() else "unknown"
         except (OSError, subprocess.SubprocessError):
             pass

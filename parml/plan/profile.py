@@ -157,8 +157,8 @@ class Profile:
     # -- costs the simulator asks for
     def kernel(self, name: str) -> KernelCost:
         if name not in self.kernels:
-            raise ProfileError(f"the profile has no costs for kernel {name!r} (has: {', '.join(sorted(self.kernels))}); "
-                               f"calibrate it (parml calibrate)")
+            raise ProfileError(f"the profile has no costs for kernel {name!r} "
+                               f"(has: {', '.join(sorted(self.kernels))}); calibrate it (parml calibrate)")
         return self.kernels[name]
 
     def backend(self, name: str) -> CommCost:
@@ -182,7 +182,8 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> Profile:
         if not isinstance(d, dict) or "schema" not in d or "device" not in d:
-            raise ProfileError(f"{where} is not a parml profile (no 'schema'/'device'); create one with: parml calibrate")
+            raise ProfileError(f"{where} is not a parml profile (no 'schema'/'device'); "
+                               f"create one with: parml calibrate")
         if d["schema"] != SCHEMA:
             raise ProfileError(f"{where} has profile schema {d['schema']}, this parml reads schema {SCHEMA}; "
                                f"recalibrate with: parml calibrate")
@@ -207,7 +208,8 @@ class Profile:
         except ProfileError as e:
             raise ProfileError(f"{where} is corrupt: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ProfileError(f"{where} is corrupt ({type(e).__name__}: {e}); recalibrate with: parml calibrate") from None
+            raise ProfileError(f"{where} is corrupt ({type(e).__name__}: {e}); "
+                               f"recalibrate with: parml calibrate") from None
         if prof.device not in DEVICES:
             raise ProfileError(f"{where} has device {prof.device!r}; valid: {', '.join(DEVICES)}")
         return prof
@@ -231,7 +233,8 @@ class Profile:
             raise ProfileError(f"{where} is corrupt (not JSON: {e.msg} at line {e.lineno}); "
                                f"recalibrate with: parml calibrate --out {path}") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ProfileError(f"{where} cannot be read ({type(e).__name__}); recalibrate with: parml calibrate") from None
+            raise ProfileError(f"{where} cannot be read ({type(e).__name__}); "
+                               f"recalibrate with: parml calibrate") from None
         prof = cls.from_dict(data, where)
         if device is not None:
             check_device(prof, device, where)
@@ -261,7 +264,8 @@ def uniform_profile(forward: float = 1.0, backward: float = 1.0, weight: float =
     The simulator tests (bubble bound, hand-built timelines, eq. (10)) run on it."""
     feat = "n*b" if per_row else "n"
     k = KernelCost(Fit([feat], [forward]), Fit([feat], [backward]), Fit([feat], [weight]), "uniform")
-    comm = CommCost(latency, bandwidth, 0.0, Fit(["log2(g)", "B*(g-1)/g"], [latency, 2.0 / bandwidth if bandwidth else 0.0]))
+    comm = CommCost(latency, bandwidth, 0.0,
+                    Fit(["log2(g)", "B*(g-1)/g"], [latency, 2.0 / bandwidth if bandwidth else 0.0]))
     return Profile(device, {"dense": k, "dense-inline": KernelCost(k.forward, Fit([feat], [backward + weight]),
                                                                   Fit.constant(0.0)), "conv": k},
                    {"gloo": comm, "mpi": comm, "nccl": comm}, cores=cores, memory_bytes=memory_bytes,

@@ -767,8 +767,8 @@ def move_messages(coarse: ModelSpec, src: LevelLayout, dst: LevelLayout, src_par
                   dst_part: Partition, world) -> list[tuple[int, int, int]]:
     """(src world rank, dst world rank, elements) of every piece ``transfer.Mover`` sends to
     the destination ranks in `world`, one message per tensor piece; `src_part` and `dst_part` are
-    the two partitions in the coarse level's block units (moves carry coarse-sized tensors). A destination takes its pieces from the source
-    replica that contains its own world rank."""
+    the two partitions in the coarse level's block units (moves carry coarse-sized tensors). A
+    destination takes its pieces from the source replica that contains its own world rank."""
     shared = shared_entries(coarse)
     out = []
     for r in world:
