@@ -27,6 +27,7 @@ Both can be overridden through ``env``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -196,6 +197,24 @@ def launch(kind: str, nprocs: int, args: list[str], cwd, timeout: float = 120,
     """``parml ARGS`` as the user starts it (serial, torchrun or mpirun) in a clean environment
     (no enclosing launcher's variables, one thread) plus ``env``."""
     return run_cmd(parml_cmd(kind, nprocs, args), timeout, env=base_env(env), cwd=cwd)
+
+
+def parml_batch(argvs: list[list[str]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Serial ``parml ARGS`` for every argument list in `argvs`, one after another in a single
+    process (tests/_cli_batch.py: each through ``parml.cli.main`` with its own captured stdout,
+    stderr and exit code), so that tests of many one-line user errors pay one interpreter start."""
+    __tracebackhide__ = True
+    tmp = Path(tempfile.mkdtemp(prefix="parml-batch-"))
+    try:
+        (tmp / "in.json").write_text(json.dumps([list(map(str, a)) for a in argvs]))
+        r = run_cmd([sys.executable, str(TESTS_DIR / "_cli_batch.py"), tmp / "in.json", tmp / "out.json"], timeout,
+                    env=base_env(), cwd=cwd)
+        assert r.returncode == 0, f"tests/_cli_batch.py failed (exit {r.returncode})\n{r.stderr[-3000:]}"
+        results = json.loads((tmp / "out.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [subprocess.CompletedProcess(["parml", *a], d["returncode"], d["stdout"], d["stderr"])
+            for a, d in zip(argvs, results)]
 
 
 def run_benchmark(script, args: list, timeout: float, quick: dict | None = None) -> subprocess.CompletedProcess:

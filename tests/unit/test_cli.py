@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from multiproc import launch
+from multiproc import launch, parml_batch
 
 
 def parml(*args, timeout=300, cwd=None):
@@ -91,10 +91,18 @@ BAD = [
 ]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_naming_the_option(args, needle, tmp_path):
-    r = parml("train", *args, "--out", str(tmp_path), "--no-progress", timeout=60)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every BAD command line, each with its own --out folder, in one process (parml_batch)."""
+    root = tmp_path_factory.mktemp("bad")
+    return parml_batch([["train", *args, "--out", str(root / str(i)), "--no-progress"]
+                        for i, (args, _) in enumerate(BAD)], timeout=240)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_naming_the_option(case, bad_runs):
+    needle, r = BAD[case][1], bad_runs[case]
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]

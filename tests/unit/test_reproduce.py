@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from multiproc import launch
+from multiproc import launch, parml_batch
 from parml.comm import SelfComm
 from parml.config import ConfigError
 from parml.multilevel.mgopt import CycleSetup
@@ -219,10 +219,18 @@ BAD = [
 ]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
-    r = parml("reproduce", *args, "--out", str(tmp_path), "--no-progress", timeout=100)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every BAD command line, each with its own --out folder, in one process (parml_batch)."""
+    root = tmp_path_factory.mktemp("bad")
+    return parml_batch([["reproduce", *args, "--out", str(root / str(i)), "--no-progress"]
+                        for i, (args, _) in enumerate(BAD)], timeout=240)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
+    needle, r = BAD[case][1], bad_runs[case]
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("parml: error:"), r.stderr
