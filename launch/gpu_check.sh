@@ -61,7 +61,7 @@ case "$ngpu" in ''|*[!0-9]*) ngpu=0 ;; esac
 step "parml info" 15 "$PY" -m parml.cli info
 
 step "GPU unit tests (exactness, kernels)" 110 \
-    "$PY" -m pytest tests/test_gpu.py tests/gpu -q -rs -p no:cacheprovider
+    "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
 
 step "train NCCL P=1" 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
     -m parml.cli train -K 256 -L 4 --device cuda --max-cycles 5 --no-progress --out "$out/train" \

@@ -1,6 +1,6 @@
 """Run a function on several real processes, the way the launchers do.
 
-``run_ranks("tests.test_comm:_suite", 4, "gloo")`` starts 4 processes running
+``run_ranks("tests.distributed.test_comm:_suite", 4, "gloo")`` starts 4 processes running
 ``tests/_worker.py``; each builds ``comm = make_communicator("auto", ...)``,
 calls ``_suite(comm, **args)`` and saves what it returns.  The list of the
 returned values (index = rank) comes back; any failing rank turns into an
@@ -10,7 +10,13 @@ AssertionError that carries its traceback.
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
   so ``make_communicator("auto")`` picks the torch backend (gloo on CPU).
 * ``backend="mpi"``: ``mpirun -n N ... python tests/_worker.py``; the test is
-  skipped when ``mpirun`` or ``mpi4py`` is missing.
+  skipped when ``mpirun`` or ``mpi4py`` is missing (a failure under PARML_REQUIRE_MPI=1, see
+  tests/conftest.py).
+
+``run_cmd`` runs a launcher command line (``parml``, ``torchrun``, ``mpirun``, a benchmark) the
+same way: in its own session, killed with every process it started at the deadline or when the
+test is interrupted; ``launch`` builds the ``parml`` command line for the serial, torchrun and
+mpirun cases.
 
 Environment of the workers: ``OMP_NUM_THREADS=1``, repo root and ``tests/`` on
 ``PYTHONPATH``, ``PARML_TEST_COMM_TIMEOUT`` (communicator timeout, seconds;
@@ -21,18 +27,24 @@ Both can be overridden through ``env``.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
-from parml.launch import clean_env, mpi_unavailable, mpirun_command, mpirun_path, run_local  # noqa: F401
+from parml.launch import clean_env, kill_group, mpi_unavailable, mpirun_command, mpirun_path, run_local  # noqa: F401
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 WORKER = TESTS_DIR / "_worker.py"
 
 _GRACE_AFTER_FAILURE = 5.0  # s the other ranks get after one rank failed
+MPI_MISSING = "MPI unavailable"   # every skip for a missing mpirun / mpi4py starts with this (conftest)
 
 
 def _mpirun_path() -> str | None:
@@ -42,6 +54,15 @@ def _mpirun_path() -> str | None:
 def mpirun_available() -> bool:
     """True when ``mpirun`` and ``mpi4py`` are both there."""
     return mpi_unavailable() is None
+
+
+def skip_without_mpi() -> None:
+    """Skip the calling test when mpirun or mpi4py is missing (fails under PARML_REQUIRE_MPI=1)."""
+    reason = mpi_unavailable()
+    if reason is not None:
+        import pytest
+
+        pytest.skip(f"{MPI_MISSING}: {reason}")
 
 
 def base_env(extra: dict | None = None) -> dict:
@@ -68,10 +89,8 @@ def run_ranks(
         raise ValueError(f"backend must be 'gloo' or 'mpi', got {backend!r}")
     if ":" not in func:
         raise ValueError(f"func must be 'module.path:function', got {func!r}")
-    if backend == "mpi" and not mpirun_available():
-        import pytest
-
-        pytest.skip("mpirun / mpi4py not available")
+    if backend == "mpi":
+        skip_without_mpi()
 
     tmp = Path(tempfile.mkdtemp(prefix="parml-ranks-"))
     try:
@@ -109,3 +128,109 @@ def run_ranks(
     finally:
         # run_local kills its processes even when pytest-timeout or ^C interrupts the wait
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- launcher command lines --------------------------------------------------------------------------
+
+_MARK = "PARML_TEST_RUN_ID"    # carried by every process a run_cmd call starts, found again in /proc
+
+
+def _marked_pids(mark: str) -> list[int]:
+    """Processes whose environment carries ``PARML_TEST_RUN_ID=mark`` (Linux /proc; [] elsewhere)."""
+    needle, pids = f"{_MARK}={mark}".encode(), []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    return [p for p in pids if p != os.getpid()]
+
+
+def kill_marked(mark: str) -> None:
+    """SIGKILL every process still carrying the mark: torchrun starts its workers in sessions of
+    their own, and a killed launcher leaves them orphaned, so killing its group is not enough."""
+    for pid in _marked_pids(mark):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_cmd(cmd: list[str], timeout: float, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command line like ``subprocess.run(capture_output=True, text=True)``, but in its own
+    session with a marker variable: at the deadline, or when pytest interrupts the test, the whole
+    process group and every process carrying the marker are killed (no rank outlives the test).
+    A deadline is an AssertionError carrying the tails of stdout and stderr."""
+    __tracebackhide__ = True
+    mark = uuid.uuid4().hex
+    full_env = dict(os.environ if env is None else env, **{_MARK: mark})
+    tmp = Path(tempfile.mkdtemp(prefix="parml-cmd-"))
+    try:
+        run = run_local(list(map(str, cmd)), 1, "plain", timeout, tmp, "cmd", full_env, cwd=cwd,
+                        capture_stdout=True, poll=0.05)
+        out, err = ((tmp / f"cmd.0.{k}").read_text(errors="replace") for k in ("stdout", "stderr"))
+    finally:
+        kill_marked(mark)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.timed_out:
+        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout:g} s; every process killed\n"
+                             f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, run.returncodes[0], out, err)
+
+
+def parml_cmd(kind: str, nprocs: int, args: list[str]) -> list[str]:
+    """``python -m parml.cli ARGS`` as one process ("serial"), under torchrun or under mpirun."""
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
+                "-m", "parml.cli", *args]
+    if kind == "mpirun":
+        skip_without_mpi()
+        return mpirun_command(nprocs) + [sys.executable, "-m", "parml.cli", *args]
+    if kind != "serial":
+        raise ValueError(f"kind must be serial, torchrun or mpirun, got {kind!r}")
+    return [sys.executable, "-m", "parml.cli", *args]
+
+
+def launch(kind: str, nprocs: int, args: list[str], cwd, timeout: float = 120,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """``parml ARGS`` as the user starts it (serial, torchrun or mpirun) in a clean environment
+    (no enclosing launcher's variables, one thread) plus ``env``."""
+    return run_cmd(parml_cmd(kind, nprocs, args), timeout, env=base_env(env), cwd=cwd)
+
+
+def parml_batch(argvs: list[list[str]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Serial ``parml ARGS`` for every argument list in `argvs`, one after another in a single
+    process (tests/_cli_batch.py: each through ``parml.cli.main`` with its own captured stdout,
+    stderr and exit code), so that tests of many one-line user errors pay one interpreter start."""
+    __tracebackhide__ = True
+    tmp = Path(tempfile.mkdtemp(prefix="parml-batch-"))
+    try:
+        (tmp / "in.json").write_text(json.dumps([list(map(str, a)) for a in argvs]))
+        r = run_cmd([sys.executable, str(TESTS_DIR / "_cli_batch.py"), tmp / "in.json", tmp / "out.json"], timeout,
+                    env=base_env(), cwd=cwd)
+        assert r.returncode == 0, f"tests/_cli_batch.py failed (exit {r.returncode})\n{r.stderr[-3000:]}"
+        results = json.loads((tmp / "out.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [subprocess.CompletedProcess(["parml", *a], d["returncode"], d["stdout"], d["stderr"])
+            for a, d in zip(argvs, results)]
+
+
+def run_benchmark(script, args: list, timeout: float, quick: dict | None = None) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from the repository root (see run_cmd). `quick` updates the script's
+    QUICK settings first (e.g. fewer images, so that the 600-image MNIST fixture suffices): the
+    script is then loaded as a module and its main(argv) called, with the script's name and folder
+    in sys.argv[0] and sys.path as when it runs as a script."""
+    cmd = [sys.executable, str(script), *map(str, args)]
+    if quick:
+        code = ("import importlib.util, sys\n"
+                f"sys.argv[0] = {str(script)!r}\n"
+                f"sys.path.insert(0, {str(Path(script).parent)!r})\n"
+                f"spec = importlib.util.spec_from_file_location('benchmark', {str(script)!r})\n"
+                "mod = importlib.util.module_from_spec(spec)\n"
+                "spec.loader.exec_module(mod)\n"
+                f"mod.QUICK.update({quick!r})\n"
+                "sys.exit(mod.main(sys.argv[1:]))\n")
+        cmd = [sys.executable, "-c", code, *map(str, args)]
+    return run_cmd(cmd, timeout, env=base_env(), cwd=REPO_ROOT)

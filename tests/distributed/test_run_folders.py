@@ -75,6 +75,7 @@ def one_line(done: Done, code: int, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_rerun_refuses_overwrite_replaces_and_resume_checks_options(tmp_path):
     train(TrainConfig.from_options({**OPTIONS, "progress": False, "checkpoint_every": 3, "out": str(tmp_path),
@@ -116,6 +117,7 @@ CLICK_ERRORS = [(["--arch", "foo"], "--arch 'foo' is not one of: dense, conv"),
                 (["--no-such-option", "1"], "No such option '--no-such-option'")]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_click_level_errors_under_torchrun_are_one_line(tmp_path):
     results = run_together([TORCHRUN + ["-m", "parml", "train", *args, "--out", str(tmp_path)]
@@ -129,6 +131,7 @@ def test_click_level_errors_under_torchrun_are_one_line(tmp_path):
         assert both.count("Traceback (most recent call last)") <= both.count("ChildFailedError")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resume_auto_continues_a_job_torchrun_restarts_after_a_kill(tmp_path):
     opts = {**OPTIONS, "max_cycles": 12}
@@ -182,6 +185,7 @@ def test_full_disk_in_a_checkpoint_ends_both_ranks_with_one_line(tmp_path):
         assert not temporaries(small) and os.listdir(folder) == ["cycle-000001"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_rank_0_write_failures_end_every_rank_with_one_line(tmp_path):
     """metrics.jsonl fails mid-run (the other rank is computing: it is aborted); final.pt fails at

@@ -1,9 +1,11 @@
-"""Mutation check: each mutant is a plausible MG/OPT or executor bug; every one must be killed.
+"""Mutation check: each mutant is a plausible MG/OPT, executor, mover or checkpoint bug; every one
+must be killed by the default suite.
 
-    python tests/mutants/run_mutants.py [NAME ...] [--tests FILE ...]
+    python tests/mutants/run_mutants.py [NAME ...] [--tests FILE ...] [-k EXPR] [--markdown]
 
 Copies the tracked files of this checkout to a temporary folder per mutant, applies one textual
-replacement (which must match exactly once), runs the test files and prints which tests failed.
+replacement (which must match exactly once), runs the mutant's relevant test files (or --tests)
+and prints which tests failed; --markdown prints the table (mutant -> killing tests) at the end.
 Exit status 1 if a mutant survives or no longer applies. Not part of the default suite (minutes).
 """
 from __future__ import annotations
@@ -18,7 +20,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ["tests/test_mgopt_reference.py", "tests/test_parallel.py", "tests/test_core.py"]
+MGOPT_TESTS = ["tests/unit/test_mgopt_reference.py", "tests/unit/test_mgopt.py", "tests/unit/test_hierarchy.py",
+               "tests/distributed/test_mgopt.py"]
+EXECUTOR_TESTS = ["tests/unit/test_executor.py", "tests/unit/test_torch_chunk.py", "tests/unit/test_model.py",
+                  "tests/distributed/test_executor.py"]
+MOVER_TESTS = ["tests/distributed/test_mgopt.py", "tests/distributed/test_executor_conv.py"]
+CHECKPOINT_TESTS = ["tests/unit/test_checkpoint.py", "tests/distributed/test_checkpoint.py"]
+# the relevant tests of each mutated file (--tests overrides)
+TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.py": MGOPT_TESTS,
+         "parml/kernels/torch_chunk.py": EXECUTOR_TESTS, "parml/model/network.py": EXECUTOR_TESTS,
+         "parml/parallel/executor.py": EXECUTOR_TESTS, "parml/parallel/stage.py": EXECUTOR_TESTS,
+         "parml/parallel/transfer.py": MOVER_TESTS, "parml/training/checkpoint.py": CHECKPOINT_TESTS}
 
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
@@ -62,6 +74,40 @@ MUTANTS = {
                              "nxt = torch.cat([c[1:], c[-1:] if after is None else after], dim=0)",
                              "nxt = torch.cat([c[1:], 0 * c[-1:] if after is None else after], dim=0)",
                              "linear prolongation's end row uses c_J := 0 instead of c_{J-1}"),
+    # the rest of issue 16's table (caught before it was written; kept so that they stay caught)
+    "shard-off-by-one": ("parml/model/network.py",
+                         "lo, hi = max(start, offset), min(stop, offset + s.blocks)",
+                         "lo, hi = max(start, offset), min(stop + 1, offset + s.blocks)",
+                         "off-by-one at rank boundaries in ODEResNet.shard (one block on two ranks)"),
+    "loss-per-microbatch": ("parml/parallel/stage.py",
+                            'loss = self.shard.loss(out, y_m, reduction="sum") / total if self.last else None',
+                            'loss = self.shard.loss(out, y_m, reduction="sum") / y_m.shape[0] if self.last else None',
+                            "loss divided by the micro-batch size instead of the full batch"),
+    "restriction-mean": ("parml/multilevel/hierarchy.py",
+                         "    if interpolation == \"constant\":\n        return pairs.sum(1)",
+                         "    if interpolation == \"constant\":\n        return pairs.mean(1)",
+                         "restriction of gradients = mean instead of I^T"),
+    # three more: the executor, the agglomeration movers, the checkpoint re-partitioning
+    "executor-loss-of-last-microbatch": ("parml/parallel/executor.py",
+                                         "loss += loss_m.detach()",
+                                         "loss = loss_m.detach()",
+                                         "executor reports the last micro-batch's loss, not the sum (gradients "
+                                         "stay exact)"),
+    "executor-evaluate-from-rank-0": ("parml/parallel/executor.py",
+                                      "self.comm.broadcast(stats, self.comm.size - 1)",
+                                      "self.comm.broadcast(stats, 0)",
+                                      "evaluate broadcasts the loss and accuracy from rank 0, not from the last "
+                                      "rank that computed them"),
+    "mover-destination-rows": ("parml/parallel/transfer.py",
+                               "pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))",
+                               "pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - a.lo, hi - a.lo)))",
+                               "a Mover writes each piece at the source's row offset, not the destination's "
+                               "(gathered levels get the wrong rows)"),
+    "checkpoint-optimizer-rows": ("parml/training/checkpoint.py",
+                                  "value = torch.cat([st[name] for _, st in parts])[e.lo:e.hi]",
+                                  "value = torch.cat([st[name] for _, st in parts])[:e.hi - e.lo]",
+                                  "resuming on another rank count cuts the optimizer state from row 0, not "
+                                  "from this rank's first row"),
 }
 
 
@@ -74,7 +120,7 @@ def apply(root: Path, name: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def run(name: str, tests: list[str], keyword: str | None) -> list[str]:
+def run(name: str, tests: list[str] | None, keyword: str | None) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix=f"parml-mutant-{name}-"))
     try:
         files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -83,7 +129,8 @@ def run(name: str, tests: list[str], keyword: str | None) -> list[str]:
                 (tmp / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / f, tmp / f)
         apply(tmp, name)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
+               *(tests or TESTS[MUTANTS[name][0]])]
         if keyword:
             cmd += ["-k", keyword]
         out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
@@ -96,18 +143,28 @@ def run(name: str, tests: list[str], keyword: str | None) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help=f"mutants to run (default: all): {', '.join(MUTANTS)}")
-    ap.add_argument("--tests", nargs="+", default=TESTS)
+    ap.add_argument("--tests", nargs="+", default=None, help="test files (default: each mutant's relevant ones)")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (e.g. 'not mpi')")
+    ap.add_argument("--markdown", action="store_true", help="print the table mutant -> killing tests at the end")
     args = ap.parse_args()
-    survivors = []
+    unknown = [n for n in args.names if n not in MUTANTS]
+    if unknown:
+        ap.error(f"unknown mutant {unknown[0]!r} (valid: {', '.join(MUTANTS)})")
+    survivors, table = [], []
     for name in args.names or list(MUTANTS):
         failed = run(name, args.tests, args.keyword)
         print(f"## {name}: {MUTANTS[name][3]} -> {'KILLED' if failed else 'SURVIVED'} ({len(failed)} failing)")
         for f in failed:
             print(f"   {f}")
         sys.stdout.flush()
+        table.append((name, failed))
         if not failed:
             survivors.append(name)
+    if args.markdown:
+        print("\n| mutant | file | killed by |\n|---|---|---|")
+        for name, failed in table:
+            print(f"| {name}: {MUTANTS[name][3]} | {MUTANTS[name][0]} | "
+                  f"{'<br>'.join(failed) if failed else '**SURVIVED**'} |")
     if survivors:
         print("surviving mutants:", ", ".join(survivors))
     return 1 if survivors else 0

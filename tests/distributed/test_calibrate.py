@@ -1,0 +1,36 @@
+"""Calibration (parml.plan.calibrate): the communication worker on 2 real gloo ranks, a quick
+compute-only profile that loads and predicts."""
+import torch
+
+from parml.model import ModelSpec, StageSpec
+from parml.plan.profile import Profile
+from parml.plan.simulate import Layout, Workload, predict
+
+
+def dense(width, blocks, in_features=2, out_features=2):
+    return ModelSpec(in_features, out_features, (StageSpec(width, blocks),))
+
+
+def test_calibrate_comm_on_two_gloo_ranks():
+    """The communication worker runs on 2 real ranks through parml's Communicator."""
+    from parml.plan.calibrate import GRIDS, measure_comm
+    grid = dict(GRIDS["quick"], p2p_bytes=[8, 4096], p2p_reps=5)
+    c = measure_comm(["gloo"], 2, grid, "cpu", log=lambda *a: None)["gloo"]
+    assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
+    assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
+    assert {g for g, _, _ in c.measured["allreduce"]} == {2}
+
+
+def test_calibrate_quick_compute(tmp_path):
+    """A quick compute-only calibration writes a loadable profile whose dense fits are positive."""
+    from parml.plan.calibrate import calibrate
+    out = tmp_path / "prof.json"
+    prof = calibrate("cpu", [], str(out), quick=True, log=lambda *a: None)
+    back = Profile.load(str(out), device="cpu")
+    assert back.device == "cpu" and back.cores >= 1 and back.versions["torch"] == torch.__version__
+    k = back.kernels["dense"]
+    assert k.forward(n=8, b=64, v=16) > 0 and k.backward(n=8, b=64, v=16) > 0
+    assert k.forward.points > 0 and len(k.measured) == k.forward.points
+    assert back.date and prof.step["update"](p=1000) > 0
+    pr = predict(Workload(dense(8, 16), batch=32), Layout(1, 1, 2), back)
+    assert pr.step_seconds > 0

@@ -1,0 +1,224 @@
+"""The scaling model's simulator (parml.plan.simulate): against the bubble bound and hand-built
+timelines, V-cycle work units against eq. (10), transfers against transfer.Mover's pieces.
+Profiles: test_profile.py; the planner: test_planner.py; calibration: tests/distributed/test_calibrate.py."""
+import math
+
+import pytest
+
+from parml.config import TrainConfig
+from parml.data import load_dataset
+from parml.multilevel.mgopt import CycleSetup
+from parml.model import ModelSpec, StageSpec, build_model
+from parml.parallel.transfer import _pieces
+from parml.training.build import plan_run
+from parml.plan.planner import workload_for
+from parml.parallel.layout import Partition
+from parml.plan.profile import Fit, uniform_profile
+from parml.plan.simulate import (
+    Context,
+    Layout,
+    Workload,
+    cycle_trace,
+    gradient_programs,
+    level_layouts,
+    move_messages,
+    predict,
+    run_programs,
+)
+
+
+def dense(width, blocks, in_features=2, out_features=2):
+    return ModelSpec(in_features, out_features, (StageSpec(width, blocks),))
+
+
+# --- the pipeline against theory -------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_uniform_costs_reproduce_the_bubble_bound(schedule):
+    """F = B = 1 per block and row, no W, free messages: speedup over one rank = M·P/(M+P−1) exactly."""
+    prof = uniform_profile(forward=1.0, backward=1.0, weight=0.0)
+    for P in range(1, 7):
+        for M in range(1, 9):
+            n, rows = 3, 5
+            work = Workload(dense(2, n * P), batch=M * rows)
+            serial = predict(work, Layout(1, 1, 1, schedule), prof).step_seconds
+            pr = predict(work, Layout(1, P, M, schedule), prof)
+            assert serial == 2 * n * P * M * rows
+            assert pr.step_seconds == 2 * (M + P - 1) * n * rows          # exact: integer costs
+            assert serial / pr.step_seconds == pytest.approx(M * P / (M + P - 1), rel=1e-15)
+            assert pr.bubble == pytest.approx((P - 1) / (M + P - 1), rel=1e-12, abs=1e-15)
+
+
+def hand_profile(F, B, W, latency, bandwidth=math.inf):
+    """Costs per block call (independent of rows): one block per rank makes them per action."""
+    return uniform_profile(forward=F, backward=B, weight=W, latency=latency, bandwidth=bandwidth, per_row=False)
+
+
+def timeline(pr, rank):
+    return [(label, start, end) for label, start, end in pr.step_run.timeline(rank)]
+
+
+def test_two_rank_1f1b_timeline_by_hand():
+    # F = 1, B = 2, W = 0.5 per action, latency 0.25, free bandwidth. 1F1B, P = 2, M = 2:
+    # stage 0 runs F0 F1 B0 B1, stage 1 runs F0 B0 F1 B1 (warm-up min(P-s-1, M)).
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.25),
+                 keep_run=True)
+    assert timeline(pr, 1) == [("1F0", 1.25, 2.25), ("1B0", 2.25, 4.25), ("1W0", 4.25, 4.75),
+                               ("1F1", 4.75, 5.75), ("1B1", 5.75, 7.75), ("1W1", 7.75, 8.25)]
+    assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.0), ("0B0", 4.5, 6.5), ("0W0", 6.5, 7.0),
+                               ("0B1", 8.0, 10.0), ("0W1", 10.0, 10.5)]
+    # then the loss broadcast and Level.gradient's all-reduce, each latency · log2(2)
+    assert pr.step_seconds == 10.5 + 0.25 + 0.25
+    assert pr.step_ranks[1].wait == pytest.approx(1.25 + (10.5 - 8.25))
+    assert pr.step_ranks[0].wait == pytest.approx(2.5 + 1.0)
+
+
+def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
+    # F = 0.25, B = 1, W = 0.5; latency 0.25; each message 16 bytes at 32 B/s = 0.5 s on the wire,
+    # so rank 0's second state queues behind the first on the link.
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "gpipe"), hand_profile(0.25, 1, 0.5, 0.25, 32.0),
+                 keep_run=True)
+    assert timeline(pr, 0)[:2] == [("0F0", 0.0, 0.25), ("0F1", 0.25, 0.5)]
+    assert timeline(pr, 1) == [("1F0", 1.0, 1.25), ("1F1", 1.5, 1.75), ("1B0", 1.75, 2.75), ("1W0", 2.75, 3.25),
+                               ("1B1", 3.25, 4.25), ("1W1", 4.25, 4.75)]
+    assert timeline(pr, 0)[2:] == [("0B0", 3.5, 4.5), ("0W0", 4.5, 5.0), ("0B1", 5.0, 6.0), ("0W1", 6.0, 6.5)]
+    # the loss broadcast (0.25 + 8 B over the 2-rank all-reduce model = 0.5) and Level.gradient's
+    # all-reduce of 16 B (0.75) end the step on both ranks
+    assert pr.step_run.finish[1] == pr.step_run.finish[0] == 6.5 + 0.5 + 0.75
+
+
+def test_three_rank_1f1b_timeline_by_hand():
+    # F = 1, B = 2, W = 0.5, latency 0.5. Stage 0: F0 F1 B0 B1; stage 1: F0 F1 B0 B1; stage 2: F0 B0 F1 B1.
+    pr = predict(Workload(dense(2, 3), batch=4), Layout(1, 3, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.5),
+                 keep_run=True)
+    assert timeline(pr, 0) == [("0F0", 0, 1), ("0F1", 1, 2), ("0B0", 9, 11), ("0W0", 11, 11.5),
+                               ("0B1", 12.5, 14.5), ("0W1", 14.5, 15)]
+    assert timeline(pr, 1) == [("1F0", 1.5, 2.5), ("1F1", 2.5, 3.5), ("1B0", 6.5, 8.5), ("1W0", 8.5, 9),
+                               ("1B1", 10, 12), ("1W1", 12, 12.5)]
+    assert timeline(pr, 2) == [("2F0", 3, 4), ("2B0", 4, 6), ("2W0", 6, 6.5), ("2F1", 6.5, 7.5),
+                               ("2B1", 7.5, 9.5), ("2W1", 9.5, 10)]
+    assert pr.step_seconds == pytest.approx(15 + 2 * 0.5 * math.log2(3))
+
+
+def test_shared_engine_agrees_with_the_exact_one():
+    """Processor sharing with enough cores is the same timeline as the max-plus evaluation."""
+    prof = uniform_profile(forward=0.7, backward=1.3, weight=0.4, latency=0.3, bandwidth=100.0)
+    work = Workload(dense(3, 12), batch=24)
+    for sched in ("gpipe", "1f1b"):
+        for P, M, D in ((3, 4, 1), (4, 3, 2), (2, 5, 2)):
+            lay = Layout(D, P, M, sched, ranks_per_node=64)
+            ctx = Context(prof, "gloo", D * P, 64)
+            progs, _ = gradient_programs(level_layouts(work, lay)[-1], work, lay, ctx)
+            fast = run_programs(progs)
+            shared = run_programs(progs, {r: {q: 1 for q in progs} for r in progs}, cores=1000)
+            assert shared.end == pytest.approx(fast.end, rel=1e-12)
+            for r in progs:
+                assert [(s.kind, s.label) for s in shared.spans[r]] == [(s.kind, s.label) for s in fast.spans[r]]
+                for a, b in zip(shared.spans[r], fast.spans[r]):
+                    assert (a.start, a.end) == pytest.approx((b.start, b.end), rel=1e-12, abs=1e-12)
+
+
+def test_oversubscribed_replicas_share_the_cores():
+    """Two data replicas on one core compute at half speed; the profile's cores decide."""
+    work = Workload(dense(2, 8), batch=8)
+    one = predict(work, Layout(1, 1, 1), uniform_profile(cores=1))
+    two = predict(work, Layout(2, 1, 1, ranks_per_node=2), uniform_profile(cores=1))
+    roomy = predict(work, Layout(2, 1, 1, ranks_per_node=2), uniform_profile(cores=2))
+    assert roomy.step_seconds == one.step_seconds / 2
+    assert two.step_seconds == pytest.approx(one.step_seconds)
+    # three other busy processes on a 2-core machine: one rank gets half a core
+    busy = predict(work, Layout(1, 1, 1, background=3.0), uniform_profile(cores=2))
+    assert busy.step_seconds == pytest.approx(2 * one.step_seconds)
+
+
+def test_gradient_allreduce_overlaps_the_pipeline_tail():
+    prof = uniform_profile(forward=1.0, backward=1.0, latency=0.0, bandwidth=1e9)
+    prof.comm["gloo"].allreduce = Fit(["B"], [0.05])      # 0.05 s per byte
+    pr = predict(Workload(dense(2, 8), batch=32), Layout(2, 4, 4, "1f1b"), prof, keep_run=True)
+    # rank s's last backward ends 2·(P-1-s)·(2 blocks · 4 rows) before rank 0's: its gradients'
+    # all-reduce runs while the ranks before it still compute; rank 0's cannot hide
+    h = pr.step_run.handles
+    assert h[(3, "grad-allreduce")][2] == 0.0 and h[(2, "grad-allreduce")][2] == 0.0
+    assert h[(0, "grad-allreduce")][2] > 0.0
+    assert 0.0 < pr.allreduce["overlap"] < 1.0
+
+
+# --- the V-cycle -----------------------------------------------------------------------------------
+
+SETUPS = ["[(1),{2}]", "[(1),1,2,{2}]", "[2,1,{3}]", "[(0),1,{1}]", str(CycleSetup.default(6)),
+          str(CycleSetup.default(8))]
+
+
+@pytest.mark.parametrize("text", SETUPS)
+def test_vcycle_work_units_equal_eq10(text):
+    setup = CycleSetup.parse(text)
+    events, wu = cycle_trace(text)
+    assert wu == setup.cost()
+    L = setup.levels
+    K = 2 ** (L + 2)
+    work = Workload(dense(2, K), batch=6, levels=L, cycle=setup)
+    pr = predict(work, Layout(1, 1, 1), uniform_profile())     # costs ∝ blocks, nothing else
+    assert pr.cycle_seconds / pr.step_seconds == setup.cost()
+    assert pr.work_units == setup.cost()
+    grads = [lv for kind, lv in events if kind == "grad"]
+    assert sum(2.0 ** (lv - L) for lv in grads) == setup.cost()
+
+
+def test_vcycle_levels_on_gather_and_replicate_layouts():
+    work = Workload(dense(2, 64), batch=64, levels=4)
+    g = level_layouts(work, Layout(2, 4, 1, coarse_layout="gather", min_blocks_per_rank=8))
+    r = level_layouts(work, Layout(2, 4, 1, coarse_layout="replicate", min_blocks_per_rank=8))
+    assert [(lv.ranks, lv.replicas) for lv in g] == [(1, 2), (2, 2), (4, 2), (4, 2)]
+    assert [(lv.ranks, lv.replicas) for lv in r] == [(1, 8), (2, 4), (4, 2), (4, 2)]
+    prof = uniform_profile(latency=0.01, bandwidth=1e6)
+    pg = predict(work, Layout(2, 4, 2, coarse_layout="gather", min_blocks_per_rank=8), prof)
+    pr = predict(work, Layout(2, 4, 2, coarse_layout="replicate", min_blocks_per_rank=8), prof)
+    assert pr.level_seconds[0] < pg.level_seconds[0]          # 8 replicas split the coarsest batch
+    assert sum(s.idle for s in pg.cycle_ranks) > sum(s.idle for s in pr.cycle_ranks)
+
+
+def mover_pieces(spec, src, dst):
+    """(src rank, dst rank, elements) of every piece transfer.Mover sends between partitions."""
+    from parml.parallel.sharding import shard_entries
+    sizes = {n: p[0].numel() if n.startswith("chunks.") else p.numel()
+             for n, p in build_model(spec).named_parameters()}
+    entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
+    out = []
+    for p, q, a, _, rows in _pieces(spec, src, dst):
+        key = entries[p][a].key
+        if key[0] == "shared":
+            out.append((p, q, sizes[key[1]]))
+        else:
+            out.append((p, q, (rows[1] - rows[0]) * sizes[f"chunks.{key[1]}.{key[2]}"]))
+    return sorted(out)
+
+
+def test_move_messages_are_the_movers_pieces():
+    """D = 1, gather: the simulated transfer pieces are transfer.Mover's (src, dst, elements)."""
+    fine_spec = dense(3, 32, 5, 4)
+    for P, mbpr in ((4, 8), (3, 4), (4, 16)):
+        work = Workload(fine_spec, batch=8, levels=3)
+        levs = level_layouts(work, Layout(1, P, 1, min_blocks_per_rank=mbpr))
+        for i in (1, 2):
+            fine, coarse = levs[i], levs[i - 1]
+            fic = Partition(tuple(b // 2 for b in fine.partition.bounds))
+            down = move_messages(coarse.spec, fine, coarse, fic, coarse.partition, range(P))
+            assert sorted(down) == mover_pieces(coarse.spec, fic, coarse.partition)
+            up = move_messages(coarse.spec, coarse, fine, coarse.partition, fic, range(P))
+            assert sorted(up) == mover_pieces(coarse.spec, coarse.partition, fic)
+
+
+@pytest.mark.parametrize("coarse", ["gather", "replicate"])
+def test_level_layouts_are_the_runs_mesh(coarse):
+    """The simulator's layouts are the mesh ``parml train`` builds (``training.build.plan_run``):
+    partitions, replicas and strides on every level, for every (D, P) of 8 ranks."""
+    data = load_dataset("circles", None, 0)
+    for D, mbpr in ((1, 16), (2, 8), (4, 1), (1, 1)):
+        cfg = TrainConfig.from_options({"blocks": "128", "levels": "5", "data_parallel": str(D),
+                                        "coarse_layout": coarse, "min_blocks_per_rank": str(mbpr)}).validate()
+        mesh = plan_run(cfg, 8, data)
+        work = workload_for(cfg, len(data.x_train))
+        sim = level_layouts(work, Layout(D, 8 // D, 1, coarse_layout=coarse, min_blocks_per_rank=mbpr))
+        assert [(lv.partition, lv.replicas, lv.stride) for lv in sim] == \
+            [(lv.partition, lv.replicas, lv.stride) for lv in mesh.levels]
+        assert [lv.spec.total_blocks for lv in sim] == [128 >> (5 - i) for i in range(1, 6)]
