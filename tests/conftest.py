@@ -27,6 +27,10 @@ for _p in (str(_TESTS.parent), str(_TESTS)):      # `import multiproc` and `impo
 
 from multiproc import MPI_MISSING  # noqa: E402
 
+from parml.comm import SelfComm  # noqa: E402
+from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
+from parml.parallel.executor import LayerParallel  # noqa: E402
+
 MNIST_FIXTURE = _TESTS / "fixtures" / "mnist"
 MNIST_MISSING = "MNIST fixture missing"
 FULL_MNIST_MISSING = "full MNIST set absent"
@@ -91,3 +95,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """Compile the fused CPU kernels (or load them from numba's cache) once, before any test. A first
+    compile takes ~20-40 s per dtype: inside a test whose ranks are threads under a 10 s message
+    timeout (the NCCL model) it would look like a hung peer, and ranks started together in a fresh
+    clone would each compile the same code at once. Later processes load the cache."""
+    spec = ModelSpec(2, 2, (StageSpec(3, 4),))
+    for dtype in (torch.float32, torch.float64):
+        x, y = torch.randn(8, 2, dtype=dtype), torch.randint(0, 2, (8,))
+        for weight_grads in ("deferred", "inline"):
+            lp = LayerParallel(build_model(spec, seed=0, dtype=dtype), SelfComm(), "gpipe", 1,
+                               weight_grads=weight_grads, kernel="auto")
+            lp.forward_backward(x, y)
+            lp.evaluate(x, y)
