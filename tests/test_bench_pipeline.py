@@ -24,12 +24,12 @@ def _torch_pipelining_importable() -> bool:
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=280)   # ~2 min; more on a loaded machine
     assert proc.returncode == 0, f"benchmark failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out, proc.stdout
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_quick_files_and_entries(quick_run):
     out, stdout = quick_run
     for name in ("results.json", "pipeline_scaling.md", "pipeline_scaling.png"):
@@ -61,7 +61,7 @@ def test_quick_files_and_entries(quick_run):
         assert m["label"] in md
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_quick_torch_pipelining_comparison(quick_run):
     if not _torch_pipelining_importable():
         pytest.skip("torch.distributed.pipelining does not import")

@@ -40,6 +40,7 @@ class PipelineStage:
         self._posted = {}      # tag -> (request, buffer) of receives posted ahead
         self.compute_seconds = 0.0
         self.wait_seconds = 0.0
+        self.send_seconds = 0.0     # the part of wait_seconds spent posting sends
 
     # -- communication helpers
     def post_receives(self, sizes):
@@ -74,7 +75,9 @@ class PipelineStage:
     def _send(self, tensor, dst, tag):
         t0 = time.perf_counter()   # posting can block (gloo hands the send to its I/O thread)
         self._sends.append(self.comm.isend(tensor.contiguous(), dst, tag))
-        self.wait_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.wait_seconds += dt
+        self.send_seconds += dt
 
     def finish_sends(self):
         t0 = time.perf_counter()

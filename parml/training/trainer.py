@@ -80,12 +80,14 @@ def claim_folder(cfg: TrainConfig, comm) -> None:
         raise ConfigError(problem)
 
 
-def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
-    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0)."""
+def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None) -> dict:
+    """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0).
+    `around_cycle(vcycle)`: a context manager entered around every V-cycle / GD-step call,
+    cascade stages included (``run_cycles``)."""
     cfg = resolve_resume(cfg.validate())
     data = _prepare(cfg, comm, data)
     claim_folder(cfg, comm)
-    run = _start(cfg, comm, data)
+    run = _start(cfg, comm, data, around_cycle)
     vcycle, out, resumed = run["vcycle"], run["out"], run["resumed"]
     levels = vcycle.levels
     schedule = LR_SCHEDULES[cfg.lr_schedule]
@@ -106,7 +108,8 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
         start = Phase(cycle=m["cycle"], epoch=m["epoch"], batch=m["batch"], record=m["record"])
     try:
         state = run_cycles(vcycle, data, cfg, out, run["clock"], cfg.max_cycles, lr_at,
-                           work_offset=run["cascade_units"], start=start, after_cycle=checkpoint)
+                           work_offset=run["cascade_units"], start=start, after_cycle=checkpoint,
+                           around_cycle=around_cycle)
     except TrainingError as e:
         out.close()
         kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
@@ -114,7 +117,7 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
     return _finish(cfg, comm, data, run, state)
 
 
-def _start(cfg: TrainConfig, comm, data: Dataset) -> dict:
+def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     """The run folder's writer, the cascade (or the checkpoint to resume), the V-cycle on the ranks,
     config.json / config.toml, and the opening lines."""
     device = resolve_device(cfg, comm)
@@ -128,7 +131,7 @@ def _start(cfg: TrainConfig, comm, data: Dataset) -> dict:
                     total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
                     keep_rows=None if resumed is None else resumed["rows"])
     if cfg.cascade and resumed is None:
-        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
+        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock, around_cycle)
     vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
     if resumed is not None:
         _restore_levels(vcycle.levels, resumed, comm)
