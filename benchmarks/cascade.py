@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parml.data import default_mnist_dir  # noqa: E402
 from parml.multilevel.cascade import theoretical_saving  # noqa: E402
 
-from benchmarks.harness import (DataFolder, Machine, command_line, from_json, pct, pyplot, save,  # noqa: E402
-                                table, write_outputs)
+from benchmarks.harness import (DataFolder, Machine, add_kernel_option, command_line, from_json, pct,  # noqa: E402
+                                pyplot, save, table, write_outputs)
 from benchmarks.multilevel_init import (DOUBLINGS, EQUAL_ACC, CascadeRun, budget_options, depth_fit,  # noqa: E402
                                         pair_run, plot_curves, saved, stage_ms, steps_text)
 
@@ -64,6 +64,7 @@ class Config:
     setups: dict[str, Setup]
     quick: bool = False
     data: DataFolder | None = None
+    kernel: str | None = None       # --kernel (None: results from before the option, torch chunks)
 
 
 @dataclass
@@ -113,12 +114,13 @@ class Results:
     analysis: Analysis = field(default_factory=Analysis)
 
 
-def run_one(s: Setup, mode: str, seed: int, data, data_dir, runs_dir: str) -> CascadeRun:
+def run_one(s: Setup, mode: str, seed: int, data, data_dir, runs_dir: str, kernel: str = "auto") -> CascadeRun:
     from parml.config import TrainConfig
     cfg = TrainConfig(overwrite=True, dataset=s.dataset, data_dir=data_dir, blocks=s.blocks, width=s.width, levels=1,
                       lr=s.lr, lr_min=s.lr_min, lr_schedule="cosine", beta=s.beta, batch_size=s.batch_size, seed=seed,
                       target_accuracy=None, eval_every=s.eval_every, out=runs_dir, backend="self", progress=False,
-                      run_name=f"{s.dataset}-{mode}-K{s.blocks}-s{seed}", **budget_options(mode, s.budget))
+                      run_name=f"{s.dataset}-{mode}-K{s.blocks}-s{seed}", kernel=kernel,
+                      **budget_options(mode, s.budget))
     return pair_run(cfg, data, dataset=s.dataset, mode=mode, seed=seed, blocks=s.blocks, budget=s.budget)
 
 
@@ -132,10 +134,10 @@ def run(cfg: Config, data_dir, runs_dir: str, argv) -> Results:
             if seed == 0:      # untimed warm-up: the first training in a process pays one-off costs
                 for mode in ("direct", "cascade"):
                     run_one(dataclasses.replace(s, blocks=16, budget=6, eval_every=1), mode, seed, data, data_dir,
-                            os.path.join(runs_dir, "warm-up"))
+                            os.path.join(runs_dir, "warm-up"), cfg.kernel or "auto")
             # alternate the order, so that a drifting machine load favours neither
             for mode in ("direct", "cascade") if seed % 2 == 0 else ("cascade", "direct"):
-                r = run_one(s, mode, seed, data, data_dir, runs_dir)
+                r = run_one(s, mode, seed, data, data_dir, runs_dir, cfg.kernel or "auto")
                 res.runs.append(r)
                 print(f"{name:7s} K={s.blocks} B={s.budget} seed {seed} {mode:7s}: val acc {r.val_acc:.4f} "
                       f"(best {r.best_val_acc:.4f}), {r.work_units:7.1f} U, {r.seconds:6.1f} s "
@@ -259,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist-seeds", type=int, default=None, help="MNIST seeds (default 3)")
     ap.add_argument("--datasets", default=None, help="comma-separated: circles,mnist")
     ap.add_argument("--data-dir", default=default_mnist_dir())
+    add_kernel_option(ap)
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders under OUT/runs")
     ap.add_argument("--render", action="store_true", help="only rewrite the outputs from OUT/results.json")
     args = ap.parse_args(argv)
@@ -279,7 +282,7 @@ def main(argv=None) -> int:
             ap.error(f"{n}: the budget must divide by {DOUBLINGS + 1} and K by {2 ** DOUBLINGS}")
     default_seeds = 1 if args.quick else 3
     cfg = Config(args.seeds or default_seeds, args.mnist_seeds or default_seeds, datasets, setups, args.quick,
-                 DataFolder.of(args.data_dir) if "mnist" in datasets else None)
+                 DataFolder.of(args.data_dir) if "mnist" in datasets else None, args.kernel)
     import torch
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="parml-cascade-"))

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parml.data import default_mnist_dir  # noqa: E402
 from parml.multilevel.mgopt import CycleSetup  # noqa: E402
 
-from benchmarks.harness import (DataFolder, Job, Launcher, Machine, command_line, from_json,  # noqa: E402
-                                read_json, write_outputs)
+from benchmarks.harness import (DataFolder, Job, Launcher, Machine, add_kernel_option, command_line,  # noqa: E402
+                                from_json, read_json, write_outputs)
 from benchmarks.mgopt.analyse import CYCLE_L8, SETUPS, analyse, ratio_of_means_interval  # noqa: E402, F401
 from benchmarks.mgopt.markdown import markdown  # noqa: E402
 from benchmarks.mgopt.plot import plot  # noqa: E402
@@ -69,7 +69,8 @@ def build_plan(cfg: MgConfig) -> dict[int, list[RunSpec]]:
                     spec = RunSpec(dataset=name, seed=seed, levels=L, cycle=None if L == 1 else CYCLE_L8,
                                    blocks=cfg.blocks, width=d.width, lr=d.lr, beta=d.beta, batch_size=d.batch_size,
                                    target_accuracy=d.target_accuracy, metric=cfg.metric, microbatches=cfg.microbatches,
-                                   min_blocks_per_rank=16, P=P, variant="default", **budget)
+                                   min_blocks_per_rank=16, P=P, variant="default",
+                                   kernel=cfg.kernel or "auto", **budget)
                     runs.append(spec)
                     if P == 2 and name == "circles" and L == 8:
                         runs.append(RunSpec(**{**vars(spec), "min_blocks_per_rank": 1, "variant": "min1"}))
@@ -93,6 +94,7 @@ def parse(argv):
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--metric", choices=("l2", "euclidean"), default="l2")
     ap.add_argument("--data-dir", default=default_mnist_dir())
+    add_kernel_option(ap)
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders under OUT/runs")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the tables and the plot from OUT/results.json (no training)")
@@ -113,6 +115,7 @@ def parse(argv):
     if not Ps or any(p not in (1, 2) for p in Ps):
         ap.error("--P: 1 and/or 2")
     cfg = MgConfig(P=Ps, quick=args.quick, microbatches=args.microbatches, metric=args.metric, p2_backend=args.backend,
+                   kernel=args.kernel,
                    data=DataFolder.of(args.data_dir) if "mnist" in base["datasets"] else None, **base)
     return args, cfg
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Job, Launcher, Machine, command_line, from_json, write_outputs  # noqa: E402
+from benchmarks.harness import (Job, Launcher, Machine, add_kernel_option, command_line, from_json,  # noqa: E402
+                                write_outputs)
 from benchmarks.pipeline.analyse import goals  # noqa: E402
 from benchmarks.pipeline.markdown import markdown  # noqa: E402
 from benchmarks.pipeline.plot import plot  # noqa: E402
@@ -61,6 +62,7 @@ def parse(argv):
     ap.add_argument("--backends", default=None, help="comma-separated subset of gloo,mpi (nccl,mpi with --device cuda)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cpu (gloo and MPI) or cuda (NCCL and MPI with staged or CUDA-aware buffers)")
+    add_kernel_option(ap)
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the markdown and the plot from an existing OUT/results.json")
     args = ap.parse_args(argv)
@@ -99,7 +101,8 @@ def plan(ap, args) -> tuple[PipelineConfig, dict]:
         print(f"skipping the mpi backend: {why}", flush=True)
         backends.remove("mpi")
     cfg = PipelineConfig(models, Ps, base["microbatches"], ["gpipe", "1f1b"], backends, base["warmup"], base["steps"],
-                         base["serial_steps"], quick=args.quick, device=args.device, mpi_skipped=why)
+                         base["serial_steps"], quick=args.quick, device=args.device, mpi_skipped=why,
+                         kernel=args.kernel)
     return cfg, base
 
 
@@ -107,7 +110,7 @@ def jobs(cfg: PipelineConfig, base: dict) -> list[Job]:
     """The serial reference, then one launch per (P, backend)."""
     gpus = __import__("torch").cuda.device_count() if cfg.device == "cuda" else 0
     common = dict(models=cfg.models, microbatches=cfg.microbatches, schedules=cfg.schedules, warmup=cfg.warmup,
-                  device=cfg.device, inline_ablation=cfg.inline_ablation)
+                  device=cfg.device, inline_ablation=cfg.inline_ablation, kernel=cfg.kernel or "auto")
     out = [Job("serial", "benchmarks.pipeline.ranks:run_serial", StepJob("serial", steps=cfg.serial_steps, **common),
                1, "self", cfg.device, base["launch_timeout"][1])]
     sizes = sorted({m.batch // M * m.width * 4 for m in cfg.models.values() for M in cfg.microbatches})

@@ -41,7 +41,8 @@ from parml.comm import SelfComm  # noqa: E402
 from parml.config import TrainConfig  # noqa: E402
 from parml.data import REGRESSION_FUNCTIONS, load_dataset  # noqa: E402
 
-from benchmarks.harness import Machine, command_line, pyplot, save, table, timed_train, write_outputs  # noqa: E402
+from benchmarks.harness import (Machine, add_kernel_option, command_line, pyplot, save, table,  # noqa: E402
+                                timed_train, write_outputs)
 
 BATCH, LR, WIDTH, T = 256, 0.005, 32, 2.0
 EPOCHS, QUICK_EPOCHS = 300, 10
@@ -58,6 +59,7 @@ class Setup:
     T: float = T
     optimizer: str = "adam"
     quick: bool = False
+    kernel: str | None = None       # --kernel (None: results from before the option, torch chunks)
 
 
 @dataclass
@@ -112,7 +114,7 @@ def run(setup: Setup, runs_dir: str, argv) -> Results:
         cfg = TrainConfig(overwrite=True, dataset="regression", width=WIDTH, seed=setup.seed, target_accuracy=None,
                           max_cycles=10 ** 6, eval_every=80, progress=False, out=runs_dir,
                           run_name=f"{tag}-{name.split(' (')[0].replace(' ', '').replace('/', '').replace('>', '')}",
-                          **over)
+                          kernel=setup.kernel or "auto", **over)
         r, levels, _ = timed_train(cfg, SelfComm(), data[fn])
         model, d = levels[-1].executor.model, data[fn]
         with torch.no_grad():
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
                     help=f"epochs per run (default {EPOCHS}; --quick {QUICK_EPOCHS})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs: checks that every run trains")
+    add_kernel_option(ap)
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders under OUT/runs")
     args = ap.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="parml-zang-"))
     try:
-        res = run(Setup(epochs, args.activation, args.seed, quick=args.quick),
+        res = run(Setup(epochs, args.activation, args.seed, quick=args.quick, kernel=args.kernel),
                   str(Path(args.out) / "runs" if args.keep_runs else tmp), argv)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,14 +27,19 @@ from .reproduce import ReproduceError, build_plan, reproduce as run_reproduction
 from .training.trainer import resolve_options, run_from_cli
 
 
-def fail(message: str, code: int = 2):
-    """One line on stderr (rank 0 only) and exit: no traceback for user mistakes."""
+def fail(message: str, code: int = 2, then=None):
+    """One line on stderr (rank 0 only) and exit: no traceback for user mistakes. `then()` runs
+    after the line is out and before the exit (ending the other ranks: an MPI abort ends this one)."""
     if launcher_rank() == 0:
         click.echo(f"parml: error: {message}", err=True)
     if launcher_world_size() > 1:
         if launcher_rank() != 0:
             time.sleep(1.0)     # mpirun kills the job at the first non-zero exit: let rank 0 say why
+        if then is not None:
+            then()
         exit_process(code)      # skip gloo's teardown, which can turn exit code 2 into a crash
+    if then is not None:
+        then()
     sys.exit(code)
 
 

@@ -10,6 +10,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ else:                                   # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "float64")
+TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install 'parml[tb]'"
 
 
 class ConfigError(ValueError):
@@ -107,8 +109,8 @@ class TrainConfig:
                                 "else start.", runtime=True)
     checkpoint_every: int = option(0, "Write a checkpoint (per-rank shards + manifest) every n cycles; 0 = never.",
                                    runtime=True)
-    keep_checkpoints: int = option(3, "Complete checkpoints kept; older ones are removed once a newer one is "
-                                   "verified.", runtime=True)
+    keep_checkpoints: int = option(3, "Checkpoints kept: an older one is removed only once this many newer ones "
+                                   "are written and verified (sizes and SHA-256 read back).", runtime=True)
     eval_every: int = option(1, "Validate every n cycles.", runtime=True)
     tensorboard: bool = option(False, "Also write the metrics as TensorBoard scalars to <run>/tensorboard "
                                "(pip install 'parml[tb]').", runtime=True)
@@ -262,6 +264,7 @@ class TrainConfig:
              f"--channels {self.channels!r} must be comma-separated positive integers, e.g. 16,32,64")
         need(self.resume in (None, "auto") or os.path.isdir(self.resume), f"--resume {self.resume!r} is not a "
              "run folder (or 'auto')")
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, TENSORBOARD_MISSING)
         need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --overwrite "
              "deletes the run that --resume would continue")
         try:

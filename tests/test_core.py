@@ -54,7 +54,7 @@ def test_fused_euler_chunk_gradients_equal_step_by_step_autograd(activation, def
     recycled buffers are used)."""
     spec = ModelSpec(2, 2, (StageSpec(5, 7),), T=1.0, activation=activation)
     model = build_model(spec, seed=4, dtype=torch.float64)
-    kernel, chunk = attach_kernels(model), model.chunks[0]
+    (kernel,), chunk = attach_kernels(model, "torch"), model.chunks[0]
     with torch.no_grad():
         chunk.bias.normal_()
     y0 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)

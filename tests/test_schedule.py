@@ -3,8 +3,8 @@
 import pytest
 
 from parml.parallel.schedule import (
-    SCHEDULES, Action, GPipe, OneFOneB, Schedule, ScheduleError, bubble_fraction, dry_run,
-    format_schedule, format_timeline, get_schedule, max_in_flight, register_schedule, validate,
+    SCHEDULES, Action, GPipe, OneFOneB, Schedule, ScheduleError, bubble_fraction, check_message_order,
+    dry_run, format_schedule, format_timeline, get_schedule, max_in_flight, register_schedule, validate,
 )
 
 SIZES = [(P, M) for P in range(1, 6) for M in range(1, 10)]
@@ -118,15 +118,16 @@ def test_deadlock_names_blocked_actions():
 
 def test_messages_are_matched_by_tag_not_arrival_order():
     # Buffered sends keyed by (src, dst, tag): a stage may receive in another order than
-    # its neighbour sends, as long as no cycle of waits forms.
-    steps = dry_run(acts("0F0 0F1 0B1 0B0", "1F0 1F1 1B0 1B1"), 2)
+    # its neighbour sends, as long as no cycle of waits forms (ordered=False: gloo, MPI).
+    steps = dry_run(acts("0F0 0F1 0B1 0B0", "1F0 1F1 1B0 1B1"), 2, ordered=False)
     assert [[str(a) for a in step] for step in steps] == [
         ["0F0"], ["0F1", "1F0"], ["1F1"], ["1B0"], ["1B1"], ["0B1"], ["0B0"]]
-    dry_run(acts("0F0 0F1 0F2 0B0 0B1 0B2", "1F1 1F0 1F2 1B0 1B1 1B2", "2F0 2F1 2F2 2B0 2B1 2B2"), 3)
+    dry_run(acts("0F0 0F1 0F2 0B0 0B1 0B2", "1F1 1F0 1F2 1B0 1B1 1B2", "2F0 2F1 2F2 2B0 2B1 2B2"), 3,
+            ordered=False)
     # Stage 0 runs B0 before F1, so the middle stage never gets state 1 and the last
     # stage starves behind it: every blocked stage is named.
     with pytest.raises(ScheduleError) as info:
-        dry_run(acts("0F0 0B0 0F1 0B1", "1F0 1F1 1B1 1B0", "2F0 2F1 2B0 2B1"), 2)
+        dry_run(acts("0F0 0B0 0F1 0B1", "1F0 1F1 1B1 1B0", "2F0 2F1 2B0 2B1"), 2, ordered=False)
     assert str(info.value) == (
         "schedule deadlocks: stage 0 waits at 0B0 for adjoint from stage 1; "
         "stage 1 waits at 1F1 for state from stage 0; stage 2 waits at 2F1 for state from stage 1")
@@ -151,3 +152,41 @@ def test_validation_rejects_malformed_schedules():
         dry_run(acts("0F0 0F1 0F2 0B0 0B1 0B2"), 2)
     with pytest.raises(ScheduleError, match="no stages"):
         validate([], 1)
+
+
+# --- tag-blind transports (NCCL): every pair receives in the order the other side sends -----------
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("P,M", SIZES)
+def test_builtin_schedules_send_and_receive_in_the_same_order(name, P, M):
+    actions = get_schedule(name).actions(P, M)
+    check_message_order(actions)
+    for s in range(P - 1):       # states s -> s+1 in F order, adjoints s+1 -> s in B order, per channel
+        assert [a.microbatch for a in actions[s] if a.kind == "F"] == \
+            [a.microbatch for a in actions[s + 1] if a.kind == "F"]
+        assert [a.microbatch for a in actions[s + 1] if a.kind == "B"] == \
+            [a.microbatch for a in actions[s] if a.kind == "B"]
+
+
+def test_dry_run_catches_a_reordered_schedule():
+    """Stage 0 takes the adjoints of micro-batches 0 and 1 in swapped order: fine where tags match
+    (the tag-matching dry run completes), wrong on NCCL (it would get adjoint 0 for 1)."""
+    good = OneFOneB().actions(3, 4)
+    swapped = [list(row) for row in good]
+    row = swapped[0]
+    i, j = (k for k, a in enumerate(row) if a.kind == "B" and a.microbatch in (0, 1))
+    row[i], row[j] = row[j], row[i]
+    dry_run(swapped, 4, ordered=False)
+    with pytest.raises(ScheduleError) as info:
+        dry_run(swapped, 4)
+    assert str(info.value) == (
+        "stage 1 sends adjoints to stage 0 in micro-batch order [0, 1, 2, 3], but stage 0 receives them "
+        "in order [1, 0, 2, 3]: message 0 would be micro-batch 0 where 1 is expected on a transport "
+        "without tags (NCCL)")
+    # states: the middle stage runs its forwards 1 and 2 in swapped order
+    swapped = [list(row) for row in GPipe().actions(3, 3)]
+    swapped[1][1], swapped[1][2] = swapped[1][2], swapped[1][1]
+    with pytest.raises(ScheduleError, match=r"^stage 0 sends states to stage 1 in micro-batch order \[0, 1, 2\], "
+                                            r"but stage 1 receives them in order \[0, 2, 1\]: message 1"):
+        check_message_order(swapped)
+    dry_run(good, 4)

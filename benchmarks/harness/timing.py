@@ -1,10 +1,15 @@
-"""Timing through the training loop's hook: ``train(..., around_cycle=CycleTimer(world))``."""
+"""Timing through the training loop's hook: ``train(..., around_cycle=CycleTimer(world))``.
+
+On CUDA each call is bracketed by ``torch.cuda.synchronize`` (a no-op on CPU), so the times are
+device times rather than kernel-launch times."""
 from __future__ import annotations
 
 import contextlib
 import statistics
 import time
 from dataclasses import dataclass
+
+from parml.parallel.timing import synchronize
 
 
 def median(xs) -> float:
@@ -33,11 +38,15 @@ class CycleTimer:
     def __call__(self, vcycle):
         comms = [self.world] + [lev.executor.comm for lev in vcycle.levels if lev is not None]
         comms = list({id(c): c for c in comms if c is not None}.values())
+        finest = vcycle.levels[-1]
+        device = finest.executor.device if finest is not None else "cpu"
+        synchronize(device)                 # CUDA: device time of the call, not launch time
         w0 = sum(c.wait_seconds for c in comms)
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(device)
             seconds = time.perf_counter() - t0
             self.cycles.append(CycleTime(vcycle.levels[-1].cost, seconds,
                                          sum(c.wait_seconds for c in comms) - w0))

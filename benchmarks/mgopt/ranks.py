@@ -24,7 +24,8 @@ def _config(spec: RunSpec, job: MgJob, comm, **over) -> TrainConfig:
                   batch_size=spec.batch_size, seed=spec.seed, target_accuracy=spec.target_accuracy,
                   max_cycles=spec.max_cycles, eval_every=spec.eval_every, microbatches=spec.microbatches,
                   min_blocks_per_rank=spec.min_blocks_per_rank, out=job.runs_dir, run_name=spec.key,
-                  backend=job.backend, comm_timeout=job.comm_timeout, progress=False, overwrite=True)
+                  backend=job.backend, comm_timeout=job.comm_timeout, progress=False, overwrite=True,
+                  kernel=spec.kernel)
     return TrainConfig(**{**fields, **over})
 
 

@@ -34,6 +34,7 @@ class MgConfig:
     metric: str = "l2"
     p2_backend: str = "torch"
     data: DataFolder | None = None          # the MNIST folder by name and checksums
+    kernel: str | None = None               # --kernel (None: results from before the option, torch chunks)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +58,7 @@ class RunSpec:
     max_cycles: int
     eval_every: int
     key: str = ""
+    kernel: str = "auto"
 
 
 @dataclass

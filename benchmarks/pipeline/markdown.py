@@ -32,13 +32,21 @@ def _span(d: dict) -> str:
     return ", ".join(f"M={m}: {min(v):.2f}–{max(v):.2f}" for m, v in d.items() if v)
 
 
+def _kernel_note(kernel: str | None) -> str:
+    """Which dense-chunk kernel ran (``--kernel``); nothing for results from before the option."""
+    if kernel is None:
+        return ""
+    return (f" Dense chunks: `--kernel {kernel}`, in parml, the serial reference and torch pipelining alike "
+            "(results.json: each entry's `kernels`, what `auto` chose).")
+
+
 def header(res: PipelineResults) -> list[str]:
     cfg, meta, tb = res.config, res.meta, torch_backend(res)
     if tb == "nccl":
         machine = (f"Machine: {meta.gpu_count} × {meta.gpu_name}, torch {meta.torch}, float32; every timed step is "
-                   "bracketed by `torch.cuda.synchronize`. compute / wait / efficiency are host-side times (kernel "
-                   "launches and the waits communication makes), so they are approximate on GPUs; step times and "
-                   "the parml/torch ratio are device times.")
+                   "bracketed by `torch.cuda.synchronize`, so step times and the parml/torch ratio are device times; "
+                   "compute / wait (and so efficiency) come from CUDA events on the compute stream around each "
+                   "stage's kernels and communication waits (`parml.parallel.timing`).")
         over = (f"**Rows marked \\* are oversubscribed**: more ranks than the {meta.gpu_count} GPU(s), so ranks "
                 "share a GPU (MPI only; NCCL needs a GPU per rank).")
     else:
@@ -53,7 +61,7 @@ def header(res: PipelineResults) -> list[str]:
             ("Quick run (reduced sizes). " if cfg.quick else "") + machine,
             f"Each configuration: {cfg.warmup} warm-up steps, then the median of {cfg.steps} timed steps; a barrier "
             "precedes every step and a step's time is the slowest rank's. parml and torch pipelining steps "
-            f"alternate in the same processes ({tb}).", "",
+            f"alternate in the same processes ({tb})." + _kernel_note(cfg.kernel), "",
             *([f"**The machine was shared** (1-minute load average up to {max(loads):g} on {meta.cpu_count} cores): "
                "step times of launches that ran minutes apart (e.g. gloo vs mpi rows, or different P) are "
                "confounded by the varying load; parml and torch pipelining are compared step by step in the same "

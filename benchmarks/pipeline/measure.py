@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as tf
 
 from parml.model import ModelSpec, StageSpec, build_model
+from parml.parallel.timing import synchronize
 
 from ..harness import median
 from .records import BlockCost, ModelSize
@@ -74,12 +75,6 @@ def make_model(m: ModelSize, device=torch.device("cpu")):
     x = torch.randn(m.batch, m.in_features, generator=g, dtype=torch.float32)
     y = torch.randint(0, m.classes, (m.batch,), generator=g)
     return model, x.to(device), y.to(device)
-
-
-def synchronize(device: torch.device):
-    """Wait for the device's queued kernels (a no-op on CPU), so that host timers see device time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(device, fn, *args):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parml.kernels import attach_kernels
 from parml.parallel.executor import LayerParallel
 from parml.parallel.layout import partition_blocks
 from parml.parallel.schedule import bubble_fraction
@@ -34,6 +35,7 @@ def run_serial(job: StepJob, comm, emit) -> None:
     out = Serial(dispatch_s=dispatch_cost() if cpu else None)
     for name, m in job.models.items():
         model, x, y = make_model(m, device)
+        attach_kernels(model, job.kernel)
         res = {}
         for M in job.microbatches:
             for _ in range(job.warmup):
@@ -65,6 +67,7 @@ class _Sample:
     tloss: float | None = None
     tpeak: int | None = None
     gdiff: float | None = None
+    kernels: list = field(default_factory=list)
 
 
 def _torch_pipe(job, model, comm, blocks, schedule, M, device, unavailable):
@@ -74,7 +77,9 @@ def _torch_pipe(job, model, comm, blocks, schedule, M, device, unavailable):
     if schedule == "1f1b" and M < comm.size:
         return None, f"Schedule1F1B needs M >= P (M={M}, P={comm.size})"
     try:
-        return TorchPipe(model.shard(*blocks).to(device), comm.rank, comm.size, schedule, M, device), None
+        shard = model.shard(*blocks).to(device)
+        attach_kernels(shard, job.kernel)      # the same dense-chunk kernel as parml: pipelining is compared
+        return TorchPipe(shard, comm.rank, comm.size, schedule, M, device), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -82,11 +87,11 @@ def _torch_pipe(job, model, comm, blocks, schedule, M, device, unavailable):
 def _measure(job: StepJob, comm, model, x, y, schedule, M, blocks, unavailable):
     """Warm-up, then `job.steps` timed steps of parml (and the ablation and torch, alternating)."""
     device = comm.device
-    lp = LayerParallel(model, comm, schedule=schedule, microbatches=M)
-    ip = (LayerParallel(model, comm, schedule=schedule, microbatches=M, weight_grads="inline")
+    lp = LayerParallel(model, comm, schedule=schedule, microbatches=M, kernel=job.kernel)
+    ip = (LayerParallel(model, comm, schedule=schedule, microbatches=M, weight_grads="inline", kernel=job.kernel)
           if job.inline_ablation and job.backend != "mpi" else None)
     tp, why = _torch_pipe(job, model, comm, blocks, schedule, M, device, unavailable)
-    s = _Sample(blocks=blocks)
+    s = _Sample(blocks=blocks, kernels=sorted({k.name for k in lp.kernels}))
     comm.barrier()
     for i in range(job.warmup + job.steps):
         comm.barrier()
@@ -161,7 +166,7 @@ def summarize(name, batch, backend, P, schedule, M, allr: list[_Sample], why, ov
     bound = 1 - bubble_fraction(P, M)        # M / (M + P - 1)
     e = Entry(name, backend, P, M, schedule, oversubscribed, step, min(step_each), step_each, per_rank, busiest,
               busiest / step, bound, busiest / step / bound, batch / step, allr[-1].loss,
-              max(p.peak_saved_bytes for p in per_rank))
+              max(p.peak_saved_bytes for p in per_rank), kernels=allr[0].kernels)
     if allr[0].itimes:
         i_each = [max(r.itimes[i] for r in allr) for i in range(steps)]
         e.inline = InlineRun(median(i_each), i_each, median(i / p for i, p in zip(i_each, step_each)),

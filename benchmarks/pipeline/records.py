@@ -32,6 +32,7 @@ class PipelineConfig:
     inline_ablation: bool = True
     device: str = "cpu"
     mpi_skipped: str | None = None        # why the mpi backend did not run
+    kernel: str | None = None             # --kernel (None: results from before the option, torch chunks)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StepJob:
     torch_pipelining: bool = False
     latency_bytes: list[int] = field(default_factory=list)
     latency_reps: int = 200
+    kernel: str = "auto"
 
 
 @dataclass
@@ -140,6 +142,7 @@ class Entry:
     peak_saved_bytes_max: int
     torch: TorchRun | None = None
     inline: InlineRun | None = None
+    kernels: list[str] | None = None  # the dense-chunk kernels rank 0's chunks ran (what --kernel auto chose)
 
 
 @dataclass

@@ -11,6 +11,10 @@ Semantics shared by all communicators
   direction``.  NCCL has no tags: it delivers the messages between one pair of
   ranks in the order they were posted, so NCCL callers must post sends and
   receives in the same order on both sides (the tag is accepted and ignored).
+  ``comm.ordered_p2p`` is True on such a transport: there a pair's operations
+  also run in posting order on one stream, and a receive blocks everything
+  posted after it until its message arrives (so no receive may be posted
+  before a send the peer needs first).
 * ``isend``/``irecv`` never block; a rank may isend to a neighbour while the
   neighbour isends back.  The tensor of an ``isend``/``irecv`` must not be
   touched until :meth:`Request.wait` returned.
@@ -159,6 +163,8 @@ class Communicator:
     backend: str = "self"
     device: torch.device = torch.device("cpu")
     timeout: float = 300.0
+    # True where tags are ignored and a pair's operations run in posting order (NCCL)
+    ordered_p2p: bool = False
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -248,7 +254,9 @@ class Communicator:
     def split(self, ranks: list[int]) -> "Communicator | None":
         raise NotImplementedError
 
-    def abort(self, message: str) -> None:
+    def abort(self, message: str, quiet: bool = False) -> None:
+        """End this communicator and its sub-communicators at once (MPI: the whole job); `message`
+        goes to stderr unless `quiet` (the caller has already told the user, in one line)."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -59,7 +59,9 @@ class SelfComm(Communicator):
             return None
         return SelfComm(timeout=self.timeout, device=self.device)
 
-    def abort(self, message):
+    def abort(self, message, quiet=False):
+        if quiet:
+            return
         try:
             print(f"parml: abort: {message}", file=sys.stderr, flush=True)
         except Exception:

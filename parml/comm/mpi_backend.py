@@ -269,10 +269,12 @@ class MPIComm(Communicator):
             return None
         return MPIComm(self.timeout, self.device, mpi_comm=new, pinned=self._pinned)
 
-    def abort(self, message):
+    def abort(self, message, quiet=False):
         try:
-            print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
+            sys.stderr.flush()
         except Exception:
             pass
         try:

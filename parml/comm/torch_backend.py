@@ -23,16 +23,21 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
 from .base import CommError, Communicator, Request, nbytes
 from .environment import TORCHRUN_HINT, local_rank
 
 
-def process_group_timeout(comm_timeout: float, backend: str) -> datetime.timedelta:
-    """The process group's own limit: NCCL's watchdog aborts the process (SIGABRT) when it fires,
-    so it must fire after parml's timeout (which ends the job with a one-line message)."""
-    margin = max(30.0, 0.5 * comm_timeout) if backend == "nccl" else 0.0
-    return datetime.timedelta(seconds=comm_timeout + margin)
+def process_group_timeout(comm_timeout: float) -> float:
+    """Seconds for the NCCL process group's watchdog, given ``--comm-timeout``.
+
+    The watchdog counts from when an operation is queued and kills the process (SIGABRT) when it
+    fires; parml's own timeout counts from when the host starts waiting and ends the run with a
+    one-line message and an abort. The watchdog gets twice the time, and at least two minutes
+    more, so that parml's timeout fires first while the host runs ahead of the device."""
+    t = float(comm_timeout)
+    return max(2.0 * t, t + 120.0)
 
 
 _WORLDS = itertools.count(1)     # a process may set up the world communicator more than once (tests)
@@ -44,7 +49,16 @@ class _TorchRequest(Request):
         self._work = work
 
     def _wait(self, deadline):
-        self._comm._wait_work(self._work, deadline)
+        comm = self._comm
+        if comm.backend == "nccl" and self.op != "collective":
+            # NCCL point to point: a stream wait, the host runs on; the process group's watchdog
+            # (timeout process_group_timeout(comm.timeout)) bounds the operation.
+            self._work.wait()
+            return
+        # gloo, and NCCL collectives (their result is read on the host): block with the deadline
+        remaining = max(deadline - time.monotonic(), 1e-3)
+        if self._work.wait(datetime.timedelta(seconds=remaining)) is False:
+            raise comm._timeout_error(self._describe())
 
 
 class TorchComm(Communicator):
@@ -57,8 +71,6 @@ class TorchComm(Communicator):
     def __init__(self, group, backend: str, timeout: float, device: torch.device, global_ranks: list[int],
                  owns_world: bool = False, store=None, prefix: str = "parml"):
         super().__init__()
-        import torch.distributed as dist
-
         self._dist = dist
         self._group = group
         self.backend = backend
@@ -75,8 +87,6 @@ class TorchComm(Communicator):
     def world(cls, backend: str = "gloo", timeout: float = 300.0,
               device: str | torch.device | None = None) -> "TorchComm":
         """The default process group (initialised here from torchrun's variables if needed)."""
-        import torch.distributed as dist
-
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"TorchComm backend must be 'gloo' or 'nccl', got {backend!r}")
         if backend == "nccl":
@@ -85,7 +95,8 @@ class TorchComm(Communicator):
             if not dist.is_nccl_available():
                 raise CommError("the nccl backend is not built into this torch")
             if device is None or torch.device(device).index is None:
-                device = nccl_device(local_rank(), _local_world_size(), torch.cuda.device_count())
+                device = torch.device("cuda", nccl_device_for(local_rank(), _local_world_size(),
+                                                              torch.cuda.device_count()))
             dev = torch.device(device)
             torch.cuda.set_device(dev)
         else:
@@ -97,10 +108,13 @@ class TorchComm(Communicator):
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
                 raise CommError(f"{TORCHRUN_HINT} (missing: {', '.join(missing)})")
-            kwargs = {"backend": backend, "init_method": "env://",
-                      "timeout": process_group_timeout(timeout, backend)}
+            pg_timeout = process_group_timeout(timeout) if backend == "nccl" else timeout
+            kwargs = {"backend": backend, "init_method": "env://", "timeout": datetime.timedelta(seconds=pg_timeout)}
             if backend == "nccl":
                 kwargs["device_id"] = dev
+            if _attempt_prefix():       # a job torchrun restarted: not on the keys of the attempt before
+                kwargs.update(init_method=None, store=_launcher_store(timeout), rank=int(os.environ["RANK"]),
+                              world_size=int(os.environ["WORLD_SIZE"]))
             try:
                 dist.init_process_group(**kwargs)
             except Exception as exc:
@@ -111,16 +125,15 @@ class TorchComm(Communicator):
         return cls(dist.group.WORLD, backend, timeout, dev, list(range(dist.get_world_size())), owns,
                    store=_launcher_store(timeout) if backend == "gloo" else None, prefix=f"parml/w{next(_WORLDS)}")
 
-    # ---- helpers ------------------------------------------------------------
-    def _wait_work(self, work, deadline: float | None = None) -> None:
-        if work is None:
-            return
-        if self.backend == "nccl":
-            work.wait()              # orders the current stream after the operation; no host polling
-        else:
-            remaining = self.timeout if deadline is None else max(deadline - time.monotonic(), 1e-3)
-            work.wait(datetime.timedelta(seconds=remaining))
+    @property
+    def ordered_p2p(self) -> bool:
+        """NCCL ignores tags and runs a pair's operations in posting order (``Communicator``)."""
+        return self.backend == "nccl"
 
+    def _pg_timeout(self) -> float:
+        return process_group_timeout(self.timeout) if self.backend == "nccl" else self.timeout
+
+    # ---- helpers ------------------------------------------------------------
     def _check_tensor_device(self, tensor: torch.Tensor, what: str) -> None:
         if self.backend == "nccl" and tensor.device.type != "cuda":
             raise ValueError(f"{what}: the nccl backend needs CUDA tensors, got {tensor.device}")
@@ -129,7 +142,7 @@ class TorchComm(Communicator):
 
     def _collective(self, what: str, start) -> None:
         work = self._guard(what, start)
-        self._guard(what, lambda: self._wait_work(work))
+        _TorchRequest(self, "collective", -1, 0, None, work, label=what).wait()
 
     # ---- point to point -------------------------------------------------------
     def isend(self, tensor, dst, tag=0):
@@ -209,7 +222,7 @@ class TorchComm(Communicator):
         ranks = self._check_split(ranks)
         self._splits += 1            # every rank of this communicator calls split: counters stay in step
         prefix = f"{self._prefix}/s{self._splits}"
-        timeout = process_group_timeout(self.timeout, self.backend)
+        timeout = datetime.timedelta(seconds=self._pg_timeout())
         if self.backend == "nccl":
             group = self._guard(f"split into ranks {ranks}", lambda: self._dist.split_group(
                 self._group, [ranks], timeout=timeout, group_desc=prefix))
@@ -228,9 +241,10 @@ class TorchComm(Communicator):
         self._children.append(child)
         return child
 
-    def abort(self, message):
+    def abort(self, message, quiet=False):
         try:
-            print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"parml: abort (rank {self.rank}): {message}", file=sys.stderr, flush=True)
         except Exception:
             pass
         groups = [c._group for c in self._children] + [self._group]
@@ -271,31 +285,41 @@ class TorchComm(Communicator):
 def _launcher_store(timeout: float):
     """A client of the launcher's key-value store (torchrun's agent store, or rank 0's), on which
     gloo sub-groups meet; None where the world was set up without MASTER_ADDR / MASTER_PORT."""
-    import torch.distributed as dist
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return None
     try:
-        return dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:
         raise CommError(f"cannot reach the launcher's store at {addr}:{port}: {exc}") from exc
+    prefix = _attempt_prefix()
+    return dist.PrefixStore(prefix, store) if prefix else store
 
 
-def _local_world_size() -> int:
+def _attempt_prefix() -> str:
+    """torchrun keeps its store when it restarts a job (--max-restarts), and torch does not prefix
+    the keys per attempt: a restarted worker can read its peers' addresses of the attempt before
+    (gloo: "connectFullMesh failed ... Connection refused"). A restarted attempt gets its own keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return "" if attempt in ("", "0") else f"parml/attempt{attempt}/"
+
+
+def _local_world_size() -> int | None:
     try:
-        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
 
 
-def nccl_device(local: int, local_world: int, device_count: int) -> torch.device:
-    """The GPU of local rank `local`: NCCL needs one GPU per rank (it rejects two ranks on one
-    GPU with "Duplicate GPU detected"), so more local ranks than GPUs is a one-line error."""
-    if device_count < 1:
-        raise CommError("the nccl backend needs a CUDA device, but none is visible")
-    if local_world > device_count or local >= device_count:
-        raise CommError(f"{local_world} local ranks but {device_count} GPU(s): NCCL needs one GPU per rank; "
-                        f"start at most {device_count} ranks per node, or use --backend mpi (ranks may "
-                        f"share a GPU through host staging)")
-    return torch.device("cuda", local)
+def nccl_device_for(local_rank: int, local_world_size: int | None, device_count: int) -> int:
+    """The CUDA device index of a local rank under NCCL (one GPU per rank), or a one-line error.
+
+    NCCL rejects two ranks on one GPU ("Duplicate GPU detected"); MPI can share a GPU by staging
+    through host memory, so the error suggests it."""
+    local = local_world_size if local_world_size is not None else local_rank + 1
+    if device_count < 1 or local > device_count or local_rank >= device_count:
+        raise CommError(
+            f"--backend torch on --device cuda (NCCL) needs one GPU per local rank: {local} local ranks, "
+            f"{device_count} GPU(s); launch at most {max(device_count, 1)} ranks per node "
+            f"(torchrun --nproc_per_node {max(device_count, 1)}) or use --backend mpi (ranks share a GPU)")
+    return local_rank

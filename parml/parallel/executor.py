@@ -14,10 +14,11 @@ import torch
 
 from ..kernels import attach_kernels
 from .layout import Partition, check_microbatches, partition_blocks
-from .schedule import get_schedule
+from .schedule import ScheduleError, check_message_order, get_schedule
 from .sharding import assemble_state, shard_state
 from .transfer import time_halos
 from .stage import PipelineStage
+from .timing import synchronize
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LayerParallel:
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
                  partition: Partition | None = None, device=None, weight_grads: str = "deferred",
-                 kernel: str = "torch"):
+                 kernel: str = "auto"):
         self.comm = comm
         self.schedule = get_schedule(schedule)
         self.microbatches = microbatches
@@ -61,7 +62,12 @@ class LayerParallel:
         start, stop = self.partition.range(comm.rank)
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
-        self.kernel = attach_kernels(self.model, kernel)
+        self.kernels = attach_kernels(self.model, kernel)
+        if getattr(comm, "ordered_p2p", False) and comm.size > 1:
+            try:       # a tag-blind transport needs equal send and receive orders per direction
+                check_message_order(self.schedule.actions(comm.size, microbatches))
+            except ScheduleError as e:
+                raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
@@ -72,6 +78,8 @@ class LayerParallel:
         check_microbatches(x.shape[0], self.microbatches)
         for p in self.model.parameters():
             p.grad = None
+        synchronize(self.device)              # CUDA: time this step's work only
+        self.stage.collect_times()
         t0 = time.perf_counter()
         c0, w0, s0 = self.stage.compute_seconds, self.stage.wait_seconds, self.stage.send_seconds
         x, y = x.to(self.device), y.to(self.device)
@@ -94,10 +102,12 @@ class LayerParallel:
             self.stage.deferring(False)
             self.stage.end_step()
         self.stage.finish_sends()
+        synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
         t1 = time.perf_counter()
         value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
         broadcast = time.perf_counter() - t1
         self.stage.wait_seconds += broadcast
+        self.stage.collect_times()      # CUDA: compute and wait from events, not launch times
         self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
                                self.stage.wait_seconds - w0, self.stage.send_seconds - s0, broadcast)
         self.total = self.total + self.times

@@ -12,7 +12,11 @@ and checked without any process group:
 
 Sends are buffered (non-blocking) and only receives block, so the only way a
 schedule can fail at run time is a cycle of stages waiting on each other's
-receives; :func:`dry_run` finds such cycles before any rank starts.  The split
+receives; :func:`dry_run` finds such cycles before any rank starts.  Tags
+exist only where the transport matches by tag (gloo, MPI); NCCL delivers a
+pair's messages in posting order, so :func:`dry_run` also proves with
+:func:`check_message_order` that each neighbour receives in the order the
+other sends, per direction.  The split
 between "what to run" (here) and "how to run it" (the stage executor) mirrors
 ``torch.distributed.pipelining``, and actions print the same way (``0F1``).
 """
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 __all__ = ["Action", "ScheduleError", "Schedule", "GPipe", "OneFOneB", "SCHEDULES", "get_schedule",
-           "register_schedule", "validate", "dry_run", "format_schedule", "format_timeline",
+           "register_schedule", "validate", "check_message_order", "dry_run", "format_schedule", "format_timeline",
            "bubble_fraction", "max_in_flight"]
 
 
@@ -175,7 +179,29 @@ def _recv(a: Action, num_stages: int):
     return None
 
 
-def dry_run(actions: list[list[Action]], num_microbatches: int) -> list[list[Action]]:
+def check_message_order(actions: list[list[Action]]) -> None:
+    """Every neighbouring pair receives in the order the other side sends, per direction.
+
+    States flow s -> s+1 in the order of the F actions, adjoints s+1 -> s in the order of the B
+    actions; each direction has its own channel (its own communicator on NCCL). Equal orders mean
+    that the k-th message of a channel is the k-th one expected, so tags never matter (NCCL has
+    none); a mismatch is a :class:`ScheduleError` naming the pair and the first differing message.
+    """
+    for s in range(len(actions) - 1):
+        for what, sender, receiver, kind in (("states", s, s + 1, "F"), ("adjoints", s + 1, s, "B")):
+            sent = [a.microbatch for a in actions[sender] if a.kind == kind]
+            expected = [a.microbatch for a in actions[receiver] if a.kind == kind]
+            if sent != expected:
+                k = next((i for i, (a, b) in enumerate(zip(sent, expected)) if a != b), min(len(sent), len(expected)))
+                got = sent[k] if k < len(sent) else None
+                want = expected[k] if k < len(expected) else None
+                raise ScheduleError(
+                    f"stage {sender} sends {what} to stage {receiver} in micro-batch order {sent}, but stage "
+                    f"{receiver} receives them in order {expected}: message {k} would be micro-batch {got} "
+                    f"where {want} is expected on a transport without tags (NCCL)")
+
+
+def dry_run(actions: list[list[Action]], num_microbatches: int, ordered: bool = True) -> list[list[Action]]:
     """Simulate the schedule in one process and return its execution order.
 
     The simulation runs in lock-step rounds: in each round every stage runs its
@@ -186,8 +212,12 @@ def dry_run(actions: list[list[Action]], num_microbatches: int) -> list[list[Act
     ``2*(M+P-1)`` steps, of which each stage is busy ``2*M``.  A round in which
     no stage can run while some still have work is a deadlock: it is reported
     as a :class:`ScheduleError` naming each blocked action and what it waits for.
+    With ``ordered`` (the default) the schedule must also run on a tag-blind transport
+    (:func:`check_message_order`); ``ordered=False`` matches messages by tag only.
     """
     validate(actions, num_microbatches)
+    if ordered:
+        check_message_order(actions)
     P, pos = len(actions), [0] * len(actions)
     mailbox: set[tuple[int, int, int]] = set()  # (src, dst, tag)
     steps: list[list[Action]] = []

@@ -4,7 +4,16 @@ Forward of micro-batch m: receive y_a (tag 2m) from the previous rank — or rea
 first rank — run the local steps [a, b), send y_b on. Backward: receive the adjoint λ_b (tag 2m+1)
 — or start from the loss on the last rank — backpropagate through the local steps and send λ_a
 back. Buffers are preallocated from the model's shape plan, never inferred from a trial send;
-a training step posts all of its receives up front (``post_receives``).
+a training step posts all of its receives up front (``post_receives``) where the transport
+matches messages by tag.
+
+On a tag-blind, stream-ordered transport (NCCL: ``comm.ordered_p2p``) a pair's messages are
+delivered in posting order and a receive at the head of a stream blocks what is queued behind it.
+There states travel on one communicator and adjoints on another (``direction_groups``), so each
+pair's stream carries one direction only, and each receive is posted just before it is needed:
+the order of the operations on every stream is then the order of the schedule's F (or B) actions,
+which ``schedule.check_message_order`` proves equal on both sides. No send can wait behind an
+unmatched receive, whether a send completes at once (small messages) or only when matched.
 
 With ``weight_grads="deferred"`` a backward first computes and sends the input adjoint and only
 then forms the dense blocks' weight gradients of that micro-batch, one batched matmul per chunk
@@ -14,13 +23,25 @@ step's sums to ``.grad`` after the last backward.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..kernels import DeferredWeightGrads
+from .timing import StageTimer
 
 WEIGHT_GRADS = ("deferred", "inline")
+
+
+def direction_groups(comm):
+    """(states, adjoints): two communicators over all ranks of `comm`, one per pipeline direction.
+
+    Collective (every rank of `comm` calls it at the same point: building a ``LayerParallel``);
+    created once per communicator and kept on it, so the levels of one group share them."""
+    groups = getattr(comm, "_parml_direction_groups", None)
+    if groups is None:
+        everyone = list(range(comm.size))
+        groups = (comm.split(everyone), comm.split(everyone))
+        comm._parml_direction_groups = groups
+    return groups
 
 
 class PipelineStage:
@@ -30,6 +51,11 @@ class PipelineStage:
         if weight_grads not in WEIGHT_GRADS:
             raise ValueError(f"weight_grads must be one of {', '.join(WEIGHT_GRADS)}, got {weight_grads!r}")
         self.shard, self.comm = shard, comm
+        # tag-blind transports (NCCL): one communicator per direction, receives posted lazily
+        self.ordered = bool(getattr(comm, "ordered_p2p", False))
+        self.states, self.adjoints = direction_groups(comm) if self.ordered and comm.size > 1 else (comm, comm)
+        self.early_receives = not self.ordered
+        self.timer = StageTimer(device or comm.device)
         self.deferred = DeferredWeightGrads() if weight_grads == "deferred" else None
         self.rank, self.size = comm.rank, comm.size
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
@@ -48,19 +74,22 @@ class PipelineStage:
 
         A rendezvous transport (gloo's TCP pairs send only after the receiver posted its buffer)
         then moves each state and adjoint while this rank computes, instead of starting the
-        handshake when the rank already waits for the data."""
+        handshake when the rank already waits for the data. Tag-blind transports skip this:
+        there a receive posted early would block its stream (see the module docstring)."""
+        if not self.early_receives:
+            return
         for m, rows in enumerate(sizes):
             if not self.first:
-                self._post(self.shard.state_shape(self.shard.start, rows), self.rank - 1, 2 * m)
+                self._post(self.states, self.shard.state_shape(self.shard.start, rows), self.rank - 1, 2 * m)
             if not self.last:
-                self._post(self.shard.state_shape(self.shard.stop, rows), self.rank + 1, 2 * m + 1)
+                self._post(self.adjoints, self.shard.state_shape(self.shard.stop, rows), self.rank + 1, 2 * m + 1)
 
-    def _post(self, shape, src, tag):
+    def _post(self, comm, shape, src, tag):
         buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self._posted[tag] = (self.comm.irecv(buf, src, tag), buf)
+        self._posted[tag] = (comm.irecv(buf, src, tag), buf)
 
-    def _recv(self, shape, src, tag):
-        t0 = time.perf_counter()
+    def _recv(self, comm, shape, src, tag):
+        t0 = self.timer.start()
         if tag in self._posted:
             req, buf = self._posted.pop(tag)
             req.wait()
@@ -68,29 +97,36 @@ class PipelineStage:
                 raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, expected {tuple(shape)}")
         else:
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self.comm.recv(buf, src, tag)
-        self.wait_seconds += time.perf_counter() - t0
+            comm.recv(buf, src, tag)
+        self.wait_seconds += self.timer.stop(t0, "wait")
         return buf
 
-    def _send(self, tensor, dst, tag):
-        t0 = time.perf_counter()   # posting can block (gloo hands the send to its I/O thread)
-        self._sends.append(self.comm.isend(tensor.contiguous(), dst, tag))
-        dt = time.perf_counter() - t0
+    def _send(self, comm, tensor, dst, tag):
+        t0 = self.timer.start()   # posting can block (gloo hands the send to its I/O thread)
+        self._sends.append(comm.isend(tensor.contiguous(), dst, tag))
+        dt = self.timer.stop(t0, "send")
         self.wait_seconds += dt
         self.send_seconds += dt
 
     def finish_sends(self):
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         for req in self._sends:
             req.wait()
         self._sends.clear()
-        self.wait_seconds += time.perf_counter() - t0
+        self.wait_seconds += self.timer.stop(t0, "wait")
 
     def deferring(self, on: bool):
         """Route the dense chunks' weight gradients to the deferred sink (training steps only)."""
         for chunk in self.shard.block_chunks():
             if chunk.kernel is not None:
                 chunk.kernel.sink = self.deferred if on else None
+
+    def collect_times(self):
+        """Add the device times recorded since the last call (CUDA events; call after a synchronize)."""
+        done = self.timer.collect()
+        self.compute_seconds += done.get("compute", 0.0)
+        self.send_seconds += done.get("send", 0.0)           # posting sends: part of the wait
+        self.wait_seconds += done.get("wait", 0.0) + done.get("send", 0.0)
 
     def end_step(self):
         """Forget what a step that failed part-way left behind (stored gradients, posted receives)."""
@@ -101,9 +137,9 @@ class PipelineStage:
     def flush_weight_grads(self):
         """Write the step's deferred weight gradients to ``.grad`` (after the stage's last backward)."""
         if self.deferred is not None and self.deferred.pending():
-            t0 = time.perf_counter()
+            t0 = self.timer.start()
             self.deferred.finish()
-            self.compute_seconds += time.perf_counter() - t0
+            self.compute_seconds += self.timer.stop(t0, "compute")
 
     # -- compute
     def forward(self, m, x_m, y_m, total, train=True):
@@ -111,15 +147,16 @@ class PipelineStage:
         if self.first:
             inp = x_m
         else:
-            inp = self._recv(self.shard.state_shape(self.shard.start, x_m.shape[0]), self.rank - 1, 2 * m)
+            inp = self._recv(self.states, self.shard.state_shape(self.shard.start, x_m.shape[0]),
+                             self.rank - 1, 2 * m)
             inp.requires_grad_(train)
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         with torch.set_grad_enabled(train):
             out = self.shard(inp)
             loss = self.shard.loss(out, y_m, reduction="sum") / total if self.last else None
-        self.compute_seconds += time.perf_counter() - t0
+        self.compute_seconds += self.timer.stop(t0, "compute")
         if not self.last:
-            self._send(out.detach(), self.rank + 1, 2 * m)
+            self._send(self.states, out.detach(), self.rank + 1, 2 * m)
         if train:
             self._held[m] = (inp, loss if self.last else out)
         return loss, out
@@ -129,15 +166,15 @@ class PipelineStage:
         if self.last:
             grad = None
         else:
-            grad = self._recv(out.shape, self.rank + 1, 2 * m + 1)
-        t0 = time.perf_counter()
+            grad = self._recv(self.adjoints, out.shape, self.rank + 1, 2 * m + 1)
+        t0 = self.timer.start()
         if self.deferred is not None:
             self.deferred.microbatch = m
         torch.autograd.backward(out, grad)
-        self.compute_seconds += time.perf_counter() - t0
+        self.compute_seconds += self.timer.stop(t0, "compute")
         if not self.first:
-            self._send(inp.grad, self.rank - 1, 2 * m + 1)
+            self._send(self.adjoints, inp.grad, self.rank - 1, 2 * m + 1)
         if self.deferred is not None:   # W of m, after its adjoint is on the way (zero-bubble's B/W split)
-            t0 = time.perf_counter()
+            t0 = self.timer.start()
             self.deferred.flush(m)
-            self.compute_seconds += time.perf_counter() - t0
+            self.compute_seconds += self.timer.stop(t0, "compute")

@@ -8,6 +8,13 @@ ones (opening, projections, head) from their owner on one level to their owner o
 
 A list of tensors here is always in ``hierarchy.ordered_parameters`` order of the shard that
 the rank holds on that level; every rank derives every other rank's layout from the plan.
+
+Tag-blind transports (NCCL match the k-th send of a pair with its k-th receive, and run a pair's
+operations in posting order): every rank posts its sends and receives in one global order — the
+pieces in ``_pieces`` order, the halo rows chunk by chunk — so both sides of a pair post the same
+sequence (each send facing its receive), and the earliest unfinished piece is always at the head
+of both its ranks' streams. The tags only label the messages (``tests/nccl_model.py`` checks that
+they match at every delivery).
 """
 from __future__ import annotations
 

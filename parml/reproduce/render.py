@@ -9,6 +9,7 @@ import statistics
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ..training.report import read_metrics
 from .paper import PAPER_SENSITIVITY, THRESHOLDS
@@ -155,6 +156,19 @@ HEADER = ("| L / setup | paper V-cycles | paper U_c | paper U | parml V-cycles (
 
 
 def render_markdown(results: dict, command: str = "") -> str:
+    """The reproduction's markdown: setup, the table beside the paper's, ratios, reach table, grid."""
+    plan: Plan = results["plan"]
+    lines = _md_intro(results, command) + _md_table(results) + _md_relative(results)
+    if plan.mode == "table1":
+        lines += _md_table1_ratios(results)
+    if plan.mode == "sensitivity":
+        lines += _md_sensitivity(results)
+    lines.append(f"Curves (first seed): `{plan.name}-cycles.png`, `{plan.name}-work-units.png`; "
+                 f"every number per seed: `{plan.name}.json`; run folders: `runs/`.")
+    return "\n".join(lines) + "\n"
+
+
+def _md_intro(results: dict, command: str) -> list[str]:
     plan: Plan = results["plan"]
     task = "co-centric circles" if plan.task == "circles" else "MNIST"
     b = plan.base
@@ -176,6 +190,12 @@ def render_markdown(results: dict, command: str = "") -> str:
     lines += [f"- {n}" for n in plan.notes]
     if plan.notes:
         lines.append("")
+    return lines
+
+
+def _md_table(results: dict) -> list[str]:
+    plan: Plan = results["plan"]
+    lines = []
     lines += [HEADER, "|" + "---|" * 9]
     flags = set()
     for r in results["rows"]:
@@ -203,6 +223,11 @@ def render_markdown(results: dict, command: str = "") -> str:
     lines.append("U_c (parml) is measured: work units counted by the trainer / V-cycles. Seconds include the "
                  "validation after every V-cycle.")
     lines.append("")
+    return lines
+
+
+def _md_relative(results: dict) -> list[str]:
+    lines = []
     rel = relative_u(results)
     if rel:
         ref = rel["reference"]
@@ -211,48 +236,54 @@ def render_markdown(results: dict, command: str = "") -> str:
                      f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
                      + (" († rows stopped at the budget, so these are not cost ratios)." if short else "."))
         lines.append("")
-    if plan.mode == "table1":
-        ratio = table1_ratio(results)
-        if ratio:
-            hi = ratio["levels"][1]
-            paper = ratio.get("paper")
-            ptxt = f" (paper {paper['U_L1']:g}/{paper['U_Lmax']:g} = {paper['U']:.2f})" if paper else ""
-            lines.append(f"**U(L=1)/U(L={hi})**, medians over seeds: parml {_f(ratio['U'], '.2f')}{ptxt}; "
-                         f"V-cycle ratio {_f(ratio['cycles'], '.1f')}; wall-clock ratio (median seconds) "
-                         f"{_f(ratio['seconds'], '.2f')}, training compute only {_f(ratio['compute_seconds'], '.2f')}."
-                         + ("" if ratio["all_reached"] else " Not every run reached the target: a bound, not a ratio."))
-            lines.append("")
-        reach = reach_table(results)
-        if reach and any(run.get("first_reach") for r in results["rows"] for run in r["runs"]):
-            ts = reach["thresholds"]
-            lines += ["Work units (median over seeds) when the validation accuracy first reached each level, read from "
-                      "the runs' logs (– : not reached by every seed within the budget):", "",
-                      "| L / setup | " + " | ".join(f"val acc ≥ {t}" for t in ts) + " |",
-                      "|---|" + "---|" * len(ts)]
-            for x in reach["rows"]:
-                lines.append(f"| {x['label']} | " + " | ".join(
-                    f"{_f(x['cells'][t]['U'], '.1f')} ({_f(x['cells'][t]['cycles'], 'g')} cyc.)"
-                    if x["cells"][t]["U"] is not None else "–" for t in ts) + " |")
-            if reach["ratio"]:
-                hi = reach["ratio"]["levels"][1]
-                lines.append(f"| U(L=1)/U(L={hi}) | " + " | ".join(_f(reach["ratio"]["U"][t], ".2f") for t in ts) + " |")
-            lines.append("")
-    if plan.mode == "sensitivity":
-        s = sensitivity_summary(results)
-        lines += ["| α (lr) | β | parml U(L=1) | parml U(L=8) | U ratio | wall-clock ratio |", "|---|---|---|---|---|---|"]
-        for c in s["cells"]:
-            lines.append(f"| {c['lr']:g} | {_fmt_beta(c['beta'])} | {_f(c['U_L1'], '.1f')} | {_f(c['U_L8'], '.1f')} "
-                         f"| {_f(c['U_ratio'], '.2f')}{'' if c['all_reached'] else ' †'} "
-                         f"| {_f(c['seconds_ratio'], '.2f')} |")
-        lines += ["", f"**Mean U(L=1)/U(L=8)** over the {len(s['cells'])} cells: parml {_f(s['mean_U_ratio'], '.2f')}, "
-                  f"relative standard deviation {_f(s['rsd_percent'], '.2f')} % (paper: "
-                  f"{PAPER_SENSITIVITY['mean_ratio']}, {PAPER_SENSITIVITY['rsd_percent']} %); mean wall-clock ratio "
-                  f"{_f(s['mean_seconds_ratio'], '.2f')}. Over the {s['cells_all_reached']} cells where every run "
-                  f"reached the target: {_f(s['mean_U_ratio_reached_cells'], '.2f')}, "
-                  f"{_f(s['rsd_percent_reached_cells'], '.2f')} %. ({s['rsd_definition']}.)", ""]
-    lines.append(f"Curves (first seed): `{plan.name}-cycles.png`, `{plan.name}-work-units.png`; "
-                 f"every number per seed: `{plan.name}.json`; run folders: `runs/`.")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _md_table1_ratios(results: dict) -> list[str]:
+    lines = []
+    ratio = table1_ratio(results)
+    if ratio:
+        hi = ratio["levels"][1]
+        paper = ratio.get("paper")
+        ptxt = f" (paper {paper['U_L1']:g}/{paper['U_Lmax']:g} = {paper['U']:.2f})" if paper else ""
+        lines.append(f"**U(L=1)/U(L={hi})**, medians over seeds: parml {_f(ratio['U'], '.2f')}{ptxt}; "
+                     f"V-cycle ratio {_f(ratio['cycles'], '.1f')}; wall-clock ratio (median seconds) "
+                     f"{_f(ratio['seconds'], '.2f')}, training compute only {_f(ratio['compute_seconds'], '.2f')}."
+                     + ("" if ratio["all_reached"] else " Not every run reached the target: a bound, not a ratio."))
+        lines.append("")
+    reach = reach_table(results)
+    if reach and any(run.get("first_reach") for r in results["rows"] for run in r["runs"]):
+        ts = reach["thresholds"]
+        lines += ["Work units (median over seeds) when the validation accuracy first reached each level, read from "
+                  "the runs' logs (– : not reached by every seed within the budget):", "",
+                  "| L / setup | " + " | ".join(f"val acc ≥ {t}" for t in ts) + " |",
+                  "|---|" + "---|" * len(ts)]
+        for x in reach["rows"]:
+            lines.append(f"| {x['label']} | " + " | ".join(
+                f"{_f(x['cells'][t]['U'], '.1f')} ({_f(x['cells'][t]['cycles'], 'g')} cyc.)"
+                if x["cells"][t]["U"] is not None else "–" for t in ts) + " |")
+        if reach["ratio"]:
+            hi = reach["ratio"]["levels"][1]
+            lines.append(f"| U(L=1)/U(L={hi}) | " + " | ".join(_f(reach["ratio"]["U"][t], ".2f") for t in ts) + " |")
+        lines.append("")
+    return lines
+
+
+def _md_sensitivity(results: dict) -> list[str]:
+    lines = []
+    s = sensitivity_summary(results)
+    lines += ["| α (lr) | β | parml U(L=1) | parml U(L=8) | U ratio | wall-clock ratio |", "|---|---|---|---|---|---|"]
+    for c in s["cells"]:
+        lines.append(f"| {c['lr']:g} | {_fmt_beta(c['beta'])} | {_f(c['U_L1'], '.1f')} | {_f(c['U_L8'], '.1f')} "
+                     f"| {_f(c['U_ratio'], '.2f')}{'' if c['all_reached'] else ' †'} "
+                     f"| {_f(c['seconds_ratio'], '.2f')} |")
+    lines += ["", f"**Mean U(L=1)/U(L=8)** over the {len(s['cells'])} cells: parml {_f(s['mean_U_ratio'], '.2f')}, "
+              f"relative standard deviation {_f(s['rsd_percent'], '.2f')} % (paper: "
+              f"{PAPER_SENSITIVITY['mean_ratio']}, {PAPER_SENSITIVITY['rsd_percent']} %); mean wall-clock ratio "
+              f"{_f(s['mean_seconds_ratio'], '.2f')}. Over the {s['cells_all_reached']} cells where every run "
+              f"reached the target: {_f(s['mean_U_ratio_reached_cells'], '.2f')}, "
+              f"{_f(s['rsd_percent_reached_cells'], '.2f')} %. ({s['rsd_definition']}.)", ""]
+    return lines
 
 
 def to_json(results: dict, command: str = "") -> dict:
@@ -327,7 +358,8 @@ def plot_curves(results: dict, out: str) -> list[str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("loss (solid)")
             ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7, loc="center right")
+            styles = [Line2D([], [], color="0.3", label="loss"), Line2D([], [], color="0.3", ls="--", label="val acc")]
+            ax.legend(handles=ax.get_legend_handles_labels()[0] + styles, fontsize=7, loc="center right")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.tight_layout()

@@ -43,7 +43,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
         if init_state is not None and i == cfg.levels - 1:
             model.load_state_dict(init_state)
         executor = LayerParallel(model, group, cfg.schedule.lower(), cfg.microbatches, plan.partition,
-                                 device=device, weight_grads=cfg.weight_grads)
+                                 device=device, weight_grads=cfg.weight_grads, kernel=cfg.kernel)
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,

@@ -2,13 +2,14 @@
 
 ``<run>/checkpoints/cycle-000120/`` holds ``rank<r>.pt`` (that rank's block chunks, shared
 parameters and level-optimizer states) and ``manifest.json`` (position, counters, shard sizes and
-SHA-256). Each file is written to a temporary name, fsynced and renamed; the manifest is written
-last, after every shard exists, so a checkpoint without a manifest is incomplete. Loading checks
-sizes and hashes and falls back to the previous complete checkpoint with a warning.
+SHA-256). Each shard is serialized in memory, written to a temporary name, fsynced, read back and
+renamed; the manifest is written last, after every shard exists, so a checkpoint without a manifest
+is incomplete. A failed write on any rank ends the save on every rank with the same ``WriteError``.
+Older checkpoints are removed only once ``keep`` newer verified ones exist (``prune``). Loading
+checks sizes and hashes and falls back to the previous complete checkpoint with a warning.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,34 +18,14 @@ import warnings
 import torch
 
 from ..parallel.sharding import assemble_state, shard_entries, shard_state
+from .files import WriteError, agree, atomic_write, attempt, file_digest, remove_temporaries, sha256, torch_bytes, \
+    write_error
 
 MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint; the message names the folder."""
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def optimizer_pieces(level) -> list:
@@ -76,25 +57,65 @@ def restore_optimizer(level, pieces: list) -> None:
         level.optimizer.state[p] = state
 
 
-def save(run_dir: str, comm, cycle: int, finest_model, levels: list, manifest: dict, keep: int = 2) -> str:
-    """Collective: every rank writes its shard, rank 0 the manifest; keeps the newest `keep`."""
+def save(run_dir: str, comm, cycle: int, finest_model, levels: list, manifest: dict, keep: int = 3,
+         verified: set | None = None) -> str:
+    """Collective: every rank writes and re-reads its shard, rank 0 the manifest; then complete
+    checkpoints older than the `keep` newest verified ones are removed. A failed write on any rank
+    raises the same WriteError on every rank and removes the incomplete checkpoint."""
     folder = os.path.join(run_dir, "checkpoints", f"cycle-{cycle:06d}")
-    if comm.rank == 0:
-        os.makedirs(folder, exist_ok=True)
-    comm.barrier()
+    verified = set() if verified is None else verified
+    agree(comm, attempt(lambda: _make_folder(folder)) if comm.rank == 0 else None)
     shard = {"model": shard_state(finest_model),
              "optimizers": [optimizer_pieces(lev) if lev is not None else None for lev in levels]}
     path = os.path.join(folder, f"rank{comm.rank}.pt")
-    _atomic_write(path, lambda f: torch.save(shard, f))
-    files = comm.allgather_object((os.path.basename(path), os.path.getsize(path), _digest(path)))
-    if comm.rank == 0:
+    data = torch_bytes(shard)
+    error = attempt(lambda: atomic_write(path, data, verify=True))
+    files = comm.allgather_object(str(error) if error else (os.path.basename(path), len(data), sha256(data)))
+    failed = next((f for f in files if isinstance(f, str)), None)
+    if failed is None and comm.rank == 0:
         body = {**manifest, "cycle": cycle, "ranks": comm.size,
                 "files": {name: {"bytes": size, "sha256": digest} for name, size, digest in files}}
-        _atomic_write(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(body, indent=1).encode()))
-        for old in complete_checkpoints(run_dir, verify=False)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-    comm.barrier()
+        error = attempt(lambda: atomic_write(os.path.join(folder, MANIFEST), json.dumps(body, indent=1).encode()))
+        failed = None if error is None else str(error)
+    if failed is not None and comm.rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)        # incomplete: no manifest, no use
+    agree(comm, WriteError(failed) if failed and comm.rank == 0 else None)
+    verified.add(folder)
+    if comm.rank == 0:
+        prune(run_dir, keep, verified)
     return folder
+
+
+def _make_folder(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+    remove_temporaries(folder)          # left by a process killed while writing this checkpoint
+
+
+def prune(run_dir: str, keep: int, verified: set) -> list[str]:
+    """Remove the checkpoint folders older than the `keep` newest verified ones (those in `verified`
+    or whose files match their manifest's sizes and SHA-256); a damaged checkpoint is not counted,
+    so nothing is removed while fewer than `keep` verified ones exist. Returns the removed folders."""
+    root = os.path.join(run_dir, "checkpoints")
+    folders = [os.path.join(root, name) for name in sorted(os.listdir(root), reverse=True)]
+    good = 0
+    for i, folder in enumerate(folders):
+        if os.path.exists(os.path.join(folder, MANIFEST)) and (folder in verified or _problem(folder) is None):
+            verified.add(folder)
+            good += 1
+        if good == keep:
+            for old in folders[i + 1:]:
+                shutil.rmtree(old, ignore_errors=True)
+            return folders[i + 1:]
+    return []
+
+
+def last_complete(run_dir: str) -> str:
+    """The newest checkpoint with a manifest, for messages ('none' if there is none)."""
+    found = complete_checkpoints(run_dir, verify=False)
+    return found[0] if found else "none"
 
 
 def complete_checkpoints(run_dir: str, verify: bool = True) -> list[str]:
@@ -128,7 +149,7 @@ def _problem(folder: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(path) != meta["bytes"]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {meta['bytes']}"
-        if _digest(path) != meta["sha256"]:
+        if file_digest(path) != meta["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 

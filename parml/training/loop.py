@@ -89,7 +89,9 @@ def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, 
 
 def _fault_hook(cycle: int, vcycle: VCycle) -> None:
     """Test hook: PARML_TEST_FAULT="kind:cycle:rank" (kind nan | raise | kill) breaks one rank on
-    purpose, so the tests can check that a failing or dying rank ends the whole job cleanly."""
+    purpose, so the tests can check that a failing or dying rank ends the whole job cleanly.
+    With PARML_TEST_FAULT_ONCE=<file> the fault fires only if that file does not exist yet (the hook
+    creates it), so a job restarted by its launcher (torchrun --max-restarts) runs on unharmed."""
     spec = os.environ.get("PARML_TEST_FAULT")
     if not spec:
         return
@@ -97,6 +99,12 @@ def _fault_hook(cycle: int, vcycle: VCycle) -> None:
     finest = vcycle.levels[-1]
     if int(at) != cycle or finest.executor.rank != int(rank):
         return
+    marker = os.environ.get("PARML_TEST_FAULT_ONCE")
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     if kind == "nan":
         with torch.no_grad():
             finest.params[0].view(-1)[0] = float("nan")

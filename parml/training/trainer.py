@@ -5,20 +5,23 @@ The same function runs on one process or layer-parallel on many; only rank 0 wri
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 
 import torch
 
-from ..comm import CommError, launcher_world_size, make_communicator
+from ..comm import CommError, CommTimeout, launcher_world_size, make_communicator
 from ..config import ConfigError, TrainConfig
 from ..data import DataError, Dataset, load_dataset
 from ..multilevel.cascade import LR_SCHEDULES
 from ..parallel.layout import LayoutError, check_microbatches, check_world_size, describe_plan, partition_blocks
 from .build import build_vcycle, resolve_device
 from .cascade import run_cascade
-from .checkpoint import CheckpointError, complete_checkpoints, load_latest, restore_optimizer, save as save_checkpoint
+from .checkpoint import CheckpointError, complete_checkpoints, last_complete, load_latest, restore_optimizer, \
+    save as save_checkpoint
+from .files import WriteError, agree, atomic_write, attempt, holds_files, torch_bytes
 from .loop import Phase, TrainingError, run_cycles
 from .report import RunWriter, plot_run, read_metrics
 
@@ -56,7 +59,7 @@ def resolve_resume(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
     if complete_checkpoints(cfg.folder):
         return TrainConfig.resume_run(cfg.folder, given).validate()
     cfg.resume = None
-    if os.path.isdir(cfg.folder) and os.listdir(cfg.folder):
+    if holds_files(cfg.folder):
         try:
             TrainConfig.resume_run(cfg.folder, {k: getattr(cfg, k) for k in cfg.to_dict()})
             cfg.overwrite = True            # the same options: nothing of another run is lost
@@ -69,9 +72,12 @@ def claim_folder(cfg: TrainConfig, comm) -> None:
     """No run's data is ever overwritten: a new run refuses an existing, non-empty run folder unless
     ``--overwrite`` (which deletes it first). Rank 0 decides for every rank."""
     problem = None
-    if comm.rank == 0 and not cfg.resume and os.path.isdir(cfg.folder) and os.listdir(cfg.folder):
+    if comm.rank == 0 and not cfg.resume and holds_files(cfg.folder):
         if cfg.overwrite:
-            shutil.rmtree(cfg.folder)
+            try:
+                shutil.rmtree(cfg.folder)
+            except OSError as e:
+                problem = f"--overwrite: cannot delete {e.filename or cfg.folder}: {e.strerror or e}"
         else:
             problem = (f"run folder {cfg.folder} exists: continue it with --resume {cfg.folder}, start another "
                        f"with --run-name NAME, or delete it with --overwrite")
@@ -83,16 +89,26 @@ def claim_folder(cfg: TrainConfig, comm) -> None:
 def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None) -> dict:
     """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0).
     `around_cycle(vcycle)`: a context manager entered around every V-cycle / GD-step call,
-    cascade stages included (``run_cycles``)."""
+    cascade stages included (``run_cycles``).
+    A failed write raises WriteError naming the file, the OS error and the last complete checkpoint."""
     cfg = resolve_resume(cfg.validate())
     data = _prepare(cfg, comm, data)
     claim_folder(cfg, comm)
+    try:
+        return _train(cfg, comm, data, around_cycle)
+    except WriteError as e:
+        raise WriteError(f"{e}; last complete checkpoint: {last_complete(cfg.folder)}", e.collective) from None
+
+
+def _train(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     run = _start(cfg, comm, data, around_cycle)
     vcycle, out, resumed = run["vcycle"], run["out"], run["resumed"]
     levels = vcycle.levels
     schedule = LR_SCHEDULES[cfg.lr_schedule]
     lr_at = schedule(cfg.lr, cfg.lr_min, cfg.max_cycles) if schedule is not None else None
     saved = []
+    verified = set() if resumed is None else \
+        {os.path.join(cfg.folder, "checkpoints", os.path.basename(resumed["manifest"]["folder"]))}
 
     def checkpoint(state: Phase):
         if cfg.checkpoint_every and state.cycle % cfg.checkpoint_every == 0:
@@ -100,7 +116,8 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None
                         "seconds": time.perf_counter() - run["clock"], "cascade_work_units": run["cascade_units"],
                         "level_stats": [[lev.stats.gradients, lev.stats.work_units, lev.stats.seconds]
                                         if lev else None for lev in levels]}
-            saved.append(save_checkpoint(cfg.folder, comm, state.cycle, levels[-1].model, levels, manifest))
+            saved.append(save_checkpoint(cfg.folder, comm, state.cycle, levels[-1].model, levels, manifest,
+                                         keep=cfg.keep_checkpoints, verified=verified))
 
     start = None
     if resumed is not None:
@@ -111,15 +128,38 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None
                            work_offset=run["cascade_units"], start=start, after_cycle=checkpoint,
                            around_cycle=around_cycle)
     except TrainingError as e:
-        out.close()
+        _close(out)
         kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
         raise TrainingError(f"{e}; last good checkpoint: {kept or 'none (use --checkpoint-every N)'}") from None
+    except WriteError:
+        _close(out)
+        raise
     return _finish(cfg, comm, data, run, state)
+
+
+def _close(out: RunWriter) -> None:
+    with contextlib.suppress(OSError, WriteError):
+        out.close()
+
+
+def _open_writer(cfg: TrainConfig, comm, resumed: dict | None) -> RunWriter:
+    """Rank 0 opens the run folder and writes config.toml at once (``--resume auto`` recognises the
+    run however early it is killed); a failed write ends every rank with the same line."""
+    opened = []
+
+    def open_files():
+        total = cfg.max_cycles + cfg.cascade * cfg.cascade_cycles
+        opened.append(RunWriter(cfg.folder, progress=cfg.progress, total=total, tensorboard=cfg.tensorboard,
+                                keep_rows=None if resumed is None else resumed["rows"]))
+        opened[0].write_text("config.toml", cfg.to_toml())
+
+    agree(comm, attempt(open_files) if comm.rank == 0 else None)
+    return opened[0] if opened else RunWriter(cfg.folder, active=False)
 
 
 def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     """The run folder's writer, the cascade (or the checkpoint to resume), the V-cycle on the ranks,
-    config.json / config.toml, and the opening lines."""
+    config.toml / config.json, and the opening lines."""
     device = resolve_device(cfg, comm)
     clock = time.perf_counter()
     init_state, cascade_units, cascade_log, resumed = None, 0.0, [], None
@@ -127,21 +167,18 @@ def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
         resumed = _load_checkpoint(cfg, read_rows=comm.rank == 0)
         init_state, cascade_units = resumed["state"], resumed["manifest"]["cascade_work_units"]
         clock -= resumed["manifest"]["seconds"]
-    out = RunWriter(cfg.folder, active=comm.rank == 0, progress=cfg.progress,
-                    total=cfg.max_cycles + cfg.cascade * cfg.cascade_cycles,
-                    keep_rows=None if resumed is None else resumed["rows"])
+    out = _open_writer(cfg, comm, resumed)
     if cfg.cascade and resumed is None:
         init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock, around_cycle)
     vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
     if resumed is not None:
         _restore_levels(vcycle.levels, resumed, comm)
     plans = vcycle.plans
-    out.write_text("config.toml", cfg.to_toml())
-    out.write_json("config.json", {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend,
-                                   "dataset_name": data.name, "cycle_resolved": str(cfg.setup),
-                                   "work_units_per_cycle_eq10": cfg.setup.cost(), "cascade_stages": cascade_log,
-                                   "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
-                                             "bounds": list(p.partition.bounds)} for p in plans]})
+    info = {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend, "dataset_name": data.name,
+            "cycle_resolved": str(cfg.setup), "work_units_per_cycle_eq10": cfg.setup.cost(),
+            "cascade_stages": cascade_log, "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
+                                                     "bounds": list(p.partition.bounds)} for p in plans]}
+    agree(comm, attempt(lambda: out.write_json("config.json", info)))
     out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
               f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {cfg.folder}")
     if comm.size > 1:
@@ -162,12 +199,16 @@ def _finish(cfg: TrainConfig, comm, data: Dataset, run: dict, state: Phase) -> d
                "val_loss": record.get("val_loss"),
                "level_seconds": [lev.stats.seconds if lev else 0.0 for lev in levels],
                "level_gradients": [lev.stats.gradients if lev else 0 for lev in levels], "folder": cfg.folder}
-    out.write_json("summary.json", summary)
-    out.close()
     final = levels[-1].executor.gather_state()
-    if comm.rank == 0:
-        torch.save(final, os.path.join(cfg.folder, "final.pt"))
+
+    def write_results():
+        out.write_json("summary.json", summary)
+        out.close()
+        atomic_write(os.path.join(cfg.folder, "final.pt"), torch_bytes(final))
         plot_run(cfg.folder, f"{data.name}, K={cfg.blocks}, L={cfg.levels} {cfg.setup}")
+
+    agree(comm, attempt(write_results) if comm.rank == 0 else None)
+    out.close()
     status = "reached" if state.reached else "did not reach"
     out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
               f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
@@ -215,9 +256,15 @@ def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
         fail(str(e))
     except TrainingError as e:
         fail(str(e), code=1)
+    except WriteError as e:
+        # an error the ranks agreed on ends each of them; one only rank 0 saw must end the others
+        message = str(e)
+        fail(message, code=1, then=None if e.collective else lambda: comm.abort(message, quiet=True))
     except CommError as e:
-        comm.abort(f"rank {comm.rank}: {e}")
-        fail(f"rank {comm.rank}: {e}", code=1)
+        # rank 0 reports; another rank only a timeout (a peer that neither answered nor left): a
+        # closed connection means a peer left, and that peer, rank 0 or the launcher says why
+        message, loud = f"rank {comm.rank}: {e}", comm.rank != 0 and isinstance(e, CommTimeout)
+        fail(message, code=1, then=lambda: comm.abort(message, quiet=not loud))
     except KeyboardInterrupt:
         comm.abort("interrupted")
         raise

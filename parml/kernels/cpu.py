@@ -1,0 +1,247 @@
+"""The fused CPU kernel as an autograd Function: one numba call per chunk forward and backward.
+
+A chunk of K stacked dense blocks (Euler or midpoint RK2, relu / tanh / sigmoid, float32 / float64)
+is one autograd node. The forward streams tiles of the batch through all K blocks (``_numba_dense``)
+and keeps y_k (feature-major, [K, v, B]); the stage activations σ(z) are kept too, except for relu
+at tiny widths, where recomputing z = W y + b in the backward is cheaper than the memory traffic
+(``keep_activations``). The backward returns the input adjoint and the weight gradients, either
+inline (summed inside the kernel) or — with a deferred sink — as per-block adjoints handed to the
+sink, which forms them with one batched matmul.
+
+Deferred sink protocol (``model.DeferredWeightGrads`` satisfies it unchanged):
+    buffer(like, blocks) -> a [blocks, *like.shape] tensor; the kernel also accepts the transposed
+        views it hands back itself (recycled buffers), i.e. tensors whose transpose(1, 2) is
+        contiguous, so the buffers live feature-major.
+    add(chunk, ys, gas, h): ys, gas are [K, N, v] (views of feature-major storage) with
+        ∂W_k = h Σ_n gas[k, n]ᵀ ys[k, n] and ∂b_k = h Σ_n gas[k, n]. Euler: N = P, (y_k, σ'⊙λ),
+        P = the batch padded to whole tiles (padding samples have gas = 0: exact zeros in the sums).
+        RK2: N = 2P, the two stage evaluations side by side, ys = (y'_k | y_k) and
+        gas = (g2 | g1 / 2) — the ½ of the first stage's weight (h/2) is folded into gas (exact,
+        a power of two), so flush's single bmm is right for both steppers.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+ACTIVATION_CODES = {"relu": 0, "tanh": 1, "sigmoid": 2}
+STEPPER_CODES = {"euler": 0, "rk2": 1}
+DTYPES = (torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_numba():
+    """The compiled kernels module; raises ImportError (with the reason) where numba cannot load."""
+    try:
+        import numba  # noqa: F401
+
+        from . import _numba_dense
+    except Exception as e:   # ImportError, or numba refusing this numpy version
+        raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return _numba_dense
+
+
+def available() -> tuple[bool, str | None]:
+    """(True, None) where the compiled kernels load, else (False, one-line reason)."""
+    try:
+        _load_numba()
+    except ImportError as e:
+        return False, str(e)
+    return True, None
+
+
+def tile_size(width: int, batch: int, threads: int = 1) -> int:
+    """Samples per tile. Each inner loop runs over a tile, and its fixed cost (set-up, overlap
+    checks, remainder) is paid per block and tile, so tiles are as long as L2 allows: the six
+    [v, tile] buffers of the backward within ~200 KiB, i.e. at most 8192 / v samples (power of
+    two, 64..2048; measured at batch 2000: width 3 tile 2000 vs 256 1.6x, width 32 256 vs 32 1.6x).
+    The batch is split into equal tiles, at least one per thread, each a multiple of 32 samples
+    (8-wide vectors, 4 in flight): the loops then have no scalar remainder (the last tile is padded)."""
+    cap = 1 << max(6, min(11, (8192 // max(width, 1)).bit_length() - 1))
+    ntiles = max((batch + cap - 1) // cap, min(threads, (batch + 31) // 32))
+    per_tile = (batch + ntiles - 1) // ntiles
+    return max(32, (per_tile + 31) // 32 * 32)
+
+
+def keep_activations(activation: str, width: int) -> bool:
+    """Store σ(z) for the backward, or recompute z = W y + b there. tanh and sigmoid: store (exp
+    costs more than reading). relu: recompute up to width 8, where the small matvec is cheaper than
+    the memory traffic (step 1.29x faster at width 3, batch 2000; 1.1x at width 8, batch 1000);
+    store above (1.1x the other way at width 32, batch 100; benchmarks/kernels.py, policy table)."""
+    return activation != "relu" or width > 8
+
+
+def _threads(ntiles: int) -> int:
+    """Threads for this call: torch's setting (``--threads``), at most one per tile. numba's
+    "workqueue" layer unless NUMBA_THREADING_LAYER says otherwise: it starts no second OpenMP
+    runtime next to torch's, whose spinning threads would compete with torch's."""
+    n = min(torch.get_num_threads(), ntiles)
+    if n > 1:
+        import numba
+        if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+            numba.config.THREADING_LAYER = "workqueue"   # read at the first parallel launch
+        n = min(n, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(n)
+    return max(n, 1)
+
+
+class _BufferPool:
+    """Recycled multi-MiB state buffers. A fresh allocation of that size is an mmap whose every
+    4 KiB page faults (and is zeroed) on first touch: 30-50 % of a width-32 step when measured.
+    A buffer goes back when its backward is done; at most ``limit`` per shape are held."""
+
+    def __init__(self, limit: int = 8):
+        self.limit = limit
+        self._free: dict[tuple, list] = {}
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype))
+        return free.pop() if free else torch.empty(shape, dtype=dtype)
+
+    def give(self, *tensors):
+        for t in tensors:
+            if t.numel() >= 4096:
+                free = self._free.setdefault((tuple(t.shape), t.dtype), [])
+                if len(free) < self.limit:
+                    free.append(t)
+
+    def clear(self):
+        self._free.clear()
+
+
+POOL = _BufferPool()
+
+
+@functools.lru_cache(maxsize=64)
+def _consts(h: float, dtype: torch.dtype):
+    """(h, h/2, 1, 0, 1/2, 2, tanh cut-off) in the working dtype (shared by calls; never written)."""
+    return torch.tensor([h, h / 2, 1.0, 0.0, 0.5, 2.0, 20.0], dtype=dtype).numpy()
+
+
+def _feature_major(buf: torch.Tensor, K: int, v: int, n: int) -> torch.Tensor:
+    """The [K, v, n] contiguous storage behind a sink buffer of shape [K, n, v]."""
+    if buf.is_contiguous():
+        return buf.view(K, v, n)
+    t = buf.transpose(1, 2)
+    if t.is_contiguous():
+        return t
+    raise RuntimeError("weight-gradient sink returned a buffer that is neither contiguous nor transposed-contiguous")
+
+
+def _like(y: torch.Tensor, n: int, v: int) -> torch.Tensor:
+    return y.new_empty(1, 1).expand(n, v)
+
+
+def _np_dtype(dtype):
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
+@functools.cache
+def _empty(ndim: int, dtype):
+    """A shared empty array of `ndim` dims ("not stored" for the kernels; never written)."""
+    return np.empty((0,) + (1,) * (ndim - 1), dtype)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class FusedDense(torch.autograd.Function):
+    """y_K of a chunk of stacked dense blocks, fused; ``deferred`` is (sink, chunk) or None.
+
+    Small arrays come from numpy (``torch.from_numpy``): a torch op costs ~10-20 µs of dispatch
+    here, which at batch 250 was a tenth of the chunk's time."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, h, activation, stepper, deferred):
+        nd = _load_numba()
+        K, v = weight.shape[0], weight.shape[1]
+        x, W, b = _contiguous(y), _contiguous(weight), _contiguous(bias)
+        B, dt = x.shape[0], _np_dtype(x.dtype)
+        rk2 = stepper == "rk2"
+        act, step = ACTIVATION_CODES[activation], STEPPER_CODES[stepper]
+        train = any(ctx.needs_input_grad[:3])
+        keep = train and keep_activations(activation, v)
+        tile = tile_size(v, B, torch.get_num_threads())
+        ntiles = (B + tile - 1) // tile
+        P = ntiles * tile                          # stored columns: the batch padded to whole tiles
+        n_y = 2 * P if (rk2 and deferred is not None) else P
+        if not train:
+            Y = None
+        elif deferred is not None:
+            Y = _feature_major(deferred[0].buffer(_like(x, n_y, v), K), K, v, n_y)
+        else:
+            Y = POOL.take((K, v, n_y), x.dtype)
+        S = POOL.take((K, 1 + rk2, v, P), x.dtype) if keep else None
+        out = np.empty((B, v), dt)
+        arrays = (W.numpy(), b.numpy(), _empty(3, dt) if Y is None else Y.numpy(),
+                  _empty(4, dt) if S is None else S.numpy())
+        c = _consts(h, x.dtype)
+        n = _threads(ntiles)
+        args = (x.numpy(), arrays[0], arrays[1], c, step, act, tile)
+        if n == 1:
+            nd.forward(*args, 0, ntiles, out, arrays[2], arrays[3])
+        else:
+            nd.forward_parallel(*args, n, out, arrays[2], arrays[3])
+        if train:
+            ctx.save_for_backward(weight, bias)   # version checks: an in-place update before backward raises
+            ctx.keep = (W, b, Y, S)               # the tensors behind ``arrays``
+            ctx.arrays, ctx.c = arrays, c
+            ctx.meta = (h, act, step, tile, n_y, deferred)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        nd = _load_numba()
+        ctx.saved_tensors   # noqa: B018 - raises if weight/bias were modified in place
+        h, act, step, tile, n_y, deferred = ctx.meta
+        (W, _, Y, S), (Wn, bn, Yn, Sn), c = ctx.keep, ctx.arrays, ctx.c
+        g = _contiguous(g)
+        B, v = g.shape
+        K, dt = W.shape[0], _np_dtype(g.dtype)
+        gin = np.empty((B, v), dt)
+        ntiles = (B + tile - 1) // tile
+        n = _threads(ntiles)
+        if deferred is not None:
+            sink, chunk = deferred
+            G = _feature_major(sink.buffer(_like(g, n_y, v), K), K, v, n_y)
+            Gn, gw, gb = G.numpy(), np.empty((n, 0, 1, 1), dt), np.empty((n, 0, 1), dt)
+        else:
+            Gn, gw, gb = _empty(3, dt), np.zeros((n, K, v, v), dt), np.zeros((n, K, v), dt)
+        args = (g.numpy(), Wn, bn, c, step, act, tile)
+        if n == 1:
+            nd.backward(*args, 0, ntiles, Yn, Sn, gin, Gn, gw[0], gb[0])
+        else:
+            nd.backward_parallel(*args, n, Yn, Sn, gin, Gn, gw, gb)
+        del ctx.keep, ctx.arrays
+        if S is not None:
+            POOL.give(S)
+        if deferred is not None:
+            sink.add(chunk, Y.transpose(1, 2), G.transpose(1, 2), h)
+            return torch.from_numpy(gin), None, None, None, None, None, None
+        POOL.give(Y)
+        gw, gb = (gw[0], gb[0]) if n == 1 else (gw.sum(0), gb.sum(0))
+        return torch.from_numpy(gin), torch.from_numpy(gw), torch.from_numpy(gb), None, None, None, None
+
+
+def fused_chunk(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h: float, activation: str,
+                stepper: str, deferred=None) -> torch.Tensor:
+    """Run a chunk through the fused kernel (checks what the kernel supports, one line each)."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"fused kernel: activation {activation!r} not supported; valid: {', '.join(ACTIVATION_CODES)}")
+    if stepper not in STEPPER_CODES:
+        raise ValueError(f"fused kernel: stepper {stepper!r} not supported; valid: {', '.join(STEPPER_CODES)}")
+    if weight.dtype not in DTYPES or y.dtype != weight.dtype:
+        raise ValueError(f"fused kernel: dtype {y.dtype}/{weight.dtype} not supported; valid: float32, float64 (same for state and weights)")
+    if y.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"fused CPU kernel: tensors on {y.device}, expected cpu")
+    if y.dim() != 2 or y.shape[1] != weight.shape[-1]:
+        raise ValueError(f"fused kernel: state of shape {tuple(y.shape)} does not fit width {weight.shape[-1]}")
+    if not torch.is_grad_enabled():
+        deferred = None
+    return FusedDense.apply(y, weight, bias, float(h), activation, stepper, deferred)
