@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline_scaling.py [--quick] [--out benchmarks/results/pipeline] [--report-only]
     python benchmarks/pipeline_scaling.py --device cuda     # GPU node: NCCL and MPI (staged) rows
-    torchrun --nproc-per-node 2 benchmarks/pipeline_scaling.py --only compute:2   # inside an allocation
+    torchrun --nproc-per-node 4 benchmarks/pipeline_scaling.py   # inside an allocation: P = 1, 2, 4 on sub-meshes
 
 Times one training step (forward + backward, ``LayerParallel.forward_backward``) of two ODE
 ResNets for P = 1, 2, 4 processes, M = 1, 2, 4, 8 micro-batches, the "gpipe" and "1f1b"

@@ -4,8 +4,9 @@ A ``Job`` names a function ``entry(payload, comm, emit)`` and how many ranks run
 launcher, ``Launcher.run`` starts the ranks (``parml.launch.run_local``: torchrun's variables for
 gloo / NCCL, ``mpirun`` for MPI, or one plain process) with ``benchmarks.harness.worker``; inside
 an allocation (torchrun, mpirun or srun variables present) this process is one of the ranks and
-runs the jobs of the allocation's size itself. Either way rank 0 gets the records the entry
-emitted, as dataclasses.
+runs the jobs of its backend on a sub-mesh: a job of P ranks runs on ranks 0..P-1 through a
+sub-communicator (``Communicator.split``), so one allocation sweeps every P up to its size.
+Either way rank 0 gets the records the entry emitted, as dataclasses.
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ class Launcher:
     """Runs jobs: starts their ranks here, or, inside a launcher's allocation, is one of them.
 
     Inside an allocation one communicator (`comm`, made here unless given) serves every job: a
-    job of the allocation's size and backend runs on every rank; a one-rank "self" job runs on
-    rank 0 while the others wait; other jobs are skipped (``JobResult.skipped``). Only rank 0 (``self.rank``)
+    job of P <= the allocation's size ranks and its backend runs on ranks 0..P-1 (the whole
+    communicator, or a sub-communicator split from it, made once per P by every rank) while the
+    others wait; a one-rank "self" job runs on rank 0; other jobs (more ranks than the
+    allocation, another backend) are skipped (``JobResult.skipped``). Only rank 0 (``self.rank``)
     holds records.
     """
 
@@ -90,6 +93,7 @@ class Launcher:
         self.rank = self.comm.rank if self.inside else 0
         self.world = self.comm.size if self.inside else 1
         self.kind = ("mpi" if comm.backend == "mpi" else "torch") if self.inside else None   # as Job.backend
+        self._meshes: dict = {}                           # P -> sub-communicator of ranks 0..P-1 (None off it)
 
     def run(self, job: Job) -> JobResult:
         return self._inside(job) if self.inside else self._start(job)
@@ -97,8 +101,19 @@ class Launcher:
     def close(self) -> None:
         if self.comm is not None:
             self.comm.barrier()
+            for mesh in self._meshes.values():
+                if mesh is not None and mesh is not self.comm:
+                    mesh.close()
             if self._own:
                 self.comm.close()
+
+    def mesh(self, ranks: int):
+        """The communicator of ranks 0..`ranks`-1 (None on the others); collective on first use."""
+        if ranks == self.world:
+            return self.comm
+        if ranks not in self._meshes:
+            self._meshes[ranks] = self.comm.split(list(range(ranks)))
+        return self._meshes[ranks]
 
     def _start(self, job: Job) -> JobResult:
         job_path, result_path = self.log_dir / f"{job.label}.job.json", self.log_dir / f"{job.label}.result.json"
@@ -118,13 +133,16 @@ class Launcher:
 
     def _inside(self, job: Job) -> JobResult:
         serial = job.ranks == 1 and job.backend == "self"
-        if not serial and (job.ranks, job.backend) != (self.world, self.kind):
+        if not serial and (job.ranks > self.world or job.backend != self.kind):
             return JobResult(job.label, skipped=f"{job.label}: needs {job.ranks} ranks ({job.backend}), the "
                                                 f"allocation has {self.world} ({self.kind})")
         payload = from_json(type(job.payload), to_json(job.payload))      # as a launched worker sees it
         records: list = []
-        comm = SelfComm(timeout=job.comm_timeout, device=self.comm.device) if serial else self.comm
-        if self.rank == 0 or not serial:
+        if serial:
+            comm = SelfComm(timeout=job.comm_timeout, device=self.comm.device) if self.rank == 0 else None
+        else:
+            comm = self.mesh(job.ranks)
+        if comm is not None:
             resolve(job.entry)(payload, comm, lambda r: records.append(r) if comm.rank == 0 else None)
         self.comm.barrier()
         return JobResult(job.label, records if self.rank == 0 else [])

@@ -76,6 +76,9 @@ def _torch_pipe(job, model, comm, blocks, schedule, M, device, unavailable):
         return None, unavailable
     if schedule == "1f1b" and M < comm.size:
         return None, f"Schedule1F1B needs M >= P (M={M}, P={comm.size})"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else comm.size
+    if world != comm.size:       # a sub-mesh of a launcher's allocation: torch's stages span its world
+        return None, f"torch pipelining runs on the whole allocation only (P={comm.size} of {world} ranks)"
     try:
         shard = model.shard(*blocks).to(device)
         attach_kernels(shard, job.kernel)      # the same dense-chunk kernel as parml: pipelining is compared

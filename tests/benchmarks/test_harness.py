@@ -72,7 +72,7 @@ def test_launched_job_returns_typed_records(tmp_path):
 def _inside(comm, tmp):
     launcher = Launcher(Path(tmp), comm=comm)
     out = []
-    for ranks, backend in ((2, "torch"), (1, "self"), (3, "torch"), (2, "mpi")):
+    for ranks, backend in ((2, "torch"), (1, "self"), (3, "torch"), (2, "mpi"), (1, "torch"), (1, "torch")):
         got = launcher.run(Job(f"p{ranks}", "benchmarks.harness.launch:probe", ProbeJob(), ranks, backend))
         out.append((got.of(Probe), got.skipped))
     launcher.close()
@@ -82,12 +82,14 @@ def _inside(comm, tmp):
 @pytest.mark.timeout(120)
 def test_jobs_run_inside_an_allocation(tmp_path):
     """Started by a launcher (torchrun's variables), the harness runs jobs of the allocation's size on
-    its ranks, one-rank jobs on rank 0, and skips the others."""
+    its ranks, smaller jobs of its backend on a sub-communicator of ranks 0..P-1 (made once), one-rank
+    "self" jobs on rank 0, and skips the others."""
     r0, r1 = run_ranks("tests.benchmarks.test_harness:_inside", 2, "gloo", args={"tmp": str(tmp_path)}, timeout=90)
     assert r0[0] == ([Probe(2, "gloo", 1.0)], None) and r1[0] == ([], None)
     assert r0[1] == ([Probe(1, "self", 0.0)], None) and r1[1] == ([], None)
     assert r0[2][0] == [] and "needs 3 ranks (torch), the allocation has 2 (torch)" in r0[2][1]
     assert r0[3][0] == [] and "needs 2 ranks (mpi)" in r0[3][1]
+    assert r0[4] == r0[5] == ([Probe(1, "gloo", 0.0)], None) and r1[4] == r1[5] == ([], None)
 
 
 @pytest.mark.timeout(120)
