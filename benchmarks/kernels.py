@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import parml.kernels as pk  # noqa: E402
 from parml.kernels import DeferredWeightGrads, cpu  # noqa: E402
+from parml.kernels.base import _plain  # noqa: E402
 from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
 
 GRID = {3: 2048, 8: 256, 32: 256, 64: 256, 128: 256}
@@ -50,7 +51,7 @@ class EagerKernel(pk.Kernel):
     name = "eager"
 
     def apply(self, chunk, y, sink=None):
-        return pk._plain(chunk, y)
+        return _plain(chunk, y)
 
 
 EAGER = EagerKernel()
