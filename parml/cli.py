@@ -20,10 +20,11 @@ import torch
 from . import __version__
 from .comm import CommError, describe_environment, exit_process, launcher_rank, launcher_world_size
 from .config import ConfigError, TrainConfig, field_type, flag
-from .data import DataError
-from .parallel.layout import LayoutError
+from .data import DataError, load_dataset
+from .parallel.layout import LayoutError, describe_mesh
 from .parallel.schedule import ScheduleError, dry_run, format_schedule, get_schedule
 from .reproduce import ReproduceError, build_plan, reproduce as run_reproduction
+from .training.build import plan_run, smallest_batch
 from .training.trainer import resolve_options, run_from_cli
 
 
@@ -67,8 +68,8 @@ def _train_options(command):
             command = click.option(*names, f.name, default=None, help=help_text)(command)
         else:
             # values are parsed by TrainConfig, so every bad value gets the same one-line error
-            command = click.option(*names, f.name, type=str, default=None, metavar={int: "INT", float: "FLOAT"}.get(base, "TEXT"),
-                                   help=help_text)(command)
+            metavar = {int: "INT", float: "FLOAT"}.get(base, "TEXT")
+            command = click.option(*names, f.name, type=str, default=None, metavar=metavar, help=help_text)(command)
     return command
 
 
@@ -89,14 +90,28 @@ def train(config_file, **options):
         exit_process(0)
 
 
-@cli.command()
-@click.option("--schedule", default=None, help="Print this schedule's action lists, e.g. 1f1b.")
-@click.option("--stages", "-P", type=int, default=4, show_default=True)
-@click.option("--microbatches", "-M", type=int, default=8, show_default=True)
-def info(schedule, stages, microbatches):
-    """Versions, available backends and devices, and what --backend auto would pick."""
+@cli.command(context_settings={"max_content_width": 110})
+@click.option("--mesh", "mesh", type=int, default=None, metavar="D",
+              help="Print the mesh of the train options instead: D data replicas x P layer ranks (world = --ranks, "
+                   "or D x -P), what each rank holds (blocks, batch rows) and every level's layout.")
+@click.option("--stages", "-P", type=int, default=4, show_default=True,
+              help="Layer ranks of --schedule's action lists (and of --mesh without --ranks).")
+@click.option("--config", "config_file", default=None, metavar="TOML", help="Train options from a TOML file.")
+@_train_options
+def info(mesh, stages, config_file, **options):
+    """Versions, available backends and devices, and what --backend auto would pick; with --schedule a
+    schedule's action lists (-P stages, -M micro-batches, default 8); with --mesh D the run's mesh."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if mesh is not None:
+        _print_mesh(mesh, stages, config_file, given)
+        return
     click.echo(json.dumps({"parml": __version__, **describe_environment()}, indent=2, default=str))
+    schedule = given.get("schedule")
     if schedule:
+        try:
+            microbatches = int(given.get("microbatches", 8))
+        except ValueError:
+            fail(f"--microbatches {given['microbatches']!r} is not an integer")
         try:
             acts = get_schedule(schedule).actions(stages, microbatches)
             steps = dry_run(acts, microbatches)
@@ -104,6 +119,23 @@ def info(schedule, stages, microbatches):
             fail(str(e))
         click.echo(format_schedule(acts))
         click.echo(f"{len(steps)} unit time steps (ideal 2(M+P-1) = {2 * (microbatches + stages - 1)})")
+
+
+def _print_mesh(data_parallel: int, stages: int, config_file: str | None, given: dict) -> None:
+    """`parml info --mesh D`: the plan `parml train` prints at start, without any process group."""
+    try:
+        given["data_parallel"] = data_parallel
+        given.setdefault("ranks", data_parallel * stages)
+        cfg = resolve_options(config_file, given)
+        data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, flatten=cfg.arch != "conv")
+        plan = plan_run(cfg, cfg.ranks, data)
+    except (ConfigError, DataError, LayoutError) as e:
+        fail(str(e))
+    n = data.x_train.shape[0]
+    batch, last = min(cfg.batch_size or n, n), smallest_batch(n, cfg.batch_size)
+    tail = f" (the last of an epoch: {last})" if last != batch else ""
+    click.echo(f"{data.name}, K={cfg.blocks}, L={cfg.levels}, batch {batch}{tail}, -M {cfg.microbatches}")
+    click.echo(describe_mesh(plan, batch, cfg.microbatches))
 
 
 @cli.command(context_settings={"show_default": True})
@@ -114,14 +146,16 @@ def info(schedule, stages, microbatches):
 @click.option("--out", default=os.path.join("runs", "reproduce"),
               help="Results folder (table, JSON, plots; run folders under OUT/runs). The committed results live "
                    "in benchmarks/results/reproduce: name it to update them.")
-@click.option("--data-dir", default=None, help="MNIST IDX folder [default: ../shared/data/mnist next to the repository].")
+@click.option("--data-dir", default=None,
+              help="MNIST IDX folder [default: ../shared/data/mnist next to the repository].")
 @click.option("--max-cycles", type=int, default=None, help="V-cycle budget per run [default: 3000; 600 with --quick].")
 @click.option("--target-accuracy", type=float, default=None,
               help="Stop at this validation accuracy [default: the paper's, 1.0 circles / 0.93 MNIST].")
 @click.option("--levels", default=None, help="table1 only: comma-separated subset of L = 1,2,4,6,8.")
 @click.option("--max-work-units", type=float, default=None,
               help="Same work budget for every setup: V-cycles <= max-work-units / U_c (and <= --max-cycles).")
-@click.option("--reuse", is_flag=True, help="Keep runs whose folder under OUT/runs already holds the same config's summary.")
+@click.option("--reuse", is_flag=True,
+              help="Keep runs whose folder under OUT/runs already holds the same config's summary.")
 @click.option("--overwrite", is_flag=True, help="Replace run folders under OUT/runs that hold another config's run.")
 @click.option("--threads", type=int, default=1, help="torch compute threads per rank.")
 @click.option("--progress/--no-progress", default=True, help="One line per finished run on rank 0.")

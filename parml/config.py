@@ -25,6 +25,7 @@ from .model import ACTIVATIONS, HEADS, INITS, NORMS, PROJECTIONS, STAGE_KINDS, S
 from .multilevel.hierarchy import INTERPOLATIONS, METRICS, HierarchyError, level_specs
 from .multilevel.cascade import LR_SCHEDULES
 from .multilevel.mgopt import LEVEL_OPTIMIZERS, CycleError, CycleSetup
+from .parallel.layout import COARSE_LAYOUTS
 from .parallel.schedule import SCHEDULES
 from .parallel.stage import WEIGHT_GRADS
 
@@ -127,7 +128,14 @@ class TrainConfig:
                                choices=WEIGHT_GRADS, runtime=True)
     kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
                          choices=KERNELS, runtime=True)
-    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank is gathered onto fewer ranks.")
+    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank runs on fewer layer ranks "
+                                      "(see --coarse-layout).")
+    data_parallel: int = option(1, "Data replicas D: the world is D replicas x P = world/D layer ranks (world rank "
+                                "= d*P + p); each replica runs its share of every batch, gradients are summed over "
+                                "the replicas.", runtime=True)
+    coarse_layout: str = option("gather", "A coarse level on P_l < P layer ranks: gather (the other ranks wait) | "
+                                "replicate (P_l layer ranks x D*P/P_l replicas: every rank works).",
+                                choices=COARSE_LAYOUTS, runtime=True)
     comm_timeout: float = option(300.0, "Seconds before a blocked communication fails.", runtime=True)
     threads: int = option(1, "torch compute threads per rank (ranks are the parallelism; small blocks run best "
                           "on one).", runtime=True)
@@ -230,7 +238,8 @@ class TrainConfig:
             if fields[k].metadata["runtime"]:
                 setattr(saved, k, _convert(fields[k], v, ""))
         saved.resume = run_dir
-        saved.out, saved.run_name = os.path.dirname(os.path.abspath(run_dir)), os.path.basename(os.path.abspath(run_dir))
+        where = os.path.abspath(run_dir)
+        saved.out, saved.run_name = os.path.dirname(where), os.path.basename(where)
         saved.overwrite = False
         return saved
 
@@ -247,7 +256,8 @@ class TrainConfig:
                     not in valid:
                 raise ConfigError(f"{flag(f.name)} {value!r} is not one of: {', '.join(valid)}")
         at_least_one = ("blocks", "width", "max_cycles", "max_epochs", "batch_size", "microbatches", "eval_every",
-                        "min_blocks_per_rank", "ranks", "cascade_cycles", "threads", "keep_checkpoints", "levels")
+                        "min_blocks_per_rank", "ranks", "data_parallel", "cascade_cycles", "threads",
+                        "keep_checkpoints", "levels")
         for name in at_least_one:
             value = getattr(self, name)
             need(value is None or value >= 1, f"{flag(name)} {value} must be at least 1")

@@ -185,7 +185,8 @@ def _mnist_like(name, data_dir, seed, flatten, n_train=None, n_val=None, resolut
                 raise DataError(f"{name}: {img} has {len(x)} images but {lab} has {len(y)} labels")
             sets[split] = (x, y)
     if not sets:
-        raise DataError(f"{name}: no train-images-idx3-ubyte[.gz] or t10k-images-idx3-ubyte[.gz] in --data-dir {data_dir}")
+        raise DataError(f"{name}: no train-images-idx3-ubyte[.gz] or t10k-images-idx3-ubyte[.gz] in "
+                        f"--data-dir {data_dir}")
     if "train" in sets and "t10k" in sets:
         (xt, yt), (xv, yv) = sets["train"], sets["t10k"]
         xt, yt, xv, yv, title = xt[:n_train], yt[:n_train], xv[:n_val], yv[:n_val], name
@@ -213,7 +214,8 @@ def _cifar10(data_dir, seed, flatten, n_train=None, n_val=None):
     def read(path):
         data = _read_bytes("cifar10", path)
         if len(data) == 0 or len(data) % 3073:
-            raise DataError(f"cifar10: {path} has {len(data)} bytes, not a multiple of the 3073-byte record (1 label + 3072 pixels)")
+            raise DataError(f"cifar10: {path} has {len(data)} bytes, not a multiple of the 3073-byte record "
+                            "(1 label + 3072 pixels)")
         rec = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).reshape(-1, 3073)
         y = rec[:, 0].long()
         if int(y.max()) >= 10:

@@ -330,6 +330,9 @@ class _ModelRequest(Request):
     def _wait(self, deadline):
         self._comm._engine.wait(self._op, max(deadline - time.monotonic(), 0.0))
 
+    def _describe(self):
+        return self._op.describe() if self._op.kind == "coll" else super()._describe()
+
 
 class ModelComm(Communicator):
     """One rank of a model world (see the module docstring)."""
@@ -379,6 +382,19 @@ class ModelComm(Communicator):
             self._collective(("allreduce", op, tuple(tensor.shape), tensor.dtype), tensor)
             self.collective_bytes += tensor.numel() * tensor.element_size()
         return tensor
+
+    def iallreduce(self, tensor, op="sum"):
+        """Posted on the rank's stream like every collective; done when every rank posted it."""
+        self._check_open()
+        self._check_op(op)
+        op_ = _Op("coll", self._group, self.rank, tensor=tensor, spec=("allreduce", op, tuple(tensor.shape),
+                                                                      tensor.dtype))
+        if self.size > 1:
+            self._engine.post(op_)
+            self.collective_bytes += tensor.numel() * tensor.element_size()
+        else:
+            op_.done = True
+        return _ModelRequest(self, op_)
 
     def broadcast(self, tensor, root):
         root = self._check_root(root)

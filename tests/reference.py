@@ -177,5 +177,5 @@ class MGOPT:
 def eq10(steps, coarsest) -> float:
     """U_c = 2^(1-L) μ^1 + Σ_{l=2..L} (μ1^l + μ2^l + 1) 2^(l-L) (paper eq. 10); steps finest first."""
     L = len(steps) + 1
-    return coarsest * 2.0 ** (1 - L) + sum((a + b + 1) * 2.0 ** (l - L)
-                                           for l, (a, b) in zip(range(L, 1, -1), steps))
+    return coarsest * 2.0 ** (1 - L) + sum((a + b + 1) * 2.0 ** (lev - L)
+                                           for lev, (a, b) in zip(range(L, 1, -1), steps))

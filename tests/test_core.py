@@ -39,7 +39,8 @@ def test_block_is_the_ode_step(stepper):
     chunk = model.chunks[0]
     h = 0.5
     for k in range(4):
-        f = lambda z: torch.tanh(z @ chunk.weight[k].T + chunk.bias[k])
+        def f(z, k=k):
+            return torch.tanh(z @ chunk.weight[k].T + chunk.bias[k])
         y = y + h * f(y) if stepper == "euler" else y + h * f(y + h / 2 * f(y))
     expected = y @ model.head.weight.T + model.head.bias
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
@@ -141,8 +142,8 @@ def test_restriction_is_the_adjoint_of_prolongation(interpolation):
     mask = [True, True, False]
     fine = [torch.randn(8, 3, 3, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64),
             torch.randn(2, 3, generator=g, dtype=torch.float64)]
-    coarse = [torch.randn(4, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64),
-              torch.randn(2, 3, generator=g, dtype=torch.float64)]
+    coarse = [torch.randn(4, 3, 3, generator=g, dtype=torch.float64),
+              torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)]
     lhs = sum((r * e).sum() for r, e in zip(restrict_gradient(fine, mask, interpolation), coarse))
     rhs = sum((f * p).sum() for f, p in zip(fine, prolongate(coarse, mask, interpolation)))
     assert abs(float(lhs - rhs)) < 1e-12
@@ -201,11 +202,13 @@ def test_first_order_coherence_by_finite_differences():
     dg = [r - c for r, c in zip(restrict_gradient(g_fine, fine.mask), g_coarse)]
     e = [torch.randn_like(t) for t in theta0]
     eps = 1e-6
-    h_coarse = lambda s: _objective(coarse, data, [t + s * d for t, d in zip(theta0, e)]) + \
-        sum(float((a * (t + s * d)).sum()) for a, t, d in zip(dg, theta0, e))
+    def h_coarse(s):
+        return _objective(coarse, data, [t + s * d for t, d in zip(theta0, e)]) + \
+            sum(float((a * (t + s * d)).sum()) for a, t, d in zip(dg, theta0, e))
     Ie = prolongate(e, coarse.mask)
     theta = fine.values()
-    l_fine = lambda s: _objective(fine, data, [t + s * d for t, d in zip(theta, Ie)])
+    def l_fine(s):
+        return _objective(fine, data, [t + s * d for t, d in zip(theta, Ie)])
     d_coarse = (h_coarse(eps) - h_coarse(-eps)) / (2 * eps)
     d_fine = (l_fine(eps) - l_fine(-eps)) / (2 * eps)
     assert abs(d_coarse - d_fine) < 1e-7 * max(1.0, abs(d_fine))

@@ -6,6 +6,7 @@ by autograd — not the fused torch chunk. Tolerances per tensor: |a - ref| <= r
 2 cores; cached in parml/kernels/__pycache__ afterwards).
 """
 import functools
+import os
 import subprocess
 import sys
 import warnings
@@ -294,3 +295,25 @@ def test_package_imports_and_runs_without_numba():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120, check=False)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+CACHE_WRITE_FAILS = """
+import resource, sys, torch
+from parml.kernels.cpu import fused_chunk
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))   # every cache file numba writes fails (EFBIG)
+y = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+w = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+b = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+fused_chunk(y, w, b, 0.1, "tanh", "euler").sum().backward()
+print("ok", float(y.grad.abs().sum()) > 0)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_cache_that_cannot_be_written_does_not_fail_the_step(tmp_path):
+    """numba compiles on first use and writes its cache; a full disk or a file-size limit there
+    drops the cache write, and the step still runs (fresh cache folder, so the writes happen)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CACHE_WRITE_FAILS], env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "True"], done.stderr[-2000:]

@@ -55,7 +55,8 @@ def data(n=16):
 def initial_state(K, width=3, seed=11):
     """Random parameters, nonzero biases included, drawn here (not by parml's initializer)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=g, dtype=torch.float64)
+    def r(*s, scale=1.0):
+        return scale * torch.randn(*s, generator=g, dtype=torch.float64)
     return {"opening.weight": r(width, 2), "chunks.0.weight": r(K, width, width, scale=0.7),
             "chunks.0.bias": r(K, width, scale=0.3), "head.weight": r(2, width), "head.bias": r(2, scale=0.3)}
 

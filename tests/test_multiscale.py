@@ -116,8 +116,8 @@ def test_flattened_classifier_keeps_its_response_on_smooth_states():
     with torch.no_grad():
         x = (torch.arange(16, dtype=torch.float64) + 0.5) / 16
         img = torch.sin(2 * x)[:, None] * torch.cos(x)[None, :]
-        fine.head.weight.copy_((img[None, None] * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)[:, None, None, None])
-                               .expand(3, 2, 16, 16).reshape(3, -1))
+        signs = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)[:, None, None, None]
+        fine.head.weight.copy_((img[None, None] * signs).expand(3, 2, 16, 16).reshape(3, -1))
     coarse = restrict_model(fine)
     assert coarse.head.weight.shape == (3, 2 * 8 * 8)
     bump = torch.sin(math.pi * x) ** 2

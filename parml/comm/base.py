@@ -18,6 +18,9 @@ Semantics shared by all communicators
 * ``isend``/``irecv`` never block; a rank may isend to a neighbour while the
   neighbour isends back.  The tensor of an ``isend``/``irecv`` must not be
   touched until :meth:`Request.wait` returned.
+* ``iallreduce`` starts an all-reduce and returns its :class:`Request`; a
+  communicator's collectives (blocking or not) run in the order every rank
+  started them.
 * Every blocking operation (``Request.wait``, ``send``, ``recv``, the
   collectives) gives up after ``comm.timeout`` seconds with
   :class:`CommTimeout`.  After a timeout or any other :class:`CommError` the
@@ -146,6 +149,17 @@ class Request:
         return f"<Request {self._describe()} {state}>"
 
 
+class CompletedRequest(Request):
+    """A request that finished when it was made (``iallreduce`` of a backend without a native one)."""
+
+    def __init__(self, comm: "Communicator", label: str):
+        super().__init__(comm, "collective", -1, 0, None, label)
+        self._done = True
+
+    def _wait(self, deadline: float) -> None:  # pragma: no cover - never pending
+        pass
+
+
 def looks_like_timeout(exc: BaseException) -> bool:
     return "timed out" in str(exc).lower()
 
@@ -188,6 +202,15 @@ class Communicator:
     # ---- collectives ------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         raise NotImplementedError
+
+    def iallreduce(self, tensor: torch.Tensor, op: str = "sum") -> Request:
+        """Start an all-reduce of the contiguous `tensor` in place; its ``Request.wait`` ends it.
+
+        Every rank starts the same all-reduces of a communicator in the same order (NCCL runs them
+        in posting order); `tensor` must not be touched until the request is done. This default
+        reduces at once and returns a finished request."""
+        self.allreduce(tensor, op)
+        return CompletedRequest(self, f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}")
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         """Reduce one python number in float64 (exact for what float64 holds)."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import CommError, Communicator, Request, as_bytes, nbytes, poll_until
+from .base import CommError, Communicator, CompletedRequest, Request, as_bytes, nbytes, poll_until
 from .environment import local_rank, mpi_init
 
 
@@ -227,6 +227,37 @@ class MPIComm(Communicator):
         if work is not tensor:
             tensor.copy_(work)
         return tensor
+
+    def iallreduce(self, tensor, op="sum"):
+        """A non-blocking all-reduce (``Communicator.iallreduce``): ``Iallreduce`` in place; a
+        staged (CUDA) tensor goes through a pooled host buffer that is copied back at completion."""
+        self._check_open()
+        self._check_op(op)
+        if not tensor.is_contiguous() or tensor.dtype in (torch.bool, torch.float16, torch.bfloat16):
+            raise ValueError("iallreduce needs a contiguous float32/float64/integer tensor")
+        what = f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"
+        if self.size == 1:
+            return CompletedRequest(self, what)
+        finish, host = None, tensor
+        if self._staged(tensor):
+            raw = self._pinned.get(tensor)
+            raw.copy_(as_bytes(tensor))
+            host = raw.view(tensor.dtype)
+
+            def finish():
+                as_bytes(tensor).copy_(raw)
+                self._pinned.put(raw)
+
+        if host.device.type == "cuda":
+            torch.cuda.current_stream(host.device).synchronize()
+            buf = host.reshape(-1)
+        else:
+            buf = host.reshape(-1).numpy()
+        req = _MPIRequest(self, "collective", -1, 0, tensor, None, nbytes(tensor), finish, buf)
+        req._label = what
+        req._req = self._guard(what, lambda: self._comm.Iallreduce(self._MPI.IN_PLACE, buf, self._mpi_op(op)))
+        self.collective_bytes += nbytes(tensor)
+        return req
 
     def broadcast(self, tensor, root):
         self._check_open()

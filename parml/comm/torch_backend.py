@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .base import CommError, Communicator, Request, nbytes
+from .base import CommError, Communicator, CompletedRequest, Request, nbytes
 from .environment import TORCHRUN_HINT, local_rank
 
 
@@ -190,6 +190,23 @@ class TorchComm(Communicator):
         if work_t is not tensor:
             tensor.copy_(work_t)
         return tensor
+
+    def iallreduce(self, tensor, op="sum"):
+        """A non-blocking all-reduce (``Communicator.iallreduce``): gloo runs it on its own thread,
+        NCCL on the group's stream; ``wait`` is bounded by ``comm.timeout`` as for every collective."""
+        self._check_open()
+        self._check_op(op)
+        self._check_tensor_device(tensor, "iallreduce")
+        if not tensor.is_contiguous() or tensor.dtype == torch.bool:
+            raise ValueError("iallreduce needs a contiguous, non-boolean tensor")
+        what = f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"
+        if self.size == 1:
+            return CompletedRequest(self, what)
+        opts = self._dist.AllreduceOptions()
+        opts.reduceOp = self._reduce_op(op)
+        work = self._guard(what, lambda: self._group.allreduce([tensor], opts))
+        self.collective_bytes += nbytes(tensor)
+        return _TorchRequest(self, "collective", -1, 0, tensor, work, label=what)
 
     def broadcast(self, tensor, root):
         self._check_open()

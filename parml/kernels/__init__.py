@@ -180,4 +180,5 @@ def attach_kernels(model, kernel: Kernel | str = "auto") -> list[ChunkKernel]:
 
 
 __all__ = ["AUTO_MAX_WIDTH", "FUSED_CPU", "KERNELS", "TORCH", "ChunkKernel", "DeferredWeightGrads", "EulerDense",
-           "Kernel", "KernelFallbackWarning", "TorchKernel", "apply_chunk", "attach_kernels", "kernel_for", "select_kernel"]
+           "Kernel", "KernelFallbackWarning", "TorchKernel", "apply_chunk", "attach_kernels", "kernel_for",
+           "select_kernel"]

@@ -357,8 +357,8 @@ def forward(x, W, bias, c, stepper, act, tile, lo, hi, out, Y, S):
 
     P = ``padded(B, tile)``. Y [K, v, NY] receives y_k (Euler: NY = P); RK2 with NY = 2P stores
     (y'_k | y_k), with NY = P only y_k; an empty Y stores nothing (no adjoint to follow).
-    S [K, ns, v, P] (ns = 1 Euler, 2 RK2) receives the stage activations σ(z) when S.shape[0] == K; with S empty the backward
-    recomputes them.
+    S [K, ns, v, P] (ns = 1 Euler, 2 RK2) receives the stage activations σ(z) when S.shape[0] == K;
+    with S empty the backward recomputes them.
     """
     B, v = x.shape
     K = W.shape[0]

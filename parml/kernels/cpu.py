@@ -40,8 +40,31 @@ def _load_numba():
 
         from . import _numba_dense
     except Exception as e:   # ImportError, or numba refusing this numpy version
-        raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ImportError(f"numba kernels cannot load ({type(e).__name__}: {first})") from e
+    tolerate_cache_write_errors(_numba_dense)
     return _numba_dense
+
+
+def tolerate_cache_write_errors(module) -> None:
+    """numba writes its on-disk cache on a function's first compile, next to the module. A full disk
+    or a file-size limit there must not fail a training step (the compiled code is already in
+    memory; only the next process's start-up is slower), so failed cache writes are dropped."""
+    for obj in vars(module).values():
+        cache = getattr(obj, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is not None and not getattr(save, "tolerant", False):
+            cache.save_overload = _dropping_os_errors(save)
+
+
+def _dropping_os_errors(save):
+    def tolerant(sig, data):
+        try:
+            save(sig, data)
+        except OSError:
+            pass
+    tolerant.tolerant = True
+    return tolerant
 
 
 def available() -> tuple[bool, str | None]:
@@ -237,7 +260,8 @@ def fused_chunk(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h: fl
     if stepper not in STEPPER_CODES:
         raise ValueError(f"fused kernel: stepper {stepper!r} not supported; valid: {', '.join(STEPPER_CODES)}")
     if weight.dtype not in DTYPES or y.dtype != weight.dtype:
-        raise ValueError(f"fused kernel: dtype {y.dtype}/{weight.dtype} not supported; valid: float32, float64 (same for state and weights)")
+        raise ValueError(f"fused kernel: dtype {y.dtype}/{weight.dtype} not supported; valid: float32, float64 "
+                         "(same for state and weights)")
     if y.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"fused CPU kernel: tensors on {y.device}, expected cpu")
     if y.dim() != 2 or y.shape[1] != weight.shape[-1]:

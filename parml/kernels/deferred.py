@@ -68,10 +68,13 @@ class DeferredWeightGrads:
                     self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     @torch.no_grad()
-    def finish(self):
-        """Flush what is left and add the step's sums, times h, to ``chunk.weight.grad``/``.bias.grad``."""
+    def finish(self, done=None):
+        """Flush what is left and add the step's sums, times h, to ``chunk.weight.grad``/``.bias.grad``;
+        `done([weight, bias])` is told as soon as a chunk's gradients are final (data replicas)."""
         self.flush()
         for chunk, gw, gb, h in self._acc.values():
             for p, g in ((chunk.weight, gw.mul_(h)), (chunk.bias, gb.mul_(h))):
                 p.grad = g if p.grad is None else p.grad.add_(g)
+            if done is not None:
+                done([chunk.weight, chunk.bias])
         self._acc.clear()

@@ -13,9 +13,10 @@ from dataclasses import astuple, dataclass
 import torch
 
 from ..kernels import attach_kernels
-from .layout import Partition, check_microbatches, partition_blocks
+from .layout import Partition, batch_share, check_microbatches, partition_blocks
 from .schedule import ScheduleError, check_message_order, get_schedule
 from .sharding import assemble_state, shard_state
+from .replicas import GradientReducer
 from .transfer import time_halos
 from .stage import PipelineStage
 from .timing import synchronize
@@ -46,12 +47,19 @@ class LayerParallel:
     Each rank keeps only its shard (``self.model``): the opening on rank 0, the head on the last
     rank. ``forward_backward(x, y)`` returns the loss on every rank and leaves each local
     parameter's exact gradient in ``.grad``.
+
+    On a data x layer mesh `comm` is this replica's layer group and `data` this layer rank's data
+    group (the same position in every replica): the replica runs its share of each batch
+    (``layout.batch_share``) and the gradients are summed over `data` (``replicas.GradientReducer``),
+    started as each chunk's gradients are final. `world_rank` names the rank in messages.
     """
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
                  partition: Partition | None = None, device=None, weight_grads: str = "deferred",
-                 kernel: str = "auto"):
+                 kernel: str = "auto", data=None, world_rank: int | None = None):
         self.comm = comm
+        self.data = data if data is not None and data.size > 1 else None
+        self.world_rank = comm.rank if world_rank is None else world_rank
         self.schedule = get_schedule(schedule)
         self.microbatches = microbatches
         if microbatches < 1:
@@ -69,12 +77,27 @@ class LayerParallel:
             except ScheduleError as e:
                 raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
+        self.reducer = GradientReducer(self.data) if self.data is not None else None
+        self._loss_request = None
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
+
+    @property
+    def replica(self) -> int:
+        """This rank's data replica (0 without data parallelism)."""
+        return self.data.rank if self.data is not None else 0
+
+    def _share(self, t: torch.Tensor) -> torch.Tensor:
+        if self.data is None:
+            return t
+        a, b = batch_share(t.shape[0], self.data.size, self.data.rank)
+        return t[a:b]
 
     # -- training
     def forward_backward(self, x, y) -> float:
         """Loss of the batch (mean over samples) on every rank; local gradients in ``.grad``."""
+        total = x.shape[0]
+        x, y = self._share(x), self._share(y)
         check_microbatches(x.shape[0], self.microbatches)
         for p in self.model.parameters():
             p.grad = None
@@ -82,13 +105,31 @@ class LayerParallel:
         self.stage.collect_times()
         t0 = time.perf_counter()
         c0, w0, s0 = self.stage.compute_seconds, self.stage.wait_seconds, self.stage.send_seconds
-        x, y = x.to(self.device), y.to(self.device)
+        loss = self._pipeline(x.to(self.device), y.to(self.device), total)
+        self.stage.finish_sends()
+        synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
+        t1 = time.perf_counter()
+        value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
+        broadcast = time.perf_counter() - t1
+        if self.reducer is not None:
+            self.reducer.wait()         # the gradient sums over the data group
+        self.stage.wait_seconds += time.perf_counter() - t1
+        self.stage.collect_times()      # CUDA: compute and wait from events, not launch times
+        self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
+                               self.stage.wait_seconds - w0, self.stage.send_seconds - s0, broadcast)
+        self.total = self.total + self.times
+        return value
+
+    def _pipeline(self, x, y, total) -> torch.Tensor:
+        """This rank's action list over the micro-batches of (x, y); starts the gradient sums."""
         xs, ys = x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)
-        total = x.shape[0]
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.stage.post_receives([x_m.shape[0] for x_m in xs])
         self.stage.deferring(True)
+        reducer = self.reducer
         try:
+            if reducer is not None:
+                reducer.begin()
             for action in self.schedule.stage_actions(self.comm.rank, self.comm.size, self.microbatches):
                 m = action.microbatch
                 if action.kind == "F":
@@ -97,27 +138,26 @@ class LayerParallel:
                         loss += loss_m.detach()
                 else:
                     self.stage.backward(m)
-            self.stage.flush_weight_grads()     # after the last adjoint went out
+            if reducer is not None and self.stage.last:   # the loss first: every replica's last rank
+                self._loss_request = self.data.iallreduce(loss)
+            # after the last adjoint went out; each chunk's sum starts once its gradients are final
+            self.stage.flush_weight_grads(reducer.ready if reducer is not None else None)
+            if reducer is not None:
+                reducer.flush(self.model.parameters())
+        except BaseException:
+            if reducer is not None:
+                reducer.discard()
+            raise
         finally:
             self.stage.deferring(False)
             self.stage.end_step()
-        self.stage.finish_sends()
-        synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
-        t1 = time.perf_counter()
-        value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
-        broadcast = time.perf_counter() - t1
-        self.stage.wait_seconds += broadcast
-        self.stage.collect_times()      # CUDA: compute and wait from events, not launch times
-        self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
-                               self.stage.wait_seconds - w0, self.stage.send_seconds - s0, broadcast)
-        self.total = self.total + self.times
-        return value
+        return loss
 
     @torch.no_grad()
     def evaluate(self, x, y) -> tuple[float, float]:
         """(mean loss, accuracy) of the batch, known on every rank; accuracy is nan for regression."""
-        x, y = x.to(self.device), y.to(self.device)
         total = x.shape[0]
+        x, y = self._share(x).to(self.device), self._share(y).to(self.device)
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         for m, (x_m, y_m) in enumerate(zip(x.tensor_split(self.microbatches), y.tensor_split(self.microbatches))):
             loss_m, out = self.stage.forward(m, x_m, y_m, total, train=False)
@@ -126,12 +166,17 @@ class LayerParallel:
                 if self.model.spec.task == "classification":
                     stats[1] += (out.argmax(1) == y_m).sum()
         self.stage.finish_sends()
+        if self.data is not None and self.stage.last:
+            self.data.allreduce(stats)
         if self.comm.size > 1:
             self.comm.broadcast(stats, self.comm.size - 1)
         acc = float(stats[1]) / total if self.model.spec.task == "classification" else float("nan")
         return float(stats[0]), acc
 
     def _from_last(self, value: torch.Tensor) -> float:
+        if self._loss_request is not None:
+            self._loss_request.wait()
+            self._loss_request = None
         if self.comm.size > 1:
             self.comm.broadcast(value, self.comm.size - 1)
         return float(value)
@@ -139,10 +184,11 @@ class LayerParallel:
     # -- what a multilevel ``Level`` needs from its ranks (parml.multilevel never sees a communicator)
     @property
     def rank(self) -> int:
-        return self.comm.rank
+        """The world rank (messages name it)."""
+        return self.world_rank
 
     def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the level's ranks, in place."""
+        """Sum `tensor` over the level's layer ranks (one replica: replicas hold the same values), in place."""
         return self.comm.allreduce(tensor)
 
     def allgather_object(self, obj) -> list:
@@ -157,7 +203,9 @@ class LayerParallel:
 
     # -- export
     def gather_state(self) -> dict | None:
-        """The full model's state dict on rank 0 (None elsewhere), e.g. for export."""
+        """The full model's state dict on layer rank 0 of replica 0 (None elsewhere), e.g. for export."""
+        if self.replica != 0:          # replicas hold the same shards (a whole layer group skips)
+            return None
         mine = shard_state(self.model)
         parts = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
         return assemble_state(parts) if self.comm.rank == 0 else None

@@ -125,3 +125,157 @@ def describe_plan(plans: list[LevelPlan]) -> str:
         per = f"{sizes[0]}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
         lines.append(f"level {p.level}: {p.blocks} blocks on {p.ranks} rank(s), {per} blocks per rank")
     return "\n".join(lines)
+
+
+# --- the data x layer mesh (issue 17) ---------------------------------------------------------------
+
+COARSE_LAYOUTS = ("gather", "replicate")
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Where one level runs: `replicas` copies of `partition`; world rank = d * stride + j holds
+    layer rank j of replica d. ``stride`` is the fine level's P where a coarse level is gathered
+    (the ranks d * P + j, j >= P_l, wait) and P_l where it is replicated (every rank works)."""
+    level: int
+    partition: Partition
+    replicas: int = 1
+    stride: int = 0                 # 0: partition.ranks
+
+    def __post_init__(self):
+        if self.stride == 0:
+            object.__setattr__(self, "stride", self.partition.ranks)
+
+    @property
+    def ranks(self) -> int:
+        return self.partition.ranks
+
+    @property
+    def blocks(self) -> int:
+        return self.partition.blocks
+
+    def world_rank(self, d: int, j: int) -> int:
+        return d * self.stride + j
+
+    def position(self, world_rank: int) -> tuple[int, int] | None:
+        """(replica, layer rank) of a world rank, None where the rank has no part in this level."""
+        d, j = divmod(world_rank, self.stride)
+        return (d, j) if j < self.ranks and d < self.replicas else None
+
+    def layer_group(self, d: int) -> list[int]:
+        return [self.world_rank(d, j) for j in range(self.ranks)]
+
+    def data_group(self, j: int) -> list[int]:
+        return [self.world_rank(d, j) for d in range(self.replicas)]
+
+    def same_place(self, other: "LevelLayout") -> bool:
+        """Every rank holds the same rows on both layouts (transfers between them stay on-rank)."""
+        return (self.partition.bounds, self.replicas, self.stride) == \
+            (other.partition.bounds, other.replicas, other.stride)
+
+    def coarsened(self, factor: int) -> "LevelLayout":
+        """The same ranks holding a `factor` times shallower level (the fine layout in coarse units)."""
+        return LevelLayout(self.level, self.partition.coarsened(factor), self.replicas, self.stride)
+
+
+def batch_share(rows: int, replicas: int, d: int) -> tuple[int, int]:
+    """Rows [a, b) of replica d: ``tensor_split``'s split, the first rows % replicas get one more."""
+    q, r = divmod(rows, replicas)
+    a = d * q + min(d, r)
+    return a, a + q + (d < r)
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """The mesh (torchtitan ParallelDims-style): world = D data replicas x P layer ranks and the
+    layout of every level (coarsest first). Built and checked by ``plan_mesh``."""
+    world: int
+    data_parallel: int
+    coarse_layout: str
+    levels: tuple[LevelLayout, ...]
+
+    @property
+    def layer_ranks(self) -> int:
+        return self.world // self.data_parallel
+
+
+def _check_mesh(world: int, data_parallel: int, coarse_layout: str) -> int:
+    if coarse_layout not in COARSE_LAYOUTS:
+        raise LayoutError(f"--coarse-layout {coarse_layout!r} is not one of: {', '.join(COARSE_LAYOUTS)}")
+    if data_parallel < 1 or world % data_parallel:
+        divisors = [str(d) for d in range(1, world + 1) if world % d == 0]
+        raise LayoutError(f"--data-parallel {data_parallel} does not divide the world size {world}: use one of "
+                          f"{', '.join(divisors)}")
+    return world // data_parallel
+
+
+def plan_mesh(level_blocks: list[int], world: int, data_parallel: int = 1, min_blocks_per_rank: int = 1,
+              coarse_layout: str = "gather", batch: int | None = None, microbatches: int = 1,
+              finest_ranks: int | None = None, batch_name: str = "--batch-size") -> MeshPlan:
+    """Every level's layout on a D x P mesh, with every check (one-line ``LayoutError``s).
+
+    The layer partitions come from ``plan_levels`` on P layer ranks (`finest_ranks` caps the finest
+    level: a cascade stage). A level on P_l < P layer ranks is `gather`ed (D replicas of P_l ranks,
+    ranks d * P + j, j >= P_l, idle) or `replicate`d: P_l rounded down to a divisor of P, on
+    D * P / P_l replicas, so every rank works. `batch` (if given) must leave every micro-batch of
+    every replica a sample: batch >= replicas x microbatches on every level (`batch_name` names it).
+    """
+    P = _check_mesh(world, data_parallel, coarse_layout)
+    top = finest_ranks or P
+    most = level_blocks[-1] // 2 if len(level_blocks) > 1 else level_blocks[-1]
+    if top > most:
+        raise LayoutError(f"more layer ranks ({top} = {world} ranks / --data-parallel {data_parallel}) than the "
+                          f"finest level's {level_blocks[-1]} blocks allow ({most}"
+                          f"{' pairs' if len(level_blocks) > 1 else ''}): use at most {most * data_parallel} ranks, "
+                          f"a larger --data-parallel or more --blocks")
+    out = []
+    for i, plan in enumerate(plan_levels(level_blocks, top, min_blocks_per_rank)):
+        part = plan.partition
+        if part.ranks == P or coarse_layout == "gather":
+            out.append(LevelLayout(plan.level, part, data_parallel, P))
+            continue
+        pl = max(q for q in range(1, part.ranks + 1) if P % q == 0)
+        if out and out[-1].ranks == pl and out[-1].stride == pl:     # aligned with the coarser neighbour
+            part = Partition(tuple(2 * b for b in out[-1].partition.bounds))
+        elif pl != part.ranks:
+            part = partition_blocks(part.blocks, pl, align=2 if i > 0 else 1)
+        out.append(LevelLayout(plan.level, part, data_parallel * P // pl, pl))
+    if batch is not None:
+        check_microbatches(batch, microbatches)
+        for lev in out:
+            if batch < lev.replicas * microbatches:
+                where = "" if lev.replicas == data_parallel else \
+                    f" (level {lev.level} runs on {lev.replicas} replicas with --coarse-layout replicate)"
+                raise LayoutError(f"{batch_name} {batch} is smaller than {lev.replicas} data replicas x "
+                                  f"--microbatches {microbatches}{where}: each micro-batch of each replica needs "
+                                  f"a sample; use batches of at least {lev.replicas * microbatches} samples")
+    return MeshPlan(world, data_parallel, coarse_layout, tuple(out))
+
+
+def _span(a: int, b: int) -> str:
+    return f"[{a}, {b})"
+
+
+def describe_mesh(plan: MeshPlan, batch: int | None = None, microbatches: int = 1) -> str:
+    """The mesh, what every rank holds on the finest level (blocks, data rows), each level's layout."""
+    D, P = plan.data_parallel, plan.layer_ranks
+    lines = [f"mesh: {plan.world} rank(s) = {D} data replica(s) x {P} layer rank(s), world rank = d*{P} + p; "
+             f"coarse levels: {plan.coarse_layout}"]
+    finest = plan.levels[-1]
+    for r in range(plan.world):
+        d, j = finest.position(r)
+        a, b = finest.partition.range(j)
+        extra = (" + opening" if j == 0 else "") + (" + head" if j == finest.ranks - 1 else "")
+        rows = ""
+        if batch is not None:
+            lo, hi = batch_share(batch, D, d)
+            rows = f", batch rows {_span(lo, hi)} in {microbatches} micro-batch(es)"
+        lines.append(f"  rank {r}: replica {d}, layer rank {j}: blocks {_span(a, b)}{extra}{rows}")
+    for lev in reversed(plan.levels):
+        sizes = [b - a for a, b in zip(lev.partition.bounds, lev.partition.bounds[1:])]
+        per = f"{sizes[0]}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+        idle = [r for r in range(plan.world) if lev.position(r) is None]
+        tail = f"; idle ranks {', '.join(map(str, idle))}" if idle else ""
+        lines.append(f"level {lev.level}: {lev.blocks} blocks on {lev.ranks} layer rank(s) x {lev.replicas} "
+                     f"replica(s), {per} blocks per rank{tail}")
+    return "\n".join(lines)

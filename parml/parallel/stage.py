@@ -94,7 +94,8 @@ class PipelineStage:
             req, buf = self._posted.pop(tag)
             req.wait()
             if tuple(buf.shape) != tuple(shape):
-                raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, expected {tuple(shape)}")
+                raise RuntimeError(f"message {tag} from rank {src} has shape {tuple(buf.shape)}, "
+                                   f"expected {tuple(shape)}")
         else:
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
             comm.recv(buf, src, tag)
@@ -134,11 +135,12 @@ class PipelineStage:
             self.deferred.discard()
         self._posted.clear()
 
-    def flush_weight_grads(self):
-        """Write the step's deferred weight gradients to ``.grad`` (after the stage's last backward)."""
+    def flush_weight_grads(self, done=None):
+        """Write the step's deferred weight gradients to ``.grad`` (after the stage's last backward);
+        `done(params)` hears of each chunk whose gradients are final."""
         if self.deferred is not None and self.deferred.pending():
             t0 = self.timer.start()
-            self.deferred.finish()
+            self.deferred.finish(done)
             self.compute_seconds += self.timer.stop(t0, "compute")
 
     # -- compute

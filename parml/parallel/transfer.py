@@ -1,4 +1,4 @@
-"""Moving a level's tensors between two partitions: gather onto fewer ranks, scatter back.
+"""Moving a level's tensors between two layouts: gather onto fewer ranks, scatter back, replicate.
 
 MG/OPT restricts on the fine level's ranks (chunks are even, so restriction is local), then the
 restricted parameters and gradients are *moved* to the coarse level's layout; the coarse
@@ -21,41 +21,60 @@ from __future__ import annotations
 import torch
 
 from ..model import ModelSpec
-from .layout import Partition
+from .layout import LevelLayout
 from .sharding import shard_entries
 
 TAG_BASE = 1 << 20   # above any pipeline tag (2 * micro-batch + direction)
 
 
-def _pieces(spec: ModelSpec, src: Partition, dst: Partition):
-    """Every (src rank, dst rank, src entry index, dst entry index, rows) piece, in one global order."""
-    src_entries = [shard_entries(spec, *src.range(r)) for r in range(src.ranks)]
-    dst_entries = [shard_entries(spec, *dst.range(r)) for r in range(dst.ranks)]
+def _placement(where) -> LevelLayout:
+    """A ``LevelLayout``, or a bare ``Partition`` on the prefix of the world (one replica)."""
+    return where if isinstance(where, LevelLayout) else LevelLayout(0, where)
+
+
+def _pieces(spec: ModelSpec, src, dst, world: int | None = None):
+    """Every (src world rank, dst world rank, src entry index, dst entry index, rows) piece, in one
+    global order, between layouts (or partitions) `src` and `dst` on `world` ranks. A destination
+    takes its rows from the source replica that contains its own world rank (the last replica where
+    none does): restriction and prolongation between a replicated coarse level and its fine level
+    stay inside one fine replica."""
+    src, dst = _placement(src), _placement(dst)
+    if world is None:
+        world = max(src.stride * src.replicas, dst.stride * dst.replicas)
+    src_entries = [shard_entries(spec, *src.partition.range(j)) for j in range(src.ranks)]
     pieces = []
-    for p, se in enumerate(src_entries):
-        for q, de in enumerate(dst_entries):
+    for r in range(world):
+        pos = dst.position(r)
+        if pos is None:
+            continue
+        de = shard_entries(spec, *dst.partition.range(pos[1]))
+        ds = min(r // src.stride, src.replicas - 1)
+        for k, se in enumerate(src_entries):
             for i, a in enumerate(se):
                 for j, b in enumerate(de):
                     if a.key != b.key:
                         continue
                     if a.key[0] == "shared":
-                        pieces.append((p, q, i, j, None))
+                        pieces.append((src.world_rank(ds, k), r, i, j, None))
                     elif max(a.lo, b.lo) < min(a.hi, b.hi):
                         lo, hi = max(a.lo, b.lo), min(a.hi, b.hi)
-                        pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))
+                        pieces.append((src.world_rank(ds, k), r, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))
+    pieces.sort(key=lambda t: t[:4])
     return pieces
 
 
 class Mover:
-    """Moves tensor lists from partition `src` to partition `dst` over `comm` (world ranks).
+    """Moves tensor lists from layout `src` to layout `dst` over `comm` (the world communicator).
 
-    Both partitions live on prefixes of the world, so a partition rank is a world rank.
+    `src` and `dst` are ``LevelLayout``s (replicas of a partition on the mesh) or bare
+    ``Partition``s on a prefix of the world. Where every rank holds the same rows on both, nothing
+    moves.
     """
 
-    def __init__(self, comm, spec: ModelSpec, src: Partition, dst: Partition):
-        self.comm, self.src, self.dst = comm, src, dst
-        self.local = src.bounds == dst.bounds
-        self.pieces = [] if self.local else _pieces(spec, src, dst)
+    def __init__(self, comm, spec: ModelSpec, src, dst):
+        self.comm, self.src, self.dst = comm, _placement(src), _placement(dst)
+        self.local = self.src.same_place(self.dst)
+        self.pieces = [] if self.local else _pieces(spec, self.src, self.dst, comm.size)
 
     def __call__(self, tensors: list[torch.Tensor] | None, like: list[torch.Tensor] | None, slot: int = 0):
         """`tensors`: this rank's list on `src` (None if not on src); `like`: templates of this

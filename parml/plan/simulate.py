@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import ClassVar
 
 from ..model import ModelSpec, StageSpec
-from ..parallel.layout import LayoutError, Partition, partition_blocks, plan_levels
+from ..parallel.layout import LayoutError, Partition, plan_mesh
 from ..parallel.schedule import get_schedule
 from .profile import CommCost, Profile
 
@@ -456,23 +456,11 @@ def level_specs_of(spec: ModelSpec, levels: int) -> list[ModelSpec]:
 
 
 def level_layouts(work: Workload, layout: Layout) -> list[LevelLayout]:
-    """Every level's layout (coarsest first) from ``plan_levels`` and the coarse-layout rule."""
-    D, P = layout.data_parallel, layout.layer_ranks
-    if layout.coarse_layout not in COARSE_LAYOUTS:
-        raise LayoutError(f"--coarse-layout {layout.coarse_layout!r} is not one of: {', '.join(COARSE_LAYOUTS)}")
+    """Every level's layout (coarsest first): ``parallel.layout.plan_mesh``, the run's own rule."""
     specs = level_specs_of(work.spec, work.levels)
-    plans = plan_levels([s.total_blocks for s in specs], P, layout.min_blocks_per_rank)
-    out = []
-    for i, (sp, plan) in enumerate(zip(specs, plans)):
-        part = plan.partition
-        if part.ranks == P or layout.coarse_layout == "gather":
-            out.append(LevelLayout(i + 1, sp, part, D, P))
-            continue
-        pl = max(q for q in range(1, part.ranks + 1) if P % q == 0)
-        if pl != part.ranks:
-            part = partition_blocks(sp.total_blocks, pl, align=2 if i > 0 else 1)
-        out.append(LevelLayout(i + 1, sp, part, D * P // pl, pl))
-    return out
+    mesh = plan_mesh([s.total_blocks for s in specs], layout.world, layout.data_parallel,
+                     layout.min_blocks_per_rank, layout.coarse_layout)
+    return [LevelLayout(lv.level, sp, lv.partition, lv.replicas, lv.stride) for lv, sp in zip(mesh.levels, specs)]
 
 
 # --- per-rank costs --------------------------------------------------------------------------------

@@ -127,8 +127,9 @@ def sensitivity_summary(results: dict) -> dict:
         out.append({"lr": lr, "beta": beta, "U_L1": a["median"]["work_units"], "U_L8": b["median"]["work_units"],
                     "U_ratio": _ratio(a["median"]["work_units"], b["median"]["work_units"]),
                     "seconds_ratio": _ratio(a["median"]["seconds"], b["median"]["seconds"]),
-                    "U_ratio_per_seed": [_ratio(x["work_units"], y["work_units"]) for x, y in zip(a["runs"], b["runs"])],
-                    "all_reached": a["median"]["reached"] == a["median"]["n"] and b["median"]["reached"] == b["median"]["n"]})
+                    "U_ratio_per_seed": [_ratio(x["work_units"], y["work_units"])
+                                         for x, y in zip(a["runs"], b["runs"])],
+                    "all_reached": all(r["median"]["reached"] == r["median"]["n"] for r in (a, b))})
     ratios = [c["U_ratio"] for c in out if c["U_ratio"] is not None]
     secs = [c["seconds_ratio"] for c in out if c["seconds_ratio"] is not None]
     mean = statistics.fmean(ratios) if ratios else None
@@ -233,7 +234,8 @@ def _md_relative(results: dict) -> list[str]:
         ref = rel["reference"]
         short = any(r["median"]["reached"] < r["median"]["n"] for r in results["rows"])
         lines.append(f"U / U({ref}), medians, row by row: paper "
-                     f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
+                     f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; "
+                     f"parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
                      + (" († rows stopped at the budget, so these are not cost ratios)." if short else "."))
         lines.append("")
     return lines
@@ -334,7 +336,8 @@ def plot_curves(results: dict, out: str) -> list[str]:
     else:
         label = (lambda row: f"L={row.levels}") if plan.mode == "table1" else (lambda row: row.cycle)
         task = "co-centric circles" if plan.task == "circles" else "MNIST"
-        panels = [(f"{TITLES[plan.mode]}, {task}, K={plan.base['blocks']}", [(label(row), recs) for row, recs in curves])]
+        panels = [(f"{TITLES[plan.mode]}, {task}, K={plan.base['blocks']}",
+                   [(label(row), recs) for row, recs in curves])]
     paths = []
     for xkey, xlabel, suffix in (("cycle", "V-cycles", "cycles"), ("work_units", "work units", "work-units")):
         cols = min(len(panels), 3)
@@ -392,7 +395,8 @@ def load_results(path: str) -> dict:
     rows = []
     for r in d["rows"]:
         p = r["paper"]
-        note = "[a]" if p["uc_printed"] is not None and p["uc"] is not None and round(p["uc"], 2) != round(p["uc_printed"], 2) else ""
+        differs = p["uc_printed"] is not None and p["uc"] is not None and round(p["uc"], 2) != round(p["uc_printed"], 2)
+        note = "[a]" if differs else ""
         row = Row(r["key"], r["label"], r["levels"], r["cycle"], r["lr"], r["beta"], p["v_cycles"], p["uc"], p["U"],
                   p["uc_printed"], note)
         plan.rows.append(row)

@@ -1,4 +1,4 @@
-"""Checkpoints: per-rank shards plus a manifest, written atomically, resumable on any rank count.
+"""Checkpoints: per-rank shards plus a manifest, written atomically, resumable on any mesh shape.
 
 ``<run>/checkpoints/cycle-000120/`` holds ``rank<r>.pt`` (that rank's block chunks, shared
 parameters and level-optimizer states) and ``manifest.json`` (position, counters, shard sizes and
@@ -57,20 +57,29 @@ def restore_optimizer(level, pieces: list) -> None:
         level.optimizer.state[p] = state
 
 
+def _first_replica(level) -> bool:
+    """Whether this rank holds `level` in its first data replica (replicas hold the same values)."""
+    return level is not None and getattr(level.executor, "replica", 0) == 0
+
+
 def save(run_dir: str, comm, cycle: int, finest_model, levels: list, manifest: dict, keep: int = 3,
          verified: set | None = None) -> str:
-    """Collective: every rank writes and re-reads its shard, rank 0 the manifest; then complete
+    """Collective: every rank of a level's first data replica writes and re-reads its shard (a rank
+    that holds nothing of a first replica writes no file), rank 0 the manifest; then complete
     checkpoints older than the `keep` newest verified ones are removed. A failed write on any rank
     raises the same WriteError on every rank and removes the incomplete checkpoint."""
     folder = os.path.join(run_dir, "checkpoints", f"cycle-{cycle:06d}")
     verified = set() if verified is None else verified
     agree(comm, attempt(lambda: _make_folder(folder)) if comm.rank == 0 else None)
-    shard = {"model": shard_state(finest_model),
-             "optimizers": [optimizer_pieces(lev) if lev is not None else None for lev in levels]}
-    path = os.path.join(folder, f"rank{comm.rank}.pt")
-    data = torch_bytes(shard)
-    error = attempt(lambda: atomic_write(path, data, verify=True))
-    files = comm.allgather_object(str(error) if error else (os.path.basename(path), len(data), sha256(data)))
+    shard = {"model": shard_state(finest_model) if _first_replica(levels[-1]) else None,
+             "optimizers": [optimizer_pieces(lev) if _first_replica(lev) else None for lev in levels]}
+    mine = None
+    if shard["model"] is not None or any(o is not None for o in shard["optimizers"]):
+        path = os.path.join(folder, f"rank{comm.rank}.pt")
+        data = torch_bytes(shard)
+        error = attempt(lambda: atomic_write(path, data, verify=True))
+        mine = str(error) if error else (os.path.basename(path), len(data), sha256(data))
+    files = [f for f in comm.allgather_object(mine) if f is not None]
     failed = next((f for f in files if isinstance(f, str)), None)
     if failed is None and comm.rank == 0:
         body = {**manifest, "cycle": cycle, "ranks": comm.size,
@@ -163,8 +172,9 @@ def load_latest(run_dir: str) -> tuple[dict, dict, list]:
     folder = found[0]
     with open(os.path.join(folder, MANIFEST)) as f:
         manifest = json.load(f)
-    shards = [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(manifest["ranks"])]
-    state = assemble_state([s["model"] for s in shards])
+    names = sorted(manifest["files"], key=lambda n: int(n[4:-3]))          # rank<r>.pt
+    shards = [torch.load(os.path.join(folder, name), weights_only=False) for name in names]
+    state = assemble_state([s["model"] for s in shards if s["model"] is not None])
     manifest["folder"] = folder
     levels = len(shards[0]["optimizers"])
     pieces = [[piece for s in shards if s["optimizers"][i] for piece in s["optimizers"][i]] for i in range(levels)]

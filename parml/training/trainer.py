@@ -16,8 +16,8 @@ from ..comm import CommError, CommTimeout, launcher_world_size, make_communicato
 from ..config import ConfigError, TrainConfig
 from ..data import DataError, Dataset, load_dataset
 from ..multilevel.cascade import LR_SCHEDULES
-from ..parallel.layout import LayoutError, check_microbatches, check_world_size, describe_plan, partition_blocks
-from .build import build_vcycle, resolve_device
+from ..parallel.layout import LayoutError, check_world_size, describe_mesh
+from .build import build_vcycle, plan_run, resolve_device, smallest_batch
 from .cascade import run_cascade
 from .checkpoint import CheckpointError, complete_checkpoints, last_complete, load_latest, restore_optimizer, \
     save as save_checkpoint
@@ -26,14 +26,12 @@ from .loop import Phase, TrainingError, run_cycles
 from .report import RunWriter, plot_run, read_metrics
 
 
-def _prepare(cfg: TrainConfig, comm, data: Dataset | None) -> Dataset:
+def _prepare(cfg: TrainConfig, world: int, data: Dataset | None) -> Dataset:
+    """The dataset in the run's dtype, and every check of the mesh on `world` ranks (ConfigError)."""
     data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
                                                       flatten=cfg.arch != "conv")
     data = data.to(dtype=getattr(torch, cfg.dtype))
-    try:
-        check_microbatches(min(cfg.batch_size or data.x_train.shape[0], data.x_train.shape[0]), cfg.microbatches)
-    except LayoutError as e:
-        raise ConfigError(str(e)) from None
+    plan_run(cfg, world, data)
     torch.manual_seed(cfg.seed)
     return data
 
@@ -92,7 +90,7 @@ def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None
     cascade stages included (``run_cycles``).
     A failed write raises WriteError naming the file, the OS error and the last complete checkpoint."""
     cfg = resolve_resume(cfg.validate())
-    data = _prepare(cfg, comm, data)
+    data = _prepare(cfg, comm.size, data)
     claim_folder(cfg, comm)
     try:
         return _train(cfg, comm, data, around_cycle)
@@ -177,12 +175,14 @@ def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     info = {**cfg.to_dict(), "world_size": comm.size, "comm_backend": comm.backend, "dataset_name": data.name,
             "cycle_resolved": str(cfg.setup), "work_units_per_cycle_eq10": cfg.setup.cost(),
             "cascade_stages": cascade_log, "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
+                                                     "replicas": p.replicas, "stride": p.stride,
                                                      "bounds": list(p.partition.bounds)} for p in plans]}
     agree(comm, attempt(lambda: out.write_json("config.json", info)))
     out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "
               f"(eq. 10: {cfg.setup.cost():.2f} U/cycle), {comm.size} rank(s) [{comm.backend}], -> {cfg.folder}")
     if comm.size > 1:
-        out.print(describe_plan(plans))
+        out.print(describe_mesh(vcycle.mesh, smallest_batch(data.x_train.shape[0], cfg.batch_size),
+                                cfg.microbatches))
     if resumed is not None:
         out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
     return {"vcycle": vcycle, "out": out, "resumed": resumed, "clock": clock, "cascade_units": cascade_units}
@@ -240,18 +240,20 @@ def _restore_levels(levels, resumed, comm) -> None:
 
 
 def run_from_cli(cfg: TrainConfig, fail) -> dict | None:
-    """`parml train`: make the communicator, check the world size, train; user errors -> `fail`."""
+    """`parml train`: check the world size and the mesh (before any process group), make the
+    communicator, train; user errors -> `fail`."""
+    data = None
     try:
         check_world_size(launcher_world_size(), cfg.ranks)
-        partition_blocks(cfg.blocks, launcher_world_size(), align=2 ** (cfg.levels - 1))
-    except LayoutError as e:
+        data = _prepare(cfg, launcher_world_size(), None)
+    except (LayoutError, ConfigError, DataError) as e:
         fail(str(e))
     try:
         comm = make_communicator(cfg.backend, timeout=cfg.comm_timeout, device=cfg.device)
     except (ValueError, CommError) as e:
         fail(str(e))
     try:
-        return train(cfg, comm)
+        return train(cfg, comm, data)
     except (ConfigError, DataError, LayoutError) as e:
         fail(str(e))
     except TrainingError as e:
