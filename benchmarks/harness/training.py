@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .records import from_json
 from .timing import CycleTimer
 
 
@@ -41,6 +42,7 @@ class Stage:
     """One cascade stage (``config.json`` ``cascade_stages``)."""
     blocks: int = 0
     ranks: int = 1
+    replicas: int = 1            # data-parallel copies of the stage (--data-parallel)
     cycles: int = 0
     val_acc: float | None = None
     work_units: float = 0.0
@@ -85,7 +87,7 @@ def timed_train(cfg, comm, data, kind: type = TrainRun, world=None, curve=None, 
         names = {f.name for f in dataclasses.fields(TrainRun)}
         record = kind(**{k: v for k, v in summary.items() if k in names}, train_s=timer.seconds,
                       steps=len(timer.cycles), plan=[p["ranks"] for p in saved["plan"]],
-                      stages=[Stage(**s) for s in saved.get("cascade_stages", [])],
+                      stages=[from_json(Stage, s) for s in saved.get("cascade_stages", [])],
                       curve=(curve or Curve.read)(summary["folder"]), **extra)
         accs = [a for a in record.curve.val_acc if a is not None]
         record.best_val_acc = max(accs) if accs else None
