@@ -36,63 +36,23 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from parml.data import DataError, batches, default_mnist_dir, load_dataset
-from parml.model import ModelSpec, StageSpec, build_model
-from parml.multilevel.multiscale import (gaussian_blur, prolongate_image, prolongate_kernel, prolongate_model,
-                              prolongation_matrix, restrict_image, restrict_model)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DIAGNOSIS = """## What decides whether a transfer works
+from parml.data import DataError, batches, default_mnist_dir, load_dataset  # noqa: E402
+from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
+from parml.multilevel.multiscale import (gaussian_blur, prolongate_image, prolongate_kernel,  # noqa: E402
+                                         prolongate_model, prolongation_matrix, restrict_image, restrict_model)
 
-The operators are exact where they should be (tests: the paper's Example 1 stencil, O(h^2)
-consistency on smooth images, a blurred digit through one conv, R K_h P read off as a stencil).
-What they cannot give is consistency of a *network*:
+from benchmarks.haber.records import PAPER, ROWS, Config, Results, SeedRun, Spread, Summary  # noqa: E402, F401
+from benchmarks.haber.render import plot, report  # noqa: E402
+from benchmarks.harness import DataFolder, Machine, command_line, from_json, write_outputs  # noqa: E402
 
-1. **Galerkin consistency holds per operator, not per chain.** K_H = R K_h P reproduces the fine
-   conv on states that lie in the range of P. For two layers,
-   R K2 K1 P - (R K2 P)(R K1 P) = R K2 (I - P R) K1 P, so every layer adds an error proportional to
-   the non-smooth part (I - P R) y of the fine state it receives; tanh creates more of it. A linear
-   4-layer chain of smooth stencils on raw digits: relative error of the coarse states against
-   R(fine states) 0.13, 0.15, 0.22, 0.24 after layers 1-4, with |(I - PR) y| / |y| = 0.41 to 0.31;
-   on digits blurred with sigma 1.5: 0.06 to 0.16 with a non-smooth part of 0.17. The blur the
-   paper applies before restricting is what makes the digits samplable at 14x14 at all.
-2. **Prolongation inverts a smoothing.** G has eigenvalues 2^-(a+b), a, b = 0..2, but its
-   eigenvectors are not the moments of the stencil: RP (1D stencil 1/8, 3/4, 1/8) is not the
-   identity, so the coarse identity prolongates to (-1/2, 2, -1/2) x (-1/2, 2, -1/2) and the 3x3
-   average to a checkerboard. Unregularized coarse stencils grow 6.5-8.5x in norm when prolongated
-   and oscillate; they amplify exactly the non-smooth part of the fine states (item 1). Scaling
-   the stencil's moments by 2^(a+b) instead (re-discretization) or least squares of K_h P = P K_H
-   did no better (25 % and 30 % against 87 % unadapted, 15 epochs, raw digits), and even scaling
-   only the first moments by 2 lost to the unadapted copy (72.7 vs 86.8): networks trained at
-   14x14 on raw digits use pixel-level features that have no continuum meaning.
-3. **Regularization trades the margin for robustness.** Penalizing the roughness of the
-   prolongated stencils (beta ||D G^-1 s||^2) keeps prolongation from collapsing, but as beta
-   grows the network stops relying on scale-specific stencils, and the unadapted copy works as
-   well (beta 0.01, raw digits: 88.6 vs 91.2, native 91 %). ReLU networks transfer well either way
-   (95.9 vs 95.7, blurred digits): a ReLU network is positively homogeneous and its learned
-   features barely depend on the stencils' scale.
-
-Earlier runs of this benchmark (no blur, beta on each network's own stencils): 2 epochs beta 0.1,
-restricted 87.2 vs 86.1, prolongated 89.5 vs 88.7; 5 epochs beta 0.3 / 1.0, restricted 89.2 / 89.8
-vs 84.5 / 85.2, prolongated 79.7 / 78.2 vs 89.1 / 86.5; 20 epochs, 89.2 vs 85.0 and 83.5 vs 85.1.
-With 2x2 average pooling (cell-centred, while the transfers are vertex-centred: half a pixel off)
-the restricted network's logits had a relative error of 0.56 and the adapted kernels lost in both
-directions.
-"""
-
-PAPER = {"restricted": 94.9, "restricted_unadapted": 84.1, "prolongated": 91.0, "prolongated_unadapted": 61.0,
-         "fine_native": 98.18, "coarse_native": 98.28}
-ROWS = [("28x28 net on 28x28 (native)", "fine_native"), ("14x14 net on 14x14 (native)", "coarse_native"),
-        ("28x28 net on 14x14, Galerkin-restricted kernels", "restricted"),
-        ("28x28 net on 14x14, unadapted kernels", "restricted_unadapted"),
-        ("14x14 net on 28x28, prolongated kernels", "prolongated"),
-        ("14x14 net on 28x28, unadapted kernels", "prolongated_unadapted"),
-        ("14x14 net on unblurred 28x28, prolongated kernels", "prolongated_raw"),
-        ("14x14 net on unblurred 28x28, unadapted kernels", "prolongated_unadapted_raw"),
-        ("28x28 net on 14x14 images interpolated to 28x28 (reference)", "fine_on_interpolated")]
 QUICK = {"epochs": 1, "n_train": 1000, "n_val": 500}
 
 
@@ -147,7 +107,7 @@ def accuracy(model, x, y):
     return 100.0 * float((model(x).argmax(1) == y).double().mean())
 
 
-def run_seed(seed: int, args, sizes: dict) -> dict:
+def run_seed(seed: int, args, sizes: dict) -> SeedRun:
     """Train both networks for one seed and evaluate every transfer."""
     d = load_dataset("mnist", args.data_dir, seed=seed, flatten=False, **sizes)
     fine = {k: (gaussian_blur(x, args.blur), y) for k, (x, y) in
@@ -173,75 +133,20 @@ def run_seed(seed: int, args, sizes: dict) -> dict:
         "prolongated_unadapted_raw": accuracy(up_copy, d.x_val, d.y_val),
         "fine_on_interpolated": accuracy(net_h, prolongate_image(coarse["val"][0]), fine["val"][1]),
     }
-    return {"seed": seed, "accuracy_percent": acc, "seconds": {"train_28": t_h, "train_14": t_H},
-            "prolongation_gain": prolongation_gain(net_H), "data": d.name,
-            "non_smooth_fraction": {"val_28": non_smooth_fraction(fine["val"][0]),
-                                    "val_28_unblurred": non_smooth_fraction(d.x_val)}}
+    return SeedRun(seed, acc, {"train_28": t_h, "train_14": t_H}, prolongation_gain(net_H), d.name,
+                   {"val_28": non_smooth_fraction(fine["val"][0]), "val_28_unblurred": non_smooth_fraction(d.x_val)})
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[SeedRun]) -> Summary:
     """Mean, min and max over seeds of every accuracy, and how many seeds the adapted kernels won."""
-    out = {}
-    for key in runs[0]["accuracy_percent"]:
-        v = [r["accuracy_percent"][key] for r in runs]
-        out[key] = {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+    out = Summary()
+    for key in runs[0].accuracy_percent:
+        v = [r.accuracy_percent[key] for r in runs]
+        out.accuracy[key] = Spread(statistics.fmean(v), min(v), max(v))
     for adapted, copy in (("restricted", "restricted_unadapted"), ("prolongated", "prolongated_unadapted"),
                           ("prolongated_raw", "prolongated_unadapted_raw")):
-        out[f"{adapted}_wins"] = sum(r["accuracy_percent"][adapted] > r["accuracy_percent"][copy] for r in runs)
+        setattr(out, f"{adapted}_wins", sum(r.accuracy_percent[adapted] > r.accuracy_percent[copy] for r in runs))
     return out
-
-
-def report(runs: list[dict], summary: dict, args) -> str:
-    seeds = [r["seed"] for r in runs]
-    setup = (f"Gaussian blur sigma {args.blur:g} before restricting" if args.blur else "raw digits") + ", " + \
-            ("2x2 average pooling before the projection" if args.pool else "no pooling (paper)") + \
-            f", fine-scale stencil smoothness beta {args.kernel_smoothness:g}"
-    lines = [f"# Classification across resolutions (MNIST {runs[0]['data']}, {args.epochs} epochs Adam lr {args.lr:g}, "
-             f"seeds {', '.join(map(str, seeds))}; {setup})", ""]
-    if args.quick:
-        lines += ["Quick run: too few images and epochs for the accuracies to mean anything.", ""]
-    lines += ["| network / data | val. accuracy %, mean | min - max | paper % |", "|---|---|---|---|"]
-    for label, key in ROWS:
-        s, paper = summary[key], PAPER.get(key)
-        lines.append(f"| {label} | {s['mean']:.1f} | {s['min']:.1f} - {s['max']:.1f} | "
-                     f"{'-' if paper is None else f'{paper:.1f}'} |")
-    n = len(runs)
-    lines += ["", f"Adapted kernels beat the unadapted copy in {summary['restricted_wins']}/{n} seeds (restriction), "
-              f"{summary['prolongated_wins']}/{n} (prolongation) and {summary['prolongated_raw_wins']}/{n} "
-              "(prolongation, unblurred digits).", "",
-              "| seed | 28 native | 14 native | restricted | unadapted | prolongated | unadapted | "
-              "prolongated, unblurred | unadapted, unblurred | ||G^-1 s|| / ||s|| | train 28 / 14 s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        a = r["accuracy_percent"]
-        lines.append(f"| {r['seed']} | " + " | ".join(f"{a[k]:.1f}" for k in (
-            "fine_native", "coarse_native", "restricted", "restricted_unadapted", "prolongated",
-            "prolongated_unadapted", "prolongated_raw", "prolongated_unadapted_raw"))
-            + f" | {r['prolongation_gain']:.2f} | {r['seconds']['train_28']:.0f} / {r['seconds']['train_14']:.0f} |")
-    f = runs[0]["non_smooth_fraction"]
-    lines += ["", f"Non-smooth part |(I - PR) x| / |x| of the 28x28 validation images: {f['val_28']:.2f} "
-              f"(unblurred: {f['val_28_unblurred']:.2f}).", "", DIAGNOSIS]
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = ["restricted", "restricted_unadapted", "prolongated", "prolongated_unadapted"]
-    mean = [summary[k]["mean"] for k in keys]
-    err = [[m - summary[k]["min"] for m, k in zip(mean, keys)], [summary[k]["max"] - m for m, k in zip(mean, keys)]]
-    pos = range(len(keys))
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.bar([p - 0.2 for p in pos], mean, 0.4, yerr=err, capsize=3, label="parml (mean, min-max over seeds)")
-    ax.bar([p + 0.2 for p in pos], [PAPER[k] for k in keys], 0.4, label="Haber et al.")
-    ax.set_xticks(list(pos), ["28->14\nrestricted", "28->14\nunadapted", "14->28\nprolongated", "14->28\nunadapted"])
-    ax.set_ylabel("validation accuracy %")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -253,13 +158,17 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--blur", type=float, default=1.5,
                     help="sigma (28x28 pixels) of the Gaussian applied to the images before restricting (0: none)")
-    ap.add_argument("--pool", action="store_true", help="2x2 average pooling before the projection (not the paper's network)")
+    ap.add_argument("--pool", action="store_true",
+                    help="2x2 average pooling before the projection (not the paper's network)")
     ap.add_argument("--kernel-smoothness", type=float, default=0.001,
                     help="beta of the penalty beta * sum ||D s_h||^2 on the stencils at the 28x28 resolution (0: off)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 1000/500 images, 1 epoch: checks the pipeline only")
+    ap.add_argument("--render", action="store_true", help="only rewrite the outputs from OUT/results.json")
     args = ap.parse_args(argv)
-    if not args.data_dir or not os.path.isdir(args.data_dir):
-        ap.error(f"--data-dir {args.data_dir!r} is not a directory (it needs the MNIST IDX files)")
+    if args.render:
+        res = from_json(Results, json.loads((Path(args.out) / "results.json").read_text()))
+        res.summary = summarize(res.runs)
+        return write_outputs(Path(args.out), "haber_resolution", res, report, plot)
     if args.blur < 0 or args.blur > 4:
         ap.error(f"--blur {args.blur:g} must be in [0, 4] (pixels of the 28x28 image)")
     if args.epochs < 1:
@@ -268,31 +177,29 @@ def main(argv=None):
         ap.error("--lr must be positive and --kernel-smoothness non-negative")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds {args.seeds}: seeds must be distinct and non-negative")
+    if not args.data_dir or not os.path.isdir(args.data_dir):     # last: the other checks need no data
+        ap.error(f"--data-dir {args.data_dir!r} is not a directory (it needs the MNIST IDX files)")
     sizes = {}
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], QUICK["epochs"]
         sizes = {"n_train": QUICK["n_train"], "n_val": QUICK["n_val"]}
     torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
-    runs = []
+    res = Results(Config(args.seeds, args.epochs, args.lr, args.blur, args.pool, args.kernel_smoothness, args.quick,
+                         DataFolder.of(args.data_dir)), Machine.now(command_line("haber_resolution.py", argv)),
+                  dataclasses.asdict(spec_for(28, args.pool)))
     for i, seed in enumerate(args.seeds):
         try:
-            runs.append(run_seed(seed, args, sizes))
+            res.runs.append(run_seed(seed, args, sizes))
         except DataError as e:
             ap.error(str(e))
-        a = runs[-1]["accuracy_percent"]
-        print(f"[{i + 1}/{len(args.seeds)}] seed {seed}: restricted {a['restricted']:.1f} vs {a['restricted_unadapted']:.1f}, "
-              f"prolongated {a['prolongated']:.1f} vs {a['prolongated_unadapted']:.1f}", flush=True)
-    summary = summarize(runs)
-    text = report(runs, summary, args)
-    print(text)
-    with open(os.path.join(args.out, "haber_resolution.md"), "w") as f:
-        f.write(text + "\n")
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": config, "spec_28": dataclasses.asdict(spec_for(28, args.pool)), "paper_percent": PAPER,
-                   "summary": summary, "runs": runs}, f, indent=1)
-    plot(summary, os.path.join(args.out, "haber_resolution.png"))
+        a = res.runs[-1].accuracy_percent
+        print(f"[{i + 1}/{len(args.seeds)}] seed {seed}: restricted {a['restricted']:.1f} vs "
+              f"{a['restricted_unadapted']:.1f}, prolongated {a['prolongated']:.1f} vs "
+              f"{a['prolongated_unadapted']:.1f}", flush=True)
+    res.summary = summarize(res.runs)
+    res.meta.finish()
+    write_outputs(Path(args.out), "haber_resolution", res, report, plot)
+    print("\n".join(report(res)))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import parml.kernels as pk
-from parml.kernels import cpu
-from parml.kernels import DeferredWeightGrads
-from parml.model import ModelSpec, StageSpec, build_model
+import parml.kernels as pk  # noqa: E402
+from parml.kernels import DeferredWeightGrads, cpu  # noqa: E402
+from parml.kernels.base import _plain  # noqa: E402
+from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
 
 GRID = {3: 2048, 8: 256, 32: 256, 64: 256, 128: 256}
 BATCHES = [100, 250, 500, 1000, 2000]
@@ -51,7 +51,7 @@ class EagerKernel(pk.Kernel):
     name = "eager"
 
     def apply(self, chunk, y, sink=None):
-        return pk._plain(chunk, y)
+        return _plain(chunk, y)
 
 
 EAGER = EagerKernel()
@@ -166,7 +166,8 @@ def run_variants(args, device, width=3, blocks=2048, batch=1000):
         kinds = {"torch": pk.TORCH, "fused": fused_kernel(device, dtype, width)}
         steps = {n: make_step(width, blocks, batch, k, device, dtype, act, stepper, deferred) for n, k in kinds.items()}
         ts = time_round_robin(steps, max(3, args.reps // 2), device)
-        row = {"label": label, "width": width, "blocks": blocks, "batch": batch, **{n: summary(t) for n, t in ts.items()}}
+        row = {"label": label, "width": width, "blocks": blocks, "batch": batch,
+               **{n: summary(t) for n, t in ts.items()}}
         rows.append(row)
         print(f"{label:22s} width {width} K {blocks} batch {batch}: torch {row['torch']['median'] * 1e3:7.1f} ms "
               f"fused {row['fused']['median'] * 1e3:7.1f} ms  {row['torch']['median'] / row['fused']['median']:5.2f}x",
@@ -191,7 +192,8 @@ def run_chunk_scaling(args, device, width=3, blocks=2048, batches=(250, 500, 100
             (kernel.apply(chunk, x) * w).sum().backward()
         ts = time_round_robin({"fused": step}, args.reps, device)["fused"]
         rows.append({"width": width, "blocks": blocks, "batch": batch, "fused": summary(ts)})   # same keys as grid rows
-        print(f"chunk only width {width} K {blocks} batch {batch}: {rows[-1]['fused']['median'] * 1e3:.2f} ms", flush=True)
+        print(f"chunk only width {width} K {blocks} batch {batch}: {rows[-1]['fused']['median'] * 1e3:.2f} ms",
+              flush=True)
     return rows
 
 
@@ -290,7 +292,8 @@ def write_markdown(res, path):
         lines += ["", "## The fused chunk alone (width 3, K 2048): forward + backward, no other layers", "",
                   "| batch | ms | µs per sample |", "|---:|---:|---:|"]
         for r in res["chunk"]:
-            lines.append(f"| {r['batch']} | {r['fused']['median'] * 1e3:.2f} | {r['fused']['median'] / r['batch'] * 1e6:.2f} |")
+            med = r["fused"]["median"]
+            lines.append(f"| {r['batch']} | {med * 1e3:.2f} | {med / r['batch'] * 1e6:.2f} |")
     if res.get("variants"):
         lines += ["", "## Steppers, activations, float64, deferred weight gradients (width 3, K 2048, batch 1000)", "",
                   "| variant | torch ms | fused ms | torch/fused |", "|:--|---:|---:|---:|"]
@@ -343,7 +346,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7, help="round-robin repetitions per configuration (default 7)")
     ap.add_argument("--device", default="cpu", help="cpu (numba kernel) or cuda (CUDA-graph kernel)")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json, kernels.md, kernels.png")
-    ap.add_argument("--report-only", action="store_true", help="rewrite kernels.md and kernels.png from OUT/results.json")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite kernels.md and kernels.png from OUT/results.json")
     args = ap.parse_args()
     if args.reps < 1:
         ap.error(f"--reps {args.reps} must be at least 1")
@@ -354,7 +358,8 @@ def main():
         res = json.loads((out / "results.json").read_text())
     else:
         torch.set_num_threads(1)
-        res = {"machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} thread)".replace("  ", " "),
+        machine = f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} thread)"
+        res = {"machine": machine.replace("  ", " "),
                "torch": torch.__version__, "device": str(device), "reps": args.reps}
         res["grid"] = run_grid(args, device)
         res["chunk"] = run_chunk_scaling(args, device)

@@ -241,7 +241,8 @@ def write_markdown(res: dict, path: Path) -> None:
                      f"{e.get('cpu_eff', float('nan')):.2f} | {idle} | {s['load']:.1f} |")
     if res["two"].get("targets"):
         lines += ["", "## circles V-cycle to val acc 1.0 (2 ranks)", "",
-                  "| (D, P) | coarse | seconds (median) | all | cycles | vs one process | load |", "|---|---|---|---|---|---|---|"]
+                  "| (D, P) | coarse | seconds (median) | all | cycles | vs one process | load |",
+                  "|---|---|---|---|---|---|---|"]
         tg = res["two"]["targets"]
         one = tg.get("1x1|gather", {}).get("seconds", float("nan"))
         for key, t in tg.items():
@@ -252,7 +253,8 @@ def write_markdown(res: dict, path: Path) -> None:
     for world in ("two", "four"):
         if world not in res:
             continue
-        lines += ["", f"## gather vs replicate, circles V-cycle, {len(res[world]['summary'][next(iter(res[world]['summary']))]['idle'])} ranks: "
+        ranks = len(res[world]['summary'][next(iter(res[world]['summary']))]['idle'])
+        lines += ["", f"## gather vs replicate, circles V-cycle, {ranks} ranks: "
                   "seconds per level (coarsest first) and idle fraction per rank", "",
                   "| (D, P) | coarse | s/cycle | level seconds | idle per rank |", "|---|---|---|---|---|"]
         for key, s in res[world]["summary"].items():

@@ -8,7 +8,7 @@ equal the single-process computation up to floating-point summation order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -24,14 +24,21 @@ from .timing import synchronize
 
 @dataclass
 class StepTimes:
-    """Seconds of the last step on this rank: compute, blocked in communication, and the rest."""
+    """Seconds of the last step on this rank: compute, blocked in communication, and the rest.
+    ``sends`` (posting sends) and ``loss_broadcast`` (the last rank waiting for rank 0's last
+    backward) are parts of ``wait``, given on their own for benchmarks."""
     step: float = 0.0
     compute: float = 0.0
     wait: float = 0.0
+    sends: float = 0.0
+    loss_broadcast: float = 0.0
 
     @property
     def other(self) -> float:
         return max(self.step - self.compute - self.wait, 0.0)
+
+    def __add__(self, other: "StepTimes") -> "StepTimes":
+        return StepTimes(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 class LayerParallel:
@@ -97,20 +104,20 @@ class LayerParallel:
         synchronize(self.device)              # CUDA: time this step's work only
         self.stage.collect_times()
         t0 = time.perf_counter()
-        c0, w0 = self.stage.compute_seconds, self.stage.wait_seconds
+        c0, w0, s0 = self.stage.compute_seconds, self.stage.wait_seconds, self.stage.send_seconds
         loss = self._pipeline(x.to(self.device), y.to(self.device), total)
         self.stage.finish_sends()
         synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
         t1 = time.perf_counter()
         value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
+        broadcast = time.perf_counter() - t1
         if self.reducer is not None:
             self.reducer.wait()         # the gradient sums over the data group
         self.stage.wait_seconds += time.perf_counter() - t1
         self.stage.collect_times()      # CUDA: compute and wait from events, not launch times
         self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
-                               self.stage.wait_seconds - w0)
-        self.total = StepTimes(self.total.step + self.times.step, self.total.compute + self.times.compute,
-                               self.total.wait + self.times.wait)
+                               self.stage.wait_seconds - w0, self.stage.send_seconds - s0, broadcast)
+        self.total = self.total + self.times
         return value
 
     def _pipeline(self, x, y, total) -> torch.Tensor:

@@ -66,6 +66,7 @@ class PipelineStage:
         self._posted = {}      # tag -> (request, buffer) of receives posted ahead
         self.compute_seconds = 0.0
         self.wait_seconds = 0.0
+        self.send_seconds = 0.0     # the part of wait_seconds spent posting sends
 
     # -- communication helpers
     def post_receives(self, sizes):
@@ -104,7 +105,9 @@ class PipelineStage:
     def _send(self, comm, tensor, dst, tag):
         t0 = self.timer.start()   # posting can block (gloo hands the send to its I/O thread)
         self._sends.append(comm.isend(tensor.contiguous(), dst, tag))
-        self.wait_seconds += self.timer.stop(t0, "wait")
+        dt = self.timer.stop(t0, "send")
+        self.wait_seconds += dt
+        self.send_seconds += dt
 
     def finish_sends(self):
         t0 = self.timer.start()
@@ -123,7 +126,8 @@ class PipelineStage:
         """Add the device times recorded since the last call (CUDA events; call after a synchronize)."""
         done = self.timer.collect()
         self.compute_seconds += done.get("compute", 0.0)
-        self.wait_seconds += done.get("wait", 0.0)
+        self.send_seconds += done.get("send", 0.0)           # posting sends: part of the wait
+        self.wait_seconds += done.get("wait", 0.0) + done.get("send", 0.0)
 
     def end_step(self):
         """Forget what a step that failed part-way left behind (stored gradients, posted receives)."""

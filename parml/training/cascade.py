@@ -12,9 +12,9 @@ from .build import build_vcycle, plan_run
 from .loop import run_cycles
 
 
-def run_cascade(cfg, comm, data, device, out, clock):
+def run_cascade(cfg, comm, data, device, out, clock, around_cycle=None):
     """Train the cascade stages; returns (full-depth initial state on every rank, work units
-    in units of one full-depth gradient, per-stage log)."""
+    in units of one full-depth gradient, per-stage log). `around_cycle`: see ``run_cycles``."""
     dtype = getattr(torch, cfg.dtype)
     spec = cfg.spec_for(data)
     state, units, log = None, 0.0, []
@@ -33,7 +33,8 @@ def run_cascade(cfg, comm, data, device, out, clock):
             vcycle.levels[0].cost = depth / cfg.blocks
             lr_at = cosine_schedule(cfg.lr, cfg.lr_min, cfg.cascade_cycles)
             phase = run_cycles(vcycle, data, stage_cfg, out, clock, cfg.cascade_cycles, lr_at,
-                               phase=f"cascade K={depth}", work_offset=units, stop_at_target=False)
+                               phase=f"cascade K={depth}", work_offset=units, stop_at_target=False,
+                               around_cycle=around_cycle)
             gathered = vcycle.levels[0].executor.gather_state()
             stage_units = vcycle.work_units
             log.append({"blocks": depth, "ranks": layout.ranks, "replicas": layout.replicas, "cycles": phase.cycle,

@@ -2,6 +2,7 @@
 the stopping rule, and the hooks run after each cycle."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,12 +31,14 @@ class Phase:
 
 def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, clock: float, max_cycles: int,
                lr_at=None, phase: str = "train", work_offset: float = 0.0, stop_at_target: bool = True,
-               start: Phase | None = None, after_cycle=None) -> Phase:
+               start: Phase | None = None, after_cycle=None, around_cycle=None) -> Phase:
     """V-cycles (or GD steps) on mini-batches or the full batch until the target or the budget.
 
     `lr_at(i)` sets every level optimizer's learning rate before step i (cosine restarts);
     `start` resumes at a saved position; `after_cycle(state)` runs after each logged cycle
-    (checkpoints). Ranks outside the finest level's group (cascade stages) return at once.
+    (checkpoints); `around_cycle(vcycle)`, a context manager, is entered around each V-cycle
+    call alone, validation excluded (timers, profilers). Ranks outside the finest level's group
+    (cascade stages) return at once.
     """
     state = start or Phase()
     finest = vcycle.levels[-1]
@@ -57,7 +60,8 @@ def run_cycles(vcycle: VCycle, data: Dataset, cfg: TrainConfig, out: RunWriter, 
                             group["lr"] = lr
             _fault_hook(state.cycle + 1, vcycle)
             try:
-                result = vcycle(batch, batch_id=0 if full else (state.epoch, state.cycle))
+                with around_cycle(vcycle) if around_cycle is not None else contextlib.nullcontext():
+                    result = vcycle(batch, batch_id=0 if full else (state.epoch, state.cycle))
             except NonFiniteError as e:
                 raise TrainingError(f"{e} in cycle {state.cycle + 1} ({phase})") from None
             state.cycle += 1

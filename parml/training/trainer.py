@@ -84,20 +84,22 @@ def claim_folder(cfg: TrainConfig, comm) -> None:
         raise ConfigError(problem)
 
 
-def train(cfg: TrainConfig, comm, data: Dataset | None = None) -> dict:
+def train(cfg: TrainConfig, comm, data: Dataset | None = None, around_cycle=None) -> dict:
     """Run `cfg` on `comm`; returns the summary (also written to the run folder on rank 0).
+    `around_cycle(vcycle)`: a context manager entered around every V-cycle / GD-step call,
+    cascade stages included (``run_cycles``).
     A failed write raises WriteError naming the file, the OS error and the last complete checkpoint."""
     cfg = resolve_resume(cfg.validate())
     data = _prepare(cfg, comm.size, data)
     claim_folder(cfg, comm)
     try:
-        return _train(cfg, comm, data)
+        return _train(cfg, comm, data, around_cycle)
     except WriteError as e:
         raise WriteError(f"{e}; last complete checkpoint: {last_complete(cfg.folder)}", e.collective) from None
 
 
-def _train(cfg: TrainConfig, comm, data: Dataset) -> dict:
-    run = _start(cfg, comm, data)
+def _train(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
+    run = _start(cfg, comm, data, around_cycle)
     vcycle, out, resumed = run["vcycle"], run["out"], run["resumed"]
     levels = vcycle.levels
     schedule = LR_SCHEDULES[cfg.lr_schedule]
@@ -121,7 +123,8 @@ def _train(cfg: TrainConfig, comm, data: Dataset) -> dict:
         start = Phase(cycle=m["cycle"], epoch=m["epoch"], batch=m["batch"], record=m["record"])
     try:
         state = run_cycles(vcycle, data, cfg, out, run["clock"], cfg.max_cycles, lr_at,
-                           work_offset=run["cascade_units"], start=start, after_cycle=checkpoint)
+                           work_offset=run["cascade_units"], start=start, after_cycle=checkpoint,
+                           around_cycle=around_cycle)
     except TrainingError as e:
         _close(out)
         kept = saved[-1] if saved else (resumed["manifest"]["folder"] if resumed else None)
@@ -152,7 +155,7 @@ def _open_writer(cfg: TrainConfig, comm, resumed: dict | None) -> RunWriter:
     return opened[0] if opened else RunWriter(cfg.folder, active=False)
 
 
-def _start(cfg: TrainConfig, comm, data: Dataset) -> dict:
+def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     """The run folder's writer, the cascade (or the checkpoint to resume), the V-cycle on the ranks,
     config.toml / config.json, and the opening lines."""
     device = resolve_device(cfg, comm)
@@ -164,7 +167,7 @@ def _start(cfg: TrainConfig, comm, data: Dataset) -> dict:
         clock -= resumed["manifest"]["seconds"]
     out = _open_writer(cfg, comm, resumed)
     if cfg.cascade and resumed is None:
-        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock)
+        init_state, cascade_units, cascade_log = run_cascade(cfg, comm, data, device, out, clock, around_cycle)
     vcycle = build_vcycle(cfg, data, comm, device, init_state=init_state)
     if resumed is not None:
         _restore_levels(vcycle.levels, resumed, comm)

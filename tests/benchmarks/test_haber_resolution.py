@@ -69,12 +69,12 @@ def test_gaussian_blur_keeps_mass_and_smooths():
 def test_summary_counts_wins_and_means():
     hr = _module()
     keys = [k for _, k in hr.ROWS]
-    runs = [{"accuracy_percent": {k: 50.0 + i for k in keys}} for i in range(3)]
-    runs[0]["accuracy_percent"]["prolongated"] = 90.0          # adapted wins only for seed 0
+    runs = [hr.SeedRun(i, {k: 50.0 + i for k in keys}, {}, 1.0, "", {}) for i in range(3)]
+    runs[0].accuracy_percent["prolongated"] = 90.0          # adapted wins only for seed 0
     s = hr.summarize(runs)
-    assert s["prolongated"]["mean"] == pytest.approx(statistics.fmean([90.0, 51.0, 52.0]))
-    assert (s["restricted"]["min"], s["restricted"]["max"]) == (50.0, 52.0)
-    assert s["prolongated_wins"] == 1 and s["restricted_wins"] == 0
+    assert s.accuracy["prolongated"].mean == pytest.approx(statistics.fmean([90.0, 51.0, 52.0]))
+    assert (s.accuracy["restricted"].min, s.accuracy["restricted"].max) == (50.0, 52.0)
+    assert s.prolongated_wins == 1 and s.restricted_wins == 0
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_quick_run_writes_consistent_files(tmp_path, mnist_fixture):
     assert len(res["runs"]) == 1 and res["config"]["quick"] and res["config"]["blur"] == 1.5
     acc = res["runs"][0]["accuracy_percent"]
     assert all(0 <= v <= 100 for v in acc.values()) and acc["fine_native"] > 30   # 10 classes: chance is 10 %
-    assert res["summary"]["restricted"]["mean"] == acc["restricted"]
+    assert res["summary"]["accuracy"]["restricted"]["mean"] == acc["restricted"]
     f = res["runs"][0]["non_smooth_fraction"]
     assert 0 < f["val_28"] < f["val_28_unblurred"] < 1
     md = (tmp_path / "haber_resolution.md").read_text()

@@ -44,17 +44,20 @@ def test_deferred_weight_gradients_leave_no_state_behind():
         LayerParallel(build_model(SPEC, seed=2), SelfComm(), "gpipe", 1, weight_grads="later")
 
 
-@pytest.mark.parametrize("schedule, held_rows", [("gpipe", BATCH), ("1f1b", 4)])
-def test_deferred_weight_gradients_keep_the_schedules_memory_bound(schedule, held_rows):
+@pytest.mark.parametrize("kernel, schedule, held_rows, adjoint_rows",
+                         [("torch", "gpipe", BATCH, 4), ("torch", "1f1b", 4, 4),
+                          ("fused", "gpipe", 4 * 32, 32), ("fused", "1f1b", 32, 32)])
+def test_deferred_weight_gradients_keep_the_schedules_memory_bound(kernel, schedule, held_rows, adjoint_rows):
     """A micro-batch's stored states are released at its weight-gradient flush, right after its
     backward: one process with M = 4 (rows 4, 3, 3, 3) holds the states of every micro-batch under
     GPipe but of one at a time under 1F1B, plus one micro-batch's adjoints (4 rows) while it is
-    backpropagated: (held rows + 4) x (6 blocks x width 4 + 5 blocks x width 5) x 8 bytes."""
+    backpropagated: (held rows + adjoint rows) x (6 blocks x width 4 + 5 blocks x width 5) x 8 bytes.
+    The fused kernel stores whole tiles (32 samples at least), so each micro-batch holds 32 rows."""
     x, y = data(torch.float64)
-    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), schedule, 4)
+    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), schedule, 4, kernel=kernel)
     for _ in range(2):                   # the second step runs on recycled buffers
         lp.forward_backward(x, y)
-    assert lp.stage.deferred.peak_bytes == (held_rows + 4) * (6 * 4 + 5 * 5) * 8
+    assert lp.stage.deferred.peak_bytes == (held_rows + adjoint_rows) * (6 * 4 + 5 * 5) * 8
     _, _, ref_grads = serial(torch.float64)
     assert check_rank_grads(local_grads(lp.model), ref_grads, 1e-10) == ALL_BLOCKS
 

@@ -1,0 +1,1 @@
+"""Chang et al.'s multilevel training study (``benchmarks/chang_multilevel.py``): records, outputs."""

@@ -1,0 +1,1 @@
+"""Haber et al.'s resolution study (``benchmarks/haber_resolution.py``): records, outputs."""

@@ -1,0 +1,1 @@
+"""MG/OPT scaling study (``benchmarks/mgopt_scaling.py``): records, rank code, analysis, render."""

@@ -1,0 +1,1 @@
+"""Pipeline scaling study (``benchmarks/pipeline_scaling.py``): records, rank code, analysis, render."""
