@@ -1,7 +1,7 @@
 """Shared test setup: helper imports, markers, the MNIST fixture, and CI's no-skipping switches.
 
 Layout: tests/unit (one process), tests/distributed (real ranks: gloo processes, torchrun,
-mpirun), tests/benchmarks (the benchmarks' --quick runs), tests/gpu (CUDA only). Helpers at the
+mpirun), tests/bench (the benchmarks' --quick runs), tests/gpu (CUDA only). Helpers at the
 top of tests/ (multiproc, cases, reference, _worker) import as plain modules from every folder.
 
 Markers: ``mpi`` (added here to every test parametrized with the "mpi" or "mpirun" backend, or

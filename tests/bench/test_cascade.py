@@ -6,7 +6,7 @@ import pytest
 
 from multiproc import REPO_ROOT
 from parml.multilevel.cascade import theoretical_saving
-from tests.benchmarks.test_mgopt_scaling import one, run_quick
+from tests.bench.test_mgopt_scaling import one, run_quick
 
 CASCADE = REPO_ROOT / "benchmarks" / "cascade.py"
 

@@ -84,7 +84,7 @@ def test_jobs_run_inside_an_allocation(tmp_path):
     """Started by a launcher (torchrun's variables), the harness runs jobs of the allocation's size on
     its ranks, smaller jobs of its backend on a sub-communicator of ranks 0..P-1 (made once), one-rank
     "self" jobs on rank 0, and skips the others."""
-    r0, r1 = run_ranks("tests.benchmarks.test_harness:_inside", 2, "gloo", args={"tmp": str(tmp_path)}, timeout=90)
+    r0, r1 = run_ranks("tests.bench.test_harness:_inside", 2, "gloo", args={"tmp": str(tmp_path)}, timeout=90)
     assert r0[0] == ([Probe(2, "gloo", 1.0)], None) and r1[0] == ([], None)
     assert r0[1] == ([Probe(1, "self", 0.0)], None) and r1[1] == ([], None)
     assert r0[2][0] == [] and "needs 3 ranks (torch), the allocation has 2 (torch)" in r0[2][1]
@@ -132,7 +132,7 @@ def _step_times(comm):
 
 @pytest.mark.timeout(120)
 def test_step_times_split_wait_into_sends_and_loss_broadcast():
-    for steps, total in run_ranks("tests.benchmarks.test_harness:_step_times", 2, "gloo", timeout=90):
+    for steps, total in run_ranks("tests.bench.test_harness:_step_times", 2, "gloo", timeout=90):
         for t in steps:
             assert t.step > 0 and t.compute > 0 and t.sends > 0 and t.loss_broadcast > 0
             assert t.sends + t.loss_broadcast <= t.wait + 1e-12 and t.compute + t.wait <= t.step + 1e-9
