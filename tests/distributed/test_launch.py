@@ -31,14 +31,14 @@ def test_two_rank_training_equals_serial(kind, tmp_path):
     config = json.loads((tmp_path / "par" / "config.json").read_text())
     assert config["world_size"] == 2 and [p["ranks"] for p in config["plan"]] == [1, 1, 2, 2]
     assert par.stdout.count("parml:") == 1        # rank 0 alone prints
-    assert "level 4: 64 blocks on 2 rank(s)" in par.stdout
+    assert "level 4: 64 blocks on 2 layer rank(s) x 1 replica(s)" in par.stdout
 
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("kind", ["torchrun", "mpirun"])
 @pytest.mark.parametrize("args,needle", [
     (["--ranks", "3"], "--ranks 3 does not match the launcher's world size 2"),
-    (["-K", "1", "-L", "1"], "more ranks (2) than"),
+    (["-K", "1", "-L", "1"], "more layer ranks (2 = 2 ranks / --data-parallel 1) than"),
     (["-K", "64", "-L", "8"], "--levels 8 is too deep"),
 ])
 def test_bad_input_under_launchers_is_one_line_from_rank_0(kind, args, needle, tmp_path):
