@@ -8,8 +8,6 @@ import platform
 import statistics
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from ..training.report import read_metrics
 from .paper import PAPER_SENSITIVITY, THRESHOLDS
@@ -338,6 +336,9 @@ def plot_curves(results: dict, out: str) -> list[str]:
         task = "co-centric circles" if plan.task == "circles" else "MNIST"
         panels = [(f"{TITLES[plan.mode]}, {task}, K={plan.base['blocks']}",
                    [(label(row), recs) for row, recs in curves])]
+    from matplotlib.figure import Figure   # where a plot is drawn: 0.5 s at every `parml` start otherwise
+    from matplotlib.lines import Line2D
+
     paths = []
     for xkey, xlabel, suffix in (("cycle", "V-cycles", "cycles"), ("work_units", "work units", "work-units")):
         cols = min(len(panels), 3)

@@ -13,7 +13,6 @@ import numbers
 import os
 import sys
 
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ..config import TENSORBOARD_MISSING, ConfigError
@@ -175,6 +174,8 @@ def validation_curve(folder: str) -> dict:
 def plot_run(folder: str, title: str = "") -> str:
     """Loss and validation accuracy against V-cycles, work units and seconds (paper Fig. 5)."""
     rows = read_metrics(folder)
+    from matplotlib.figure import Figure   # 0.5 s at start-up on every rank; only rank 0 plots, at the end
+
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
     for ax, key, label in zip(axes, ("cycle", "work_units", "seconds"), ("V-cycles", "work units", "seconds")):

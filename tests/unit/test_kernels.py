@@ -298,22 +298,32 @@ def test_package_imports_and_runs_without_numba():
 
 
 CACHE_WRITE_FAILS = """
-import resource, sys, torch
-from parml.kernels.cpu import fused_chunk
-resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))   # every cache file numba writes fails (EFBIG)
-y = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-w = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
-b = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-fused_chunk(y, w, b, 0.1, "tanh", "euler").sum().backward()
-print("ok", float(y.grad.abs().sum()) > 0)
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import tiny
+from parml.kernels.cpu import tolerate_cache_write_errors
+if sys.argv[2] == "tolerant":
+    tolerate_cache_write_errors(tiny)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))   # every cache file numba writes fails (EFBIG)
+print("ok", tiny.twice(21))
 """
+TINY = "from numba import njit\n\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(120)
 def test_a_cache_that_cannot_be_written_does_not_fail_the_step(tmp_path):
-    """numba compiles on first use and writes its cache; a full disk or a file-size limit there
-    drops the cache write, and the step still runs (fresh cache folder, so the writes happen)."""
+    """numba compiles on first use and writes its cache next to the module; a full disk or a
+    file-size limit there drops the cache write (``tolerate_cache_write_errors``, applied to the
+    kernels module when it loads) and the call still runs. Without it the same call raises EFBIG."""
+    (tmp_path / "tiny.py").write_text(TINY)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", CACHE_WRITE_FAILS], env=env, capture_output=True, text=True,
-                          timeout=280)
-    assert done.returncode == 0 and done.stdout.split() == ["ok", "True"], done.stderr[-2000:]
+    runs = {mode: subprocess.run([sys.executable, "-c", CACHE_WRITE_FAILS, str(tmp_path), mode], env=env,
+                                 capture_output=True, text=True, timeout=100) for mode in ("plain", "tolerant")}
+    assert runs["tolerant"].returncode == 0 and runs["tolerant"].stdout.split() == ["ok", "42"], runs["tolerant"].stderr
+    assert runs["plain"].returncode != 0 and "File too large" in runs["plain"].stderr, runs["plain"].stderr[-2000:]
+
+
+def test_the_kernels_module_drops_failed_cache_writes():
+    nd = cpu._load_numba()
+    saves = [getattr(obj._cache, "save_overload") for obj in vars(nd).values() if hasattr(obj, "_cache")]
+    assert len(saves) >= 10 and all(getattr(save, "tolerant", False) for save in saves)
