@@ -209,8 +209,9 @@ def _finish(cfg: TrainConfig, comm, data: Dataset, run: dict, state: Phase) -> d
 
     agree(comm, attempt(write_results) if comm.rank == 0 else None)
     out.close()
-    status = "reached" if state.reached else "did not reach"
-    out.print(f"{status} val acc {cfg.target_accuracy} after {state.cycle} cycles, {summary['work_units']:.1f} "
+    status = "stopped" if cfg.target_accuracy is None else \
+        f"{'reached' if state.reached else 'did not reach'} val acc {cfg.target_accuracy}"
+    out.print(f"{status} after {state.cycle} cycles, {summary['work_units']:.1f} "
               f"work units, {summary['seconds']:.1f} s (val acc {record.get('val_acc', float('nan')):.4f})")
     summary["levels"] = levels
     return summary

@@ -128,6 +128,10 @@ def run(name: str, tests: list[str] | None, keyword: str | None) -> list[str]:
             if (ROOT / f).is_file():
                 (tmp / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / f, tmp / f)
+        cache = ROOT / "parml" / "kernels" / "__pycache__"     # numba's compiled kernels (copy2 keeps the
+        for f in [*cache.glob("*.nbi"), *cache.glob("*.nbc")]:  # source stamps they are keyed by): no recompile
+            (tmp / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / f.relative_to(ROOT))
         apply(tmp, name)
         cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
                *(tests or TESTS[MUTANTS[name][0]])]
