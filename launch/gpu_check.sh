@@ -8,7 +8,8 @@
 # and the later steps still run. One GPU: the GPU unit tests (NCCL at P = 1, MPI staging CUDA
 # tensors through host memory at P = 1 and 2), training with NCCL at P = 1 and with MPI at P = 2
 # sharing the GPU, the fused-kernel and pipeline benchmarks in quick mode. Two or more GPUs: also NCCL at P = 2
-# (exactness in the unit tests, a short training run, the benchmark's NCCL rows).
+# (exactness in the unit tests, a short training run, the benchmark's NCCL rows) and the D = 2 data x layer
+# mesh on NCCL against the P = 1 run.
 #
 #   PARML_PYTHON   the python to run (default: python)
 #   PARML_MPIRUN   the mpirun to use (default: mpirun on PATH)
@@ -60,7 +61,7 @@ case "$ngpu" in ''|*[!0-9]*) ngpu=0 ;; esac
 
 step "parml info" 15 "$PY" -m parml.cli info
 
-step "GPU unit tests (exactness, kernels)" 110 \
+step "GPU unit tests (exactness, kernels)" 100 \
     "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
 
 step "train NCCL P=1" 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
@@ -72,19 +73,27 @@ step "train MPI P=2 on one GPU (host staging)" 40 "$MPIRUN" -n 2 --oversubscribe
     --no-progress --out "$out/train" --run-name mpi2
 
 if [ "$ngpu" -ge 2 ]; then
-    step "train NCCL P=2" 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    step "train NCCL P=2" 35 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
         -m parml.cli train --ranks 2 -M 2 -K 256 -L 4 --device cuda --max-cycles 5 --no-progress \
         --out "$out/train" --run-name nccl2
+    # the data x layer mesh on NCCL: D = 2 replicas, coarse levels replicated, the P = 1 run's options;
+    # its last loss must be the P = 1 run's to float32 rounding
+    step "train NCCL P=2 mesh D=2" 25 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+        -m parml.cli train --ranks 2 --data-parallel 2 --coarse-layout replicate -K 256 -L 4 --device cuda \
+        --max-cycles 5 --no-progress --out "$out/train" --run-name mesh2
+    step "NCCL P=2 mesh D=2 equals P=1" 5 "$PY" -c 'import json, sys; a, b = (json.load(open(f"{sys.argv[1]}/{n}/summary.json"))["final_loss"] for n in ("nccl1", "mesh2")); print(f"final loss P=1 {a:.6g}, mesh D=2 {b:.6g}"); sys.exit(0 if abs(a - b) <= 1e-4 * abs(a) else "the mesh differs from P = 1")' "$out/train"
 else
     summary+=("gpu_check: train NCCL P=2: skipped (needs 2 GPUs, found $ngpu)")
+    summary+=("gpu_check: train NCCL P=2 mesh D=2: skipped (needs 2 GPUs, found $ngpu)")
+    summary+=("gpu_check: NCCL P=2 mesh D=2 equals P=1: skipped (needs 2 GPUs, found $ngpu)")
 fi
 
-step "kernel benchmark (quick)" 45 "$PY" benchmarks/kernels.py --device cuda --quick --reps 3 \
+step "kernel benchmark (quick)" 40 "$PY" benchmarks/kernels.py --device cuda --quick --reps 3 \
     --out "$out/kernels_cuda"
 head -n 30 "$out/kernels_cuda/kernels.md" 2>/dev/null
 
 # quick sizes, compute-bound model only: NCCL rows at P = 1 (and 2), MPI rows at P = 1, 2
-step "pipeline benchmark (quick)" 50 "$PY" benchmarks/pipeline_scaling.py --device cuda --quick \
+step "pipeline benchmark (quick)" 40 "$PY" benchmarks/pipeline_scaling.py --device cuda --quick \
     --only compute --out "$out/pipeline_cuda"
 head -n 40 "$out/pipeline_cuda/pipeline_scaling.md" 2>/dev/null
 
