@@ -99,8 +99,8 @@ MUTANTS = {
                                       "evaluate broadcasts the loss and accuracy from rank 0, not from the last "
                                       "rank that computed them"),
     "mover-destination-rows": ("parml/parallel/transfer.py",
-                               "pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))",
-                               "pieces.append((p, q, i, j, (lo - a.lo, hi - a.lo, lo - a.lo, hi - a.lo)))",
+                               "r, i, j, (lo - a.lo, hi - a.lo, lo - b.lo, hi - b.lo)))",
+                               "r, i, j, (lo - a.lo, hi - a.lo, lo - a.lo, hi - a.lo)))",
                                "a Mover writes each piece at the source's row offset, not the destination's "
                                "(gathered levels get the wrong rows)"),
     "checkpoint-optimizer-rows": ("parml/training/checkpoint.py",
