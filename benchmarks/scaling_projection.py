@@ -204,12 +204,15 @@ def plot(res, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = sorted({s["workload"] for s in res["series"]}, key=lambda w: (w.startswith("conv"), w))
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.4), squeeze=False, sharey="row")
+    ncol = min(5, len(names))                     # rows of 5 workloads, each a strong and a weak row
+    nrow = 2 * math.ceil(len(names) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.8 * nrow), squeeze=False, sharey="row")
     styles = {("cpu", 1): ("tab:blue", "-"), ("cpu", 8): ("tab:blue", "--"), ("gpu", 1): ("tab:green", "-"),
               ("gpu", 8): ("tab:green", "--")}
-    for j, name in enumerate(names):
+    for k, name in enumerate(names):
+        j, row = k % ncol, 2 * (k // ncol)
         for i, scaling in enumerate(("strong", "weak")):
-            ax = axes[i][j]
+            ax = axes[row + i][j]
             for s in res["series"]:
                 if s["workload"] != name or s["scaling"] != scaling:
                     continue
@@ -225,14 +228,17 @@ def plot(res, path: Path) -> None:
                       for p in pts if p.get("dp")]
                 if dp:
                     ax.plot(*zip(*dp), ls, color=c, alpha=0.35, lw=3)
-            ax.set(xscale="log", yscale="log", title=f"{name}\n{scaling}" if i == 0 else scaling, xlabel="ranks N")
+            ax.set(xscale="log", yscale="log", title=f"{name}, {scaling} scaling", xlabel="ranks N")
             ax.set_xticks([1, 8, 64, 512])
             ax.set_xticklabels(["1", "8", "64", "512"])
             if j == 0:
                 ax.set_ylabel("efficiency (best layout)")
-    axes[0][0].legend(fontsize=7)
+    for k in range(len(names), nrow // 2 * ncol):     # empty places of the last row of workloads
+        for i in range(2):
+            axes[2 * (k // ncol) + i][k % ncol].set_visible(False)
+    axes[0][0].legend(fontsize=9)
     fig.suptitle("Projected efficiency of the best layout (thin) and of pure data parallelism (wide, faint)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
