@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import reference
+from cases import local_grads
 from nccl_model import run_model
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.executor import LayerParallel
@@ -33,16 +34,6 @@ def _data(dtype):
     return torch.randn(BATCH, 2, generator=g, dtype=dtype), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def _local_grads(model):
-    out = {}
-    for c in model.block_chunks():
-        out[("chunk", c.stage, c.first)] = (c.weight.grad.clone(), c.bias.grad.clone())
-    for name, p in model.named_parameters():
-        if not name.startswith("chunks."):
-            out[name] = p.grad.clone()
-    return out
-
-
 def grads_worker(comm, shapes=None, kernel="auto"):
     """Every case on every (D, P) of this world size; gradient buckets of 64 bytes under GPipe
     (many all-reduces per step), the default (one per step) under 1F1B. `kernel`: ``--kernel``."""
@@ -63,7 +54,7 @@ def grads_worker(comm, shapes=None, kernel="auto"):
             loss = lp.forward_backward(x, y)
             val_loss, acc = lp.evaluate(x, y)
             buckets = lp.reducer.buckets if lp.reducer is not None else 0
-            results[(D, P, schedule, m, dtype)] = (loss, val_loss, acc, _local_grads(lp.model),
+            results[(D, P, schedule, m, dtype)] = (loss, val_loss, acc, local_grads(lp.model),
                                                    layout.position(comm.rank), lp.partition.bounds, buckets)
     return results
 
