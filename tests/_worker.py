@@ -1,6 +1,8 @@
 """One rank of a tests.multiproc.run_ranks launch.
 
-Usage: python tests/_worker.py TMPDIR module.path:function
+Usage: python tests/_worker.py TMPDIR module.path:function   (a fresh interpreter per rank: mpirun)
+or ``forked_rank`` in a process forked from the test session's fork server (gloo ranks; see
+tests/multiproc.py), which has torch and parml imported already.
 
 Builds ``comm = make_communicator("auto", timeout=$PARML_TEST_COMM_TIMEOUT,
 device=$PARML_TEST_DEVICE)``, calls ``function(comm, **args)`` (args from
@@ -28,8 +30,50 @@ def _guess_rank() -> int:
     return 0
 
 
-def main() -> None:
-    tmp, func = sys.argv[1], sys.argv[2]
+def forked_rank(tmp: str, func: str, env: dict, stdout_path: str, stderr_path: str) -> None:
+    """A rank forked from the fork server: its own session, output files and environment (the
+    launcher's variables), then the same steps as a fresh interpreter."""
+    _redirect(stdout_path, stderr_path)
+    os.environ.clear()
+    os.environ.update(env)
+    main([tmp, func])
+
+
+def forked_cli(argv: list, cwd: str, env: dict, stdout_path: str, stderr_path: str) -> None:
+    """``parml ARGV`` in a process forked from the fork server, in `cwd` with `env`: what
+    ``python -m parml.cli ARGV`` does there, without importing torch again."""
+    _redirect(stdout_path, stderr_path)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    code = 0
+    try:
+        from parml.cli import main as parml_main
+
+        parml_main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _redirect(stdout_path: str, stderr_path: str) -> None:
+    """This process in a session of its own, its stdout and stderr going to the two files."""
+    os.setsid()
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+
+
+def main(argv: list | None = None) -> None:
+    tmp, func = (sys.argv[1:3] if argv is None else argv)
     rank = _guess_rank()
     comm = None
     try:

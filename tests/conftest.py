@@ -27,9 +27,7 @@ for _p in (str(_TESTS.parent), str(_TESTS)):      # `import multiproc` and `impo
 
 from multiproc import MPI_MISSING  # noqa: E402
 
-from parml.comm import SelfComm  # noqa: E402
-from parml.model import ModelSpec, StageSpec, build_model  # noqa: E402
-from parml.parallel.executor import LayerParallel  # noqa: E402
+import _rank_preload  # noqa: E402
 
 MNIST_FIXTURE = _TESTS / "fixtures" / "mnist"
 MNIST_MISSING = "MNIST fixture missing"
@@ -99,15 +97,6 @@ def one_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def compiled_kernels():
-    """Compile the fused CPU kernels (or load them from numba's cache) once, before any test. A first
-    compile takes ~20-40 s per dtype: inside a test whose ranks are threads under a 10 s message
-    timeout (the NCCL model) it would look like a hung peer, and ranks started together in a fresh
-    clone would each compile the same code at once. Later processes load the cache."""
-    spec = ModelSpec(2, 2, (StageSpec(3, 4),))
-    for dtype in (torch.float32, torch.float64):
-        x, y = torch.randn(8, 2, dtype=dtype), torch.randint(0, 2, (8,))
-        for weight_grads in ("deferred", "inline"):
-            lp = LayerParallel(build_model(spec, seed=0, dtype=dtype), SelfComm(), "gpipe", 1,
-                               weight_grads=weight_grads, kernel="auto")
-            lp.forward_backward(x, y)
-            lp.evaluate(x, y)
+    """The fused CPU kernels compiled (or loaded from numba's cache) once, before any test; the
+    fork server that starts gloo ranks loads them the same way (tests/_rank_preload.py)."""
+    _rank_preload.warm_kernels()

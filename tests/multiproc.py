@@ -18,6 +18,12 @@ same way: in its own session, killed with every process it started at the deadli
 test is interrupted; ``launch`` builds the ``parml`` command line for the serial, torchrun and
 mpirun cases.
 
+How gloo ranks start: forked from one fork server per test session that has imported torch and
+parml (``tests/_rank_preload.py``), each in its own session with its own output files and the
+variables torchrun sets; they then build their communicator over TCP like any torchrun worker.
+That saves ~2 s of CPU per rank. ``PARML_TEST_SPAWN=exec`` starts a fresh interpreter per rank
+instead; mpirun always does, and launcher tests (``launch``, ``run_cmd``) run the real launchers.
+
 Environment of the workers: ``OMP_NUM_THREADS=1``, repo root and ``tests/`` on
 ``PYTHONPATH``, ``PARML_TEST_COMM_TIMEOUT`` (communicator timeout, seconds;
 default 3/4 of ``timeout`` so that a hang shows up as a CommTimeout traceback
@@ -37,7 +43,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from parml.launch import clean_env, kill_group, mpi_unavailable, mpirun_command, mpirun_path, run_local  # noqa: F401
+from parml.launch import (LocalRun, clean_env, free_port, kill_group, mpi_unavailable, mpirun_command,  # noqa: F401
+                          mpirun_path, run_local, torchrun_env)
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -98,10 +105,12 @@ def run_ranks(
         extra = {"PARML_TEST_COMM_TIMEOUT": f"{max(0.75 * timeout, 1.0):g}"}
         extra.update(env or {})
         penv = base_env(extra)
-        cmd_tail = [sys.executable, str(WORKER), str(tmp), func]
-
-        run = run_local(cmd_tail, nprocs, backend, timeout, tmp, "rank", penv, cwd=REPO_ROOT,
-                        capture_stdout=True, grace=_GRACE_AFTER_FAILURE, poll=0.02)
+        if backend == "gloo" and os.environ.get("PARML_TEST_SPAWN", "fork") == "fork":
+            run = _run_forked(str(tmp), func, nprocs, timeout, penv)
+        else:
+            cmd_tail = [sys.executable, str(WORKER), str(tmp), func]
+            run = run_local(cmd_tail, nprocs, backend, timeout, tmp, "rank", penv, cwd=REPO_ROOT,
+                            capture_stdout=True, grace=_GRACE_AFTER_FAILURE, poll=0.02)
         errors = []
         for r in range(nprocs):
             ef = tmp / f"rank{r}.err"
@@ -128,6 +137,71 @@ def run_ranks(
     finally:
         # run_local kills its processes even when pytest-timeout or ^C interrupts the wait
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_FORK_CONTEXT: list = []
+
+
+def _fork_context():
+    """The session's fork server, started once with one compute thread and the preload imported."""
+    if not _FORK_CONTEXT:
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["_rank_preload"])
+        saved = dict(os.environ)
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _FORK_CONTEXT.append(ctx)
+    return _FORK_CONTEXT[0]
+
+
+def _run_forked(tmp: str, func: str, nprocs: int, timeout: float, env: dict) -> LocalRun:
+    """gloo ranks of ``run_ranks`` forked from the fork server, with torchrun's variables."""
+    from _worker import forked_rank
+
+    port = free_port()
+    return run_forked([(forked_rank, (tmp, func, dict(env, **torchrun_env(r, nprocs, port)))) for r in range(nprocs)],
+                      Path(tmp), "rank", timeout)
+
+
+def run_forked(targets: list, log_dir: Path, label: str, timeout: float,
+               grace: float = _GRACE_AFTER_FAILURE) -> LocalRun:
+    """``run_local`` for processes forked from the fork server: ``fn(*args, stdout_path,
+    stderr_path)`` per target, the same deadline, the same grace after a first failure, and every
+    process killed on the way out (also when pytest interrupts the wait)."""
+    import time
+
+    ctx, procs, logs = _fork_context(), [], []
+    try:
+        for i, (fn, args) in enumerate(targets):
+            out, err = log_dir / f"{label}.{i}.stdout", log_dir / f"{label}.{i}.stderr"
+            p = ctx.Process(target=fn, args=(*args, str(out), str(err)), daemon=False)
+            p.start()
+            procs.append(p)
+            logs.append((f"{label}.{i}", out, err))
+        deadline, failed_at, timed_out = time.monotonic() + timeout, None, False
+        while any(p.exitcode is None for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = now
+            if failed_at is not None and now - failed_at > grace:
+                break
+            if now > deadline:
+                timed_out = True
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join(10)
+    return LocalRun([p.exitcode for p in procs], timed_out, logs)
 
 
 # --- launcher command lines --------------------------------------------------------------------------
@@ -194,9 +268,40 @@ def parml_cmd(kind: str, nprocs: int, args: list[str]) -> list[str]:
 
 def launch(kind: str, nprocs: int, args: list[str], cwd, timeout: float = 120,
            env: dict | None = None) -> subprocess.CompletedProcess:
-    """``parml ARGS`` as the user starts it (serial, torchrun or mpirun) in a clean environment
-    (no enclosing launcher's variables, one thread) plus ``env``."""
+    """``parml ARGS`` in a clean environment (no enclosing launcher's variables, one thread) plus
+    ``env``: under the real launchers ("torchrun", "mpirun"), or as processes forked from the fork
+    server running ``parml.cli.main`` ("serial": one process; "ranks": ``nprocs`` gloo ranks with
+    the variables torchrun gives its workers, for tests that are about training, not the launcher).
+    ``PARML_TEST_SPAWN=exec`` runs "serial" as ``python -m parml.cli`` and "ranks" under torchrun."""
+    exec_only = os.environ.get("PARML_TEST_SPAWN", "fork") != "fork"
+    if kind == "ranks" and exec_only:
+        kind = "torchrun"
+    if kind in ("serial", "ranks") and not exec_only:
+        return _launch_forked(kind, nprocs, args, cwd, timeout, base_env(env))
     return run_cmd(parml_cmd(kind, nprocs, args), timeout, env=base_env(env), cwd=cwd)
+
+
+def _launch_forked(kind, nprocs, args, cwd, timeout, env) -> subprocess.CompletedProcess:
+    __tracebackhide__ = True
+    from _worker import forked_cli
+
+    nprocs, port = (1, 0) if kind == "serial" else (nprocs, free_port())
+    tmp = Path(tempfile.mkdtemp(prefix="parml-cli-"))
+    try:
+        targets = [(forked_cli, (list(map(str, args)), str(cwd if cwd is not None else os.getcwd()),
+                                 env if kind == "serial" else dict(env, **torchrun_env(r, nprocs, port))))
+                   for r in range(nprocs)]
+        run = run_forked(targets, tmp, "cli", timeout, grace=10.0)
+        out, err = ("".join((tmp / f"cli.{r}.{k}").read_text(errors="replace") for r in range(nprocs))
+                    for k in ("stdout", "stderr"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cmd = ["parml", *map(str, args)]
+    if run.timed_out:
+        raise AssertionError(f"{' '.join(cmd)} ({kind}, {nprocs}) timed out after {timeout:g} s; every process "
+                             f"killed\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+    codes = [c for c in run.returncodes if c != 0]
+    return subprocess.CompletedProcess(cmd, codes[0] if codes else 0, out, err)
 
 
 def parml_batch(argvs: list[list[str]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:

@@ -64,7 +64,7 @@ def test_resume_on_another_rank_count(saved_on, resumed_on, tmp_path):
     whole = run("serial", 1, args + ["--run-name", "whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr
     def kind(n):
-        return "torchrun" if n > 1 else "serial"
+        return "ranks" if n > 1 else "serial"
     first = run(kind(saved_on), saved_on, args + ["--run-name", "cut", "--checkpoint-every", "5",
                                                   "--max-cycles", "5"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -71,7 +71,7 @@ def test_loss_curve_is_the_same_on_1_2_4_ranks(tmp_path):
     args = ARGS + ["--out", str(tmp_path), "--max-cycles", "6", "-M", "3"]
     curves = {}
     for n in (1, 2, 4):
-        r = run("serial" if n == 1 else "torchrun", n, args + ["--run-name", f"p{n}"], tmp_path)
+        r = run("serial" if n == 1 else "ranks", n, args + ["--run-name", f"p{n}"], tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         curves[n] = [x["loss"] for x in rows(tmp_path / f"p{n}")]
     for n in (2, 4):

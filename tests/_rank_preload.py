@@ -1,0 +1,29 @@
+"""What the test session's fork server loads once, so that each gloo rank it forks starts in
+milliseconds instead of importing torch and parml and loading the compiled kernels again (~3 s of
+CPU per rank on 2 cores). On one thread the kernels start no thread pool, so forking stays safe.
+The test session itself calls ``warm_kernels`` first (tests/conftest.py)."""
+import torch
+
+import parml.training.trainer  # noqa: F401  (imports the model, executor, multilevel and comm packages)
+from parml.comm import SelfComm
+from parml.model import ModelSpec, StageSpec, build_model
+from parml.parallel.executor import LayerParallel
+
+
+def warm_kernels() -> None:
+    """Compile the fused CPU kernels (or load them from numba's cache) for both dtypes, inline and
+    deferred weight gradients. A first compile takes ~20-40 s per dtype: inside a test whose ranks
+    are threads under a 10 s message timeout (the NCCL model) it would look like a hung peer, and
+    ranks started together in a fresh clone would each compile the same code at once."""
+    spec = ModelSpec(2, 2, (StageSpec(3, 4),))
+    for dtype in (torch.float32, torch.float64):
+        x, y = torch.randn(8, 2, dtype=dtype), torch.randint(0, 2, (8,))
+        for weight_grads in ("deferred", "inline"):
+            lp = LayerParallel(build_model(spec, seed=0, dtype=dtype), SelfComm(), "gpipe", 1,
+                               weight_grads=weight_grads, kernel="auto")
+            lp.forward_backward(x, y)
+            lp.evaluate(x, y)
+
+
+if torch.get_num_threads() == 1:      # the fork server (started with OMP_NUM_THREADS=1)
+    warm_kernels()
