@@ -39,14 +39,21 @@ def table(header: list[str], rows) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def write_outputs(out: Path, stem: str, result, markdown, plot=None) -> None:
-    """OUT/results.json (every number), OUT/<stem>.md (`markdown(result)` lines) and OUT/<stem>.png
-    (`plot(result, path)`); a failing plot is reported and loses no numbers."""
+def write_report(out: Path, stem: str, result, markdown, plot=None) -> None:
+    """OUT/<stem>.md and OUT/<stem>.png only: ``--report-only`` redraws from the numbers without
+    rewriting them; a failing plot is reported and loses no table."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", result)
     (out / f"{stem}.md").write_text("\n".join(markdown(result)) + "\n")
     if plot is not None:
         try:
             plot(result, out / f"{stem}.png")
         except Exception as exc:      # a missing matplotlib must not lose the numbers
             print(f"plot failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+def write_outputs(out: Path, stem: str, result, markdown, plot=None) -> None:
+    """OUT/results.json (every number), OUT/<stem>.md (`markdown(result)` lines) and OUT/<stem>.png
+    (`plot(result, path)`); a failing plot is reported and loses no numbers."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result)
+    write_report(out, stem, result, markdown, plot)

@@ -17,7 +17,7 @@ from benchmarks.harness.render import STYLE  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _png_width(path: Path) -> int:
+def png_width(path: Path) -> int:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">I", head[16:20])[0]
@@ -39,7 +39,7 @@ def test_pipeline_renders_from_its_records(tmp_path):
     # the committed run meets the goal: parml >= 1.1x torch pipelining at every M with a core per rank
     assert res.goals.torch_ratio_goal_met and min(res.goals.torch_ratio_min_by_M_pipelined.values()) >= 1.1
     plot(res, tmp_path / "p.png")
-    assert _png_width(tmp_path / "p.png") > 1000
+    assert png_width(tmp_path / "p.png") > 1000
 
 
 def test_pipeline_records_of_the_old_layout_migrate():
@@ -71,6 +71,41 @@ def test_mgopt_renders_from_its_records(tmp_path):
     (out / "euclidean" / "results.json").write_bytes((RESULTS / "mgopt" / "euclidean" / "results.json").read_bytes())
     study.render(res, out)
     assert (out / "mgopt_scaling.md").read_text() == (RESULTS / "mgopt" / "mgopt_scaling.md").read_text()
-    assert _png_width(out / "mgopt_scaling.png") > 800
+    assert png_width(out / "mgopt_scaling.png") > 800
     # P = 2 gives the P = 1 iterates for every configuration and seed (the runs are deterministic)
     assert res.analysis.exactness and all(x.equal for x in res.analysis.exactness)
+
+
+@pytest.mark.timeout(120)
+def test_mesh_renders_from_its_records_of_the_old_layout(tmp_path):
+    """The committed mesh results predate the harness: they load through ``migrate`` and render the
+    committed markdown; the plot has a panel per workload, the time to the target and 4 ranks."""
+    import benchmarks.mesh_scaling as study
+    from benchmarks.mesh.markdown import markdown
+    from benchmarks.mesh.plot import panels, plot
+    res = study.load(RESULTS / "mesh")
+    assert [w.ranks for w in res.worlds] == [2, 4] and not res.samples
+    assert "\n".join(markdown(res)) + "\n" == (RESULTS / "mesh" / "mesh_scaling.md").read_text()
+    two = res.world(2)
+    assert len(two.rows) == 12 and len(two.targets) == 4 and res.config.steps == {
+        "circles-gd": 10, "circles-vcycle": 3, "mnist-sgd": 3}
+    r = next(r for r in two.rows if r.workload == "mnist-sgd" and (r.layout.D, r.layout.P) == (2, 1))
+    assert r.speedup == pytest.approx(1.46, abs=0.005) and r.wall_eff == pytest.approx(r.speedup / 2)
+    assert [p[0].__name__ for p in panels(res)] == ["_workload"] * 3 + ["_targets", "_coarse"]
+    plot(res, tmp_path / "m.png")
+    assert png_width(tmp_path / "m.png") > 1000
+
+
+@pytest.mark.timeout(120)
+def test_projection_renders_from_its_records():
+    """The committed projection (written before the harness) loads as records and renders its markdown."""
+    from benchmarks.harness import read_json
+    from benchmarks.projection.analyse import summary_rows
+    from benchmarks.projection.markdown import markdown
+    from benchmarks.projection.records import ProjectionResults
+    res = read_json(RESULTS / "projection" / "results.json", ProjectionResults)
+    assert len(res.series) == 80 and res.ranks[-1] == 1024 and res.config is None
+    assert "\n".join(markdown(res)) + "\n" == (RESULTS / "projection" / "projection.md").read_text()
+    w512 = next(r for r in summary_rows(res) if (r.series.profile, r.series.workload, r.series.scaling,
+                                                  r.series.levels) == ("cpu", "dense K=2048 w=512", "strong", 1))
+    assert w512.n == 1024 and w512.lp_wins[-1][0] == 1024 and w512.lp_wins[-1][1] == pytest.approx(6.86, abs=0.005)

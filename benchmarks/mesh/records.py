@@ -1,0 +1,182 @@
+"""The mesh study's records: the plan, what each rank timed, the medians per layout, and the
+loader of results written before the study used the harness."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from benchmarks.harness import DataFolder, Machine
+
+
+@dataclass
+class Layout:
+    """D data replicas x P layer ranks; `coarse`: where coarse levels on fewer ranks go."""
+    D: int
+    P: int
+    coarse: str = "gather"
+
+    @property
+    def shape(self) -> str:
+        return f"({self.D}, {self.P})"
+
+
+@dataclass
+class MeshConfig:
+    blocks: int
+    repeats: int
+    steps: dict[str, int]                 # timed steps per workload (after `warm` untimed ones)
+    warm: int
+    workloads: list[str]
+    layouts: dict[int, list[Layout]]      # launch size -> layouts, in the order of the first repeat
+    target_runs: bool
+    max_cycles: int
+    launch_timeout: float
+    quick: bool = False
+    kernel: str | None = None             # --kernel (None: results from before the option: auto)
+    data: DataFolder | None = None        # the MNIST folder by name and checksums
+
+
+@dataclass
+class MeshJob:
+    """The payload of one launch: every layout of its size on every workload, `repeats` times."""
+    workloads: list[str]
+    layouts: list[Layout]
+    blocks: int
+    repeats: int
+    steps: dict[str, int]
+    warm: int
+    target_runs: bool
+    max_cycles: int
+    kernel: str
+    data_dir: str | None
+    runs_dir: str
+
+
+@dataclass
+class StepRow:
+    """One timed step / V-cycle on one rank."""
+    wall: float                  # seconds (rank 0's ends with the loss broadcast: the ranks end together)
+    cpu: float                   # time.process_time seconds
+    blocked: float               # seconds blocked in communication (every communicator the rank holds)
+    levels: list[float]          # seconds per level, coarsest first
+    load: float                  # 1-minute load average
+
+
+@dataclass
+class Sample:
+    """One (workload, layout, repeat) of a launch: every rank's rows (None: not in the layout)."""
+    world: int
+    workload: str
+    layout: Layout
+    repeat: int
+    ranks: list[list[StepRow] | None] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """Training circles' V-cycle to validation accuracy 1.0 on one layout (rank 0's view)."""
+    world: int                   # the launch's ranks
+    layout: Layout
+    repeat: int
+    seconds: float               # wall seconds of ``train`` (in-run clock)
+    train_s: float               # inside the V-cycle calls
+    cycles: int
+    reached: bool
+    val_acc: float | None
+    load: float
+
+
+@dataclass
+class LayoutRow:
+    """Medians of one (workload, layout) over repeats and steps; efficiencies against (1, 1)."""
+    workload: str
+    layout: Layout
+    wall: float
+    cpu: float                   # summed over the ranks
+    samples: int
+    idle: list[float | None]     # blocked / wall per rank (None: the rank was not in the layout)
+    load: float
+    levels: list[float]          # per level, the slowest rank, coarsest first
+    speedup: float | None = None
+    wall_eff: float | None = None
+    cpu_eff: float | None = None
+
+
+@dataclass
+class TargetRow:
+    layout: Layout
+    seconds: float               # median
+    all_seconds: list[float]
+    cycles: list[int]
+    reached: bool
+    load: float
+    speedup: float | None = None  # one process's median seconds / this layout's
+
+
+@dataclass
+class World:
+    """The analysis of one launch size."""
+    ranks: int
+    rows: list[LayoutRow] = field(default_factory=list)
+    targets: list[TargetRow] = field(default_factory=list)
+
+
+@dataclass
+class MeshResults:
+    config: MeshConfig
+    meta: Machine
+    samples: list[Sample] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    worlds: list[World] = field(default_factory=list)      # the analysis (from the samples when there are any)
+    failures: list[str] = field(default_factory=list)
+
+    def world(self, ranks: int) -> World | None:
+        return next((w for w in self.worlds if w.ranks == ranks), None)
+
+
+# --- results of the script before the harness: keys "workload|DxP|coarse" ----------------------------
+
+OLD_FULL = {"warm": 1, "max_cycles": 60, "launch_timeout": 3 * 3600}   # the old FULL settings it did not record
+
+
+def _layout(shape: str, coarse: str) -> dict:
+    D, P = shape.split("x")
+    return {"D": int(D), "P": int(P), "coarse": coarse}
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def migrate(data: dict) -> dict:
+    """A results.json of the old layout ({"two": {"summary", "efficiency", "targets"}, "four"}) as
+    the JSON of ``MeshResults``; other data unchanged. The old file has no per-step samples: its
+    medians become the analysis as they are."""
+    if "two" not in data:
+        return data
+    worlds, steps, names, layouts = [], {}, [], {}
+    for label, ranks in (("two", 2), ("four", 4)):
+        if label not in data:
+            continue
+        part, rows = data[label], []
+        for key, s in part["summary"].items():
+            name, shape, coarse = key.split("|")
+            e = part.get("efficiency", {}).get(key, {})
+            rows.append({"workload": name, "layout": _layout(shape, coarse), "wall": s["wall"], "cpu": s["cpu"],
+                         "samples": s["samples"], "idle": [_num(x) for x in s["idle"]], "load": s["load"],
+                         "levels": s["levels"], "speedup": e.get("speedup"), "wall_eff": e.get("wall_eff"),
+                         "cpu_eff": e.get("cpu_eff")})
+            steps.setdefault(name, s["samples"] // data["repeats"])
+            names += [name] if name not in names else []
+            lays = layouts.setdefault(ranks, [])
+            lays += [rows[-1]["layout"]] if rows[-1]["layout"] not in lays else []
+        one = part.get("targets", {}).get("1x1|gather", {}).get("seconds")
+        targets = [{"layout": _layout(*key.split("|")), "seconds": t["seconds"], "all_seconds": t["all_seconds"],
+                    "cycles": t["cycles"], "reached": t["reached"], "load": t["load"],
+                    "speedup": one / t["seconds"] if one else None} for key, t in part.get("targets", {}).items()]
+        worlds.append({"ranks": ranks, "rows": rows, "targets": targets})
+    config = {"blocks": data["blocks"], "repeats": data["repeats"], "steps": steps, "workloads": names,
+              "layouts": layouts, "target_runs": bool(data["two"].get("targets")), "quick": data["mode"] == "quick",
+              "kernel": None, "data": None, **OLD_FULL}
+    meta = {"cpu_count": data.get("cpus"), "loadavg_start": [data["load_before"]], "loadavg_end": [data["load_after"]]}
+    return {"config": config, "meta": meta, "samples": [], "targets": [], "worlds": worlds, "failures": []}

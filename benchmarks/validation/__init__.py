@@ -1,0 +1,1 @@
+"""The scaling model against measurement (``benchmarks/plan_validation.py``): rank code, analysis, outputs."""
