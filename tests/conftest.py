@@ -56,6 +56,12 @@ def full_mnist() -> Path:
     return Path(path)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's default): two test files at a time on 2 cores, half the cores on
+    bigger machines (most tests start ranks of their own). ``-n 0`` runs in this process."""
+    return max(2, min((os.cpu_count() or 2) // 2, 8))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.fspath)).resolve()

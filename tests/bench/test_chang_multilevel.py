@@ -105,12 +105,13 @@ def test_cifar_batches_are_used(tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "cifar"
     data.mkdir()
-    for name, n in (("data_batch_1.bin", 2000), ("test_batch.bin", 1000)):
+    for name, n in (("data_batch_1.bin", 400), ("test_batch.bin", 200)):
         rec = rng.integers(0, 256, size=(n, 3073), dtype=np.uint8)
         rec[:, 0] = rng.integers(0, 10, size=n)
         (data / name).write_bytes(rec.tobytes())
     out = tmp_path / "o"
-    proc = _run("--quick", "--out", out, "--data-dir", data, "--seeds", "1", timeout=110)
+    proc = _run("--quick", "--out", out, "--data-dir", data, "--seeds", "1", timeout=110,
+                quick={"n_train": 400, "n_val": 200, "budget": 20})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["dataset"] == "cifar10" and res["data_name"].startswith("cifar10")
