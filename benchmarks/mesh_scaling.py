@@ -91,14 +91,15 @@ def plan(ap, args) -> MeshConfig:
                       data=DataFolder.of(args.data_dir) if "mnist-sgd" in names else None)
 
 
-def jobs(cfg: MeshConfig, data_dir: str | None, runs_dir: str) -> list[Job]:
-    """Launch A (2 ranks: every workload, then the target runs), launch B (4 ranks)."""
+def jobs(cfg: MeshConfig, data_dir: str | None, runs_dir: str, backend: str = "torch") -> list[Job]:
+    """Launch A (2 ranks: every workload, then the target runs), launch B (4 ranks); `backend`:
+    "torch" (gloo ranks) started here, or the backend of the allocation it runs in."""
     out = []
     for ranks, layouts in cfg.layouts.items():
         names = cfg.workloads if ranks == 2 else [n for n in cfg.workloads if n in FOUR_RANK_WORKLOADS]
         payload = MeshJob(names, layouts, cfg.blocks, cfg.repeats, cfg.steps, cfg.warm, cfg.target_runs and ranks == 2,
                           cfg.max_cycles, cfg.kernel or "auto", data_dir, runs_dir)
-        out.append(Job(f"mesh{ranks}", "benchmarks.mesh.ranks:run_launch", payload, ranks, "torch",
+        out.append(Job(f"mesh{ranks}", "benchmarks.mesh.ranks:run_launch", payload, ranks, backend,
                        timeout=cfg.launch_timeout, comm_timeout=900.0))
     return out
 
@@ -109,7 +110,7 @@ def run(cfg: MeshConfig, data_dir: str | None, argv) -> MeshResults | None:
     tmp = Path(tempfile.mkdtemp(prefix="parml-mesh-"))
     try:
         launcher = Launcher(tmp)
-        for job in jobs(cfg, data_dir, str(tmp / "runs")):
+        for job in jobs(cfg, data_dir, str(tmp / "runs"), launcher.kind or "torch"):
             if launcher.rank == 0:
                 print(f"== {job.label}: {job.ranks} ranks", flush=True)
             got = launcher.run(job)
@@ -144,6 +145,10 @@ def main(argv=None) -> int:
     res = run(plan(ap, args), args.data_dir, argv)
     if res is None:
         return 0
+    if not res.samples:
+        print(f"mesh_scaling.py: error: no layout ran ({'; '.join(res.failures) or 'every launch skipped'})",
+              file=sys.stderr)
+        return 1
     write_outputs(args.out, STEM, res, markdown, plot)
     print("\n".join(markdown(res)), flush=True)
     return 1 if res.failures else 0

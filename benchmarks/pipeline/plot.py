@@ -99,7 +99,8 @@ def _memory_panel(res: PipelineResults, name: str, ax) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(f"peak activation memory, M = {top}")
-    ax.legend(loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
 
 
 def legend_handles(res: PipelineResults) -> list:
