@@ -378,6 +378,22 @@ class Communicator:
                 raise ValueError(f"split: rank {r} out of range for a communicator of size {self.size}")
         return ranks
 
+    def _collective(self, what: str, start: Callable[[], Any]) -> None:  # pragma: no cover - overridden
+        """Start a blocking collective with ``start()`` and wait for it, bounded by ``timeout``."""
+        raise NotImplementedError
+
+    def _broadcast_through(self, tensor: torch.Tensor, root: int, work: torch.Tensor,
+                           start: Callable[[], Any]) -> torch.Tensor:
+        """The part of ``broadcast`` every backend shares once it has a contiguous buffer `work` for
+        `tensor` (itself, a copy or a host stage) and the call `start` that broadcasts it: wait,
+        count the root's bytes, copy back into `tensor`."""
+        self._collective(f"broadcast from rank {root} of {tuple(tensor.shape)} {tensor.dtype}", start)
+        if self.rank == root:
+            self.collective_bytes += nbytes(work)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
     @staticmethod
     def _check_recv_buffer(tensor: torch.Tensor) -> None:
         if not tensor.is_contiguous():

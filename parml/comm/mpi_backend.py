@@ -274,13 +274,7 @@ class MPIComm(Communicator):
         else:
             work = tensor
         buf = self._mpi_buffer(work)
-        what = f"broadcast from rank {root} of {tuple(tensor.shape)} {tensor.dtype}"
-        self._collective(what, lambda: self._comm.Ibcast(buf, root))
-        if self.rank == root:
-            self.collective_bytes += nbytes(work)
-        if work is not tensor:
-            tensor.copy_(work)
-        return tensor
+        return self._broadcast_through(tensor, root, work, lambda: self._comm.Ibcast(buf, root))
 
     def barrier(self):
         self._check_open()

@@ -215,15 +215,9 @@ class TorchComm(Communicator):
         if self.size == 1:
             return tensor
         work_t = tensor if tensor.is_contiguous() else tensor.contiguous()
-        what = f"broadcast from rank {root} of {tuple(tensor.shape)} {tensor.dtype}"
         opts = self._dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = root, 0
-        self._collective(what, lambda: self._group.broadcast([work_t], opts))
-        if self.rank == root:
-            self.collective_bytes += nbytes(work_t)
-        if work_t is not tensor:
-            tensor.copy_(work_t)
-        return tensor
+        return self._broadcast_through(tensor, root, work_t, lambda: self._group.broadcast([work_t], opts))
 
     def barrier(self):
         self._check_open()

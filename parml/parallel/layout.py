@@ -70,10 +70,8 @@ def check_microbatches(batch: int, microbatches: int) -> None:
                           f"each micro-batch needs at least one sample")
 
 
-@dataclass(frozen=True)
-class LevelPlan:
-    """Where one level lives: its blocks partitioned over ranks 0..ranks-1 (a prefix of the world)."""
-    level: int            # 1 = coarsest
+class _PartitionSizes:
+    """``blocks`` and ``ranks`` read from the ``partition`` field: one definition for both level types."""
     partition: Partition
 
     @property
@@ -83,6 +81,13 @@ class LevelPlan:
     @property
     def ranks(self) -> int:
         return self.partition.ranks
+
+
+@dataclass(frozen=True)
+class LevelPlan(_PartitionSizes):
+    """Where one level lives: its blocks partitioned over ranks 0..ranks-1 (a prefix of the world)."""
+    level: int            # 1 = coarsest
+    partition: Partition
 
 
 def plan_levels(level_blocks: list[int], world_size: int, min_blocks_per_rank: int = 1) -> list[LevelPlan]:
@@ -133,7 +138,7 @@ COARSE_LAYOUTS = ("gather", "replicate")
 
 
 @dataclass(frozen=True)
-class LevelLayout:
+class LevelLayout(_PartitionSizes):
     """Where one level runs: `replicas` copies of `partition`; world rank = d * stride + j holds
     layer rank j of replica d. ``stride`` is the fine level's P where a coarse level is gathered
     (the ranks d * P + j, j >= P_l, wait) and P_l where it is replicated (every rank works)."""
@@ -145,14 +150,6 @@ class LevelLayout:
     def __post_init__(self):
         if self.stride == 0:
             object.__setattr__(self, "stride", self.partition.ranks)
-
-    @property
-    def ranks(self) -> int:
-        return self.partition.ranks
-
-    @property
-    def blocks(self) -> int:
-        return self.partition.blocks
 
     def world_rank(self, d: int, j: int) -> int:
         return d * self.stride + j

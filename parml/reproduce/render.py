@@ -226,17 +226,15 @@ def _md_table(results: dict) -> list[str]:
 
 
 def _md_relative(results: dict) -> list[str]:
-    lines = []
+    """The paragraph of U / U(reference) beside the paper's; none where the plan has no reference row."""
     rel = relative_u(results)
-    if rel:
-        ref = rel["reference"]
-        short = any(r["median"]["reached"] < r["median"]["n"] for r in results["rows"])
-        lines.append(f"U / U({ref}), medians, row by row: paper "
-                     f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; "
-                     f"parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
-                     + (" († rows stopped at the budget, so these are not cost ratios)." if short else "."))
-        lines.append("")
-    return lines
+    if not rel:
+        return []
+    short = any(r["median"]["reached"] < r["median"]["n"] for r in results["rows"])
+    return [f"U / U({rel['reference']}), medians, row by row: paper "
+            f"{', '.join(_f(x, '.2f') for x in rel['paper'])}; "
+            f"parml {', '.join(_f(x, '.2f') for x in rel['parml'])}"
+            + (" († rows stopped at the budget, so these are not cost ratios)." if short else "."), ""]
 
 
 def _md_table1_ratios(results: dict) -> list[str]:
