@@ -99,7 +99,7 @@ def _stage_timer(spec, role, n, rows, device, weight_grads, dtype=torch.float32)
     model = build_model(spec, seed=0, dtype=dtype)
     rank = {"first": 0, "middle": 1, "last": 2}[role]
     shard = model.shard(rank * n, (rank + 1) * n).to(device)
-    attach_kernels(shard, "torch")          # the fused chunks LayerParallel runs
+    attach_kernels(shard, "auto")           # the kernels LayerParallel attaches by default
     stage = PipelineStage(shard, LoopbackComm(rank, 3, device), device, weight_grads)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, spec.in_features, generator=gen, dtype=dtype).to(device)
@@ -176,7 +176,7 @@ def measure_kernels(grid, device, log=print):
                         finish_pts[1].append(t["finish"])
         kc = KernelCost(Fit.fitted(KERNEL_FEATURES, pts, F), Fit.fitted(KERNEL_FEATURES, pts, B),
                         Fit.fitted(KERNEL_FEATURES, pts, W) if wg == "deferred" else Fit.constant(0.0),
-                        f"fused Euler dense blocks, weight grads {wg}; PipelineStage middle rank",
+                        f"Euler dense blocks, --kernel auto, weight grads {wg}; PipelineStage middle rank",
                         [[p["n"], p["b"], p["v"], 1, f, b_, w] for p, f, b_, w in zip(pts, F, B, W)])
         out[name] = with_width_fits(kc, wg == "deferred")
         log(f"  kernel {name}: {len(pts)} points, F fit median/max rel. error "

@@ -71,3 +71,18 @@ def test_profile_errors_are_one_line(tmp_path):
     with pytest.raises(ProfileError) as e:
         predict(Workload(dense(2, 8), batch=8), Layout(1, 2, 1, backend="mpi"), synthetic_profile())
     assert "--backend 'mpi'" in one_line(e)
+
+
+def test_width_fits_are_corrected_to_the_measured_grid():
+    """Where the three-term fit misses the calibration grid (chunks whose states leave the caches),
+    the grid's measurements win: exact at grid points, geometric between them, held beyond."""
+    fit = Fit(["n*b"], [1e-9])
+    measured = [[n, b, 3, 1, t, 0.0, 0.0] for n, b, t in
+                [(4, 16, 64e-12 * 1e3), (4, 2000, 8e-6), (2048, 16, 32.768e-6), (2048, 2000, 8.192e-3)]]
+    k = KernelCost(fit, Fit.constant(0.0), Fit.constant(0.0), measured=measured, by_width={"3": [fit] * 3})
+    assert k.time(0, n=2048, b=2000, v=3, s=1) == pytest.approx(8.192e-3)          # fit 4.096e-3: ratio 2
+    assert k.time(0, n=4, b=2000, v=3, s=1) == pytest.approx(8e-6)                 # ratio 1
+    # halfway in log n at b = 2000: ratio sqrt(1 * 2); beyond the grid: the edge's ratio (2)
+    assert k.time(0, n=90.51, b=2000, v=3, s=1) == pytest.approx(90.51 * 2000e-9 * 2 ** 0.5, rel=1e-3)
+    assert k.time(0, n=8192, b=4000, v=3, s=1) == pytest.approx(8192 * 4000e-9 * 2)
+    assert k.time(1, n=2048, b=2000, v=3, s=1) == pytest.approx(4.096e-3)          # nothing measured: the fit
