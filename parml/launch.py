@@ -112,6 +112,24 @@ def _tail(path: Path, nchars: int) -> str:
         return ""
 
 
+def wait_all(codes, timeout: float, grace: float, poll: float) -> bool:
+    """Poll ``codes()`` (exit codes, None while running) until every process has ended, `grace`
+    seconds after the first non-zero exit, or the deadline; True when the deadline passed."""
+    deadline, failed_at = time.monotonic() + timeout, None
+    while True:
+        codes_now = codes()
+        if all(c is not None for c in codes_now):
+            return False
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes_now):
+            failed_at = now
+        if failed_at is not None and now - failed_at > grace:
+            return False
+        if now > deadline:
+            return True
+        time.sleep(poll)
+
+
 def run_local(cmd: list[str], nprocs: int, backend: str, timeout: float, log_dir, label: str,
               env: dict, cwd=None, capture_stdout: bool = False, grace: float = 10.0,
               poll: float = 0.05) -> LocalRun:
@@ -145,20 +163,7 @@ def run_local(cmd: list[str], nprocs: int, backend: str, timeout: float, log_dir
         else:
             start(cmd, env, True)
         sys.stdout.flush()
-        deadline, failed_at, timed_out = time.monotonic() + timeout, None, False
-        while True:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                break
-            now = time.monotonic()
-            if failed_at is None and any(c not in (None, 0) for c in codes):
-                failed_at = now
-            if failed_at is not None and now - failed_at > grace:
-                break
-            if now > deadline:
-                timed_out = True
-                break
-            time.sleep(poll)
+        timed_out = wait_all(lambda: [p.poll() for p in procs], timeout, grace, poll)
     finally:
         for p in procs:
             kill_group(p)

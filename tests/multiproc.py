@@ -44,7 +44,7 @@ import uuid
 from pathlib import Path
 
 from parml.launch import (LocalRun, clean_env, free_port, kill_group, mpi_unavailable, mpirun_command,  # noqa: F401
-                          mpirun_path, run_local, torchrun_env)
+                          mpirun_path, run_local, torchrun_env, wait_all)
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -175,8 +175,6 @@ def run_forked(targets: list, log_dir: Path, label: str, timeout: float,
     """``run_local`` for processes forked from the fork server: ``fn(*args, stdout_path,
     stderr_path)`` per target, the same deadline, the same grace after a first failure, and every
     process killed on the way out (also when pytest interrupts the wait)."""
-    import time
-
     ctx, procs, logs = _fork_context(), [], []
     try:
         for i, (fn, args) in enumerate(targets):
@@ -185,17 +183,7 @@ def run_forked(targets: list, log_dir: Path, label: str, timeout: float,
             p.start()
             procs.append(p)
             logs.append((f"{label}.{i}", out, err))
-        deadline, failed_at, timed_out = time.monotonic() + timeout, None, False
-        while any(p.exitcode is None for p in procs):
-            now = time.monotonic()
-            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-                failed_at = now
-            if failed_at is not None and now - failed_at > grace:
-                break
-            if now > deadline:
-                timed_out = True
-                break
-            time.sleep(0.02)
+        timed_out = wait_all(lambda: [p.exitcode for p in procs], timeout, grace, 0.02)
     finally:
         for p in procs:
             if p.exitcode is None:
