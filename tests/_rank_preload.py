@@ -2,6 +2,8 @@
 milliseconds instead of importing torch and parml and loading the compiled kernels again (~3 s of
 CPU per rank on 2 cores). On one thread the kernels start no thread pool, so forking stays safe.
 The test session itself calls ``warm_kernels`` first (tests/conftest.py)."""
+import os
+
 import torch
 
 import parml.training.trainer  # noqa: F401  (imports the model, executor, multilevel and comm packages)
@@ -25,5 +27,5 @@ def warm_kernels() -> None:
             lp.evaluate(x, y)
 
 
-if torch.get_num_threads() == 1:      # the fork server (started with OMP_NUM_THREADS=1)
+if os.environ.get("PARML_TEST_FORK_SERVER") == "1":     # set only while tests/multiproc.py starts it
     warm_kernels()

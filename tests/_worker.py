@@ -33,19 +33,15 @@ def _guess_rank() -> int:
 def forked_rank(tmp: str, func: str, env: dict, stdout_path: str, stderr_path: str) -> None:
     """A rank forked from the fork server: its own session, output files and environment (the
     launcher's variables), then the same steps as a fresh interpreter."""
-    _redirect(stdout_path, stderr_path)
-    os.environ.clear()
-    os.environ.update(env)
+    _enter(env, stdout_path, stderr_path)
     main([tmp, func])
 
 
 def forked_cli(argv: list, cwd: str, env: dict, stdout_path: str, stderr_path: str) -> None:
     """``parml ARGV`` in a process forked from the fork server, in `cwd` with `env`: what
     ``python -m parml.cli ARGV`` does there, without importing torch again."""
-    _redirect(stdout_path, stderr_path)
+    _enter(env, stdout_path, stderr_path)
     os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
     code = 0
     try:
         from parml.cli import main as parml_main
@@ -63,13 +59,16 @@ def forked_cli(argv: list, cwd: str, env: dict, stdout_path: str, stderr_path: s
     os._exit(code)
 
 
-def _redirect(stdout_path: str, stderr_path: str) -> None:
-    """This process in a session of its own, its stdout and stderr going to the two files."""
+def _enter(env: dict, stdout_path: str, stderr_path: str) -> None:
+    """A forked process in a session of its own, with `env` as its whole environment and its stdout
+    and stderr going to the two files."""
     os.setsid()
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, fd)
         os.close(out)
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def main(argv: list | None = None) -> None:

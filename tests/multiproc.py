@@ -151,7 +151,7 @@ def _fork_context():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["_rank_preload"])
         saved = dict(os.environ)
-        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PARML_TEST_FORK_SERVER="1")
         try:
             forkserver.ensure_running()
         finally:
@@ -235,10 +235,18 @@ def run_cmd(cmd: list[str], timeout: float, env: dict | None = None, cwd=None) -
     finally:
         kill_marked(mark)
         shutil.rmtree(tmp, ignore_errors=True)
+    return _completed(cmd, " ".join(map(str, cmd)), run, timeout, out, err)
+
+
+def _completed(cmd, what: str, run: LocalRun, timeout: float, out: str, err: str) -> subprocess.CompletedProcess:
+    """``subprocess.run``'s result (the first non-zero exit code, else 0), or an AssertionError with
+    the output's tails when the deadline passed."""
+    __tracebackhide__ = True
     if run.timed_out:
-        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout:g} s; every process killed\n"
+        raise AssertionError(f"{what} timed out after {timeout:g} s; every process killed\n"
                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, run.returncodes[0], out, err)
+    codes = [c for c in run.returncodes if c != 0]
+    return subprocess.CompletedProcess(cmd, codes[0] if codes else 0, out, err)
 
 
 def parml_cmd(kind: str, nprocs: int, args: list[str]) -> list[str]:
@@ -285,11 +293,7 @@ def _launch_forked(kind, nprocs, args, cwd, timeout, env) -> subprocess.Complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = ["parml", *map(str, args)]
-    if run.timed_out:
-        raise AssertionError(f"{' '.join(cmd)} ({kind}, {nprocs}) timed out after {timeout:g} s; every process "
-                             f"killed\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
-    codes = [c for c in run.returncodes if c != 0]
-    return subprocess.CompletedProcess(cmd, codes[0] if codes else 0, out, err)
+    return _completed(cmd, f"{' '.join(cmd)} ({kind}, {nprocs})", run, timeout, out, err)
 
 
 def parml_batch(argvs: list[list[str]], cwd=None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
@@ -308,6 +312,15 @@ def parml_batch(argvs: list[list[str]], cwd=None, timeout: float = 120) -> list[
         shutil.rmtree(tmp, ignore_errors=True)
     return [subprocess.CompletedProcess(["parml", *a], d["returncode"], d["stdout"], d["stderr"])
             for a, d in zip(argvs, results)]
+
+
+def rerender(script, out: Path, dest: Path, args: list, timeout: float) -> subprocess.CompletedProcess:
+    """``SCRIPT --report-only --out DEST ARGS`` on a copy of OUT/results.json, which must succeed."""
+    __tracebackhide__ = True
+    shutil.copy(Path(out) / "results.json", Path(dest) / "results.json")
+    proc = run_benchmark(script, ["--report-only", "--out", dest, *args], timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def run_benchmark(script, args: list, timeout: float, quick: dict | None = None) -> subprocess.CompletedProcess:

@@ -152,12 +152,11 @@ class KernelCost:
             pts = {(float(m[0]), float(m[1])): m[4 + part] / f for m in self.measured
                    if int(m[2]) == w and m[3] == 1 and m[4 + part] > 0
                    and (f := fit(n=m[0], b=m[1], v=w, s=1)) > 0}
-            grids[(w, part)] = pts
-        pts = grids[(w, part)]
+            grids[(w, part)] = (pts, sorted({k[0] for k in pts}), sorted({k[1] for k in pts}))
+        pts, ns, bs = grids[(w, part)]
         if not pts:
             return 1.0
         n, b = _g(x, "n", 1.0), _g(x, "b", 1.0)
-        ns, bs = sorted({k[0] for k in pts}), sorted({k[1] for k in pts})
         (n0, n1, a), (b0, b1, c) = _bracket(ns, n), _bracket(bs, b)
         corners = [(n0, b0), (n1, b0), (n0, b1), (n1, b1)]
         if all(k in pts for k in corners):

@@ -2,13 +2,12 @@
 ranks against parml's reference profile: every planned configuration measured and predicted, the
 --layout auto choices measured, the errors as the table says; --report-only redraws the same."""
 import json
-import shutil
 import statistics
 import sys
 
 import pytest
 
-from multiproc import REPO_ROOT, run_benchmark
+from multiproc import REPO_ROOT, rerender, run_benchmark
 from tests.bench.test_renders import png_width
 
 SCRIPT = REPO_ROOT / "benchmarks" / "plan_validation.py"
@@ -70,9 +69,7 @@ def test_validation_tiny_run_measures_and_predicts(validation_run):
 @pytest.mark.timeout(180)
 def test_validation_report_only_predicts_the_same(validation_run, tmp_path):
     out, res = validation_run
-    shutil.copy(out / "results.json", tmp_path / "results.json")
-    proc = run_benchmark(SCRIPT, ["--report-only", "--profile", PROFILE, "--out", tmp_path], 90)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerender(SCRIPT, out, tmp_path, ["--profile", PROFILE], 90)
     assert (tmp_path / "validation.md").read_text() == (out / "validation.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text()) == res
     assert png_width(tmp_path / "validation.png") > 600
