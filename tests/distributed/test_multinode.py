@@ -114,6 +114,20 @@ def test_slurm_gpu_recipe_starts_one_torchrun_agent_per_node_with_a_c10d_rendezv
     assert proc.returncode == 2 and "LAYER_RANKS=3 does not divide the 8 GPUs" in proc.stderr
 
 
+def test_slurm_gpu_recipe_takes_the_first_of_a_long_node_list(tmp_path):
+    """A large allocation's host list outlives a reader that stops at its first line: under
+    ``set -o pipefail`` the writer's SIGPIPE would end the job (exit 141) before any rank starts."""
+    bin_dir = _fakes(tmp_path, ["srun", "torchrun"])
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nseq -f "node-%g" 1 200000\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "calls"),
+               SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_JOB_NODELIST="node-[1-200000]", SLURM_JOB_ID="78")
+    proc = subprocess.run(["bash", str(REPO_ROOT / "launch" / "slurm_gpu.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert "--rdzv-endpoint node-1:29500 " in (tmp_path / "calls").read_text()
+
+
 @pytest.mark.timeout(300)
 def test_slurm_mpi_recipe_runs_the_mesh(tmp_path):
     """srun (faked: it logs the ranks' command and runs it once) on 2 nodes x 8 tasks; then the real
