@@ -32,7 +32,7 @@ def comm_worker(out_path: str, sizes: list[int], reps: int) -> None:
     device = os.environ.get("PARML_PLAN_DEVICE", "cpu")
     comm = make_communicator("auto", timeout=120, device=device)
     dev = comm.device
-    res = {"size": comm.size, "p2p": [], "allreduce": [], "post": None}
+    res = {"size": comm.size, "p2p": [], "p2p_cpu": [], "allreduce": [], "post": None}
     for n in sizes:
         buf = torch.zeros(max(n // 4, 1), dtype=torch.float32, device=dev)
         r = max(4, reps if n <= 65536 else reps // 5)
@@ -41,7 +41,7 @@ def comm_worker(out_path: str, sizes: list[int], reps: int) -> None:
             peer = 1 - comm.rank
             for i in range(r + 2):
                 if i == 2:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                 if comm.rank == 0:
                     comm.send(buf, peer, 7)
                     comm.recv(buf, peer, 7)
@@ -49,6 +49,7 @@ def comm_worker(out_path: str, sizes: list[int], reps: int) -> None:
                     comm.recv(buf, peer, 7)
                     comm.send(buf, peer, 7)
             res["p2p"].append([n, (time.perf_counter() - t0) / (2 * r)])
+            res["p2p_cpu"].append([n, (time.thread_time() - c0) / r])     # the calling thread's CPU
         comm.barrier()
     small = torch.zeros(2, dtype=torch.float32, device=dev)
     k = max(reps, 20)
@@ -106,8 +107,24 @@ def _comm_cost(runs, backend, note):
     ar = [pt for r in runs for pt in r["allreduce"]]
     arfit = Fit.fitted(ALLREDUCE_FEATURES, [{"g": g, "B": n} for g, n, _ in ar], [t for *_, t in ar])
     post = statistics.median([r["post"] for r in runs if r.get("post") is not None] or [0.0])
+    cpu = [pt for r in runs for pt in r.get("p2p_cpu", [])]
     return CommCost(lat, 1.0 / inv_bw if inv_bw > 0 else float("inf"), post, arfit, None, None,
-                    {"p2p": p2p, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error]}, note)
+                    {"p2p": p2p, "p2p_cpu": cpu, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error]},
+                    note, receive_cost(cpu, post, backend))
+
+
+def receive_cost(cpu_per_round_trip, post: float, backend: str) -> float:
+    """The receiver's CPU per message: in a ping-pong each rank sends and receives once per round
+    trip, so the calling thread's CPU per round trip less the sender's posting cost. The calling
+    thread's, not the process's: gloo's transport threads spin while data is due, CPU that grows
+    with the wait instead of the message count and that delays the rank only where ranks outnumber
+    cores (measured here: process CPU 0.2-0.9 ms per round trip, the calling thread's 0.1 ms).
+    Small messages only (up to 64 KiB: the copies of large ones are in the bandwidth); 0 for NCCL,
+    whose transfers run on the GPU."""
+    small = [c for n, c in cpu_per_round_trip if n <= 65536]
+    if backend == "nccl" or not small:
+        return 0.0
+    return max(statistics.median(small) - post, 0.0)
 
 
 def measure_comm(backends, cores, grid, device, log=print):
@@ -124,7 +141,7 @@ def measure_comm(backends, cores, grid, device, log=print):
             (over if n > cores else normal).append(res)
             log(f"  {backend} x{n}{' (oversubscribed)' if n > cores else ''}: "
                 f"one-way {res['p2p'][0][1] * 1e6:.1f} us at {res['p2p'][0][0]} B, "
-                f"{time.perf_counter() - t0:.1f} s")
+                f"CPU per round trip {res['p2p_cpu'][0][1] * 1e6:.1f} us, {time.perf_counter() - t0:.1f} s")
         if not normal and not over:
             continue
         cost = _comm_cost(normal or over, backend, f"{'oversubscribed ' if not normal else ''}{backend}, "

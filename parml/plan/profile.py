@@ -177,7 +177,10 @@ def _bracket(grid: list[float], x: float) -> tuple[float, float, float]:
 
 @dataclass
 class CommCost:
-    """One backend: one-way message = latency + bytes / bandwidth (+ the sender's posting cost)."""
+    """One backend: one-way message = latency + bytes / bandwidth, plus CPU on both ends (LogP's o):
+    the sender's posting cost (``overhead``) and the receiver's cost once the message is there
+    (``receive``: waking up, the transport threads' copies, bookkeeping). On a machine whose ranks
+    fill its cores that CPU is taken from compute, which is what makes many small messages slow."""
     latency: float
     bandwidth: float
     overhead: float = 0.0
@@ -186,6 +189,7 @@ class CommCost:
     inter_node: CommCost | None = None         # between nodes (a cluster profile), else the same
     measured: dict = field(default_factory=dict)  # raw points: {"p2p": [[bytes, s]], "allreduce": [[g, bytes, s]]}
     note: str = ""
+    receive: float = 0.0
 
     def message(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth

@@ -149,10 +149,11 @@ class _Pipe:
 
 
 def _pipeline_rows(pp: _Pipe, is_f, mb):
-    """The rows of one rank's action list: F = [recv] F [post send], B = [recv] B [post send] [W]."""
+    """The rows of one rank's action list: F = [recv received] F [post send], B = [recv received] B
+    [post send] [W]; `received` is the receiver's CPU once the message is there (CommCost.receive)."""
     j, P = pp.j, pp.P
-    nf = (j > 0) + 1 + 2 * (j < P - 1)
-    nb = (j < P - 1) + 1 + 2 * (j > 0) + pp.deferred
+    nf = 2 * (j > 0) + 1 + 2 * (j < P - 1)
+    nb = 2 * (j < P - 1) + 1 + 2 * (j > 0) + pp.deferred
     cnt = np.where(is_f, nf, nb)
     pos0 = np.cumsum(cnt) - cnt
     n = int(cnt.sum())
@@ -167,6 +168,7 @@ def _pipeline_rows(pp: _Pipe, is_f, mb):
     p, m = pos0[is_f], mb[is_f]
     if j > 0:
         p = put(p, RECV, 0, 0.0, j - 1, pp.fmsg(j - 1, m))
+        p = put(p, COMPUTE, KIND["post"], pp.bwd.receive)
     p = put(p, COMPUTE, KIND["F"], pp.f[m])
     if j < P - 1:
         p = put(p, COMPUTE, KIND["post"], pp.fwd.overhead)
@@ -174,6 +176,7 @@ def _pipeline_rows(pp: _Pipe, is_f, mb):
     p, m = pos0[~is_f], mb[~is_f]
     if j < P - 1:
         p = put(p, RECV, 0, 0.0, j + 1, pp.bmsg(j, m))
+        p = put(p, COMPUTE, KIND["post"], pp.fwd.receive)
     p = put(p, COMPUTE, KIND["B"], pp.b[m])
     if j > 0:
         p = put(p, COMPUTE, KIND["post"], pp.bwd.overhead)
@@ -187,9 +190,10 @@ def _pipeline_labels(j, P, is_f, mb, deferred) -> list[str]:
     out = []
     for f, m in zip(is_f.tolist(), mb.tolist()):
         if f:
-            out += [f"recv {2 * m} from {j - 1}"] * (j > 0) + [f"{j}F{m}"] + ["post", f"send {2 * m}"] * (j < P - 1)
+            out += [f"recv {2 * m} from {j - 1}", "received"] * (j > 0) + [f"{j}F{m}"] \
+                + ["post", f"send {2 * m}"] * (j < P - 1)
         else:
-            out += [f"recv {2 * m + 1} from {j + 1}"] * (j < P - 1) + [f"{j}B{m}"] \
+            out += [f"recv {2 * m + 1} from {j + 1}", "received"] * (j < P - 1) + [f"{j}B{m}"] \
                 + ["post", f"send {2 * m + 1}"] * (j > 0) + [f"{j}W{m}"] * deferred
     return out
 
@@ -397,7 +401,8 @@ def simulate_move(fine: LevelLayout, coarse: LevelLayout, ctx: Context, dbytes: 
 
 def _move_rows(programs: Programs, msgs, lists: int, ctx: Context, dbytes: int) -> None:
     """Each list's pieces in order: the sender posts and sends each, then the receivers receive
-    them in the same order (messages on one link queue behind each other)."""
+    them in the same order (messages on one link queue behind each other), each at the receiver's
+    CPU cost."""
     if not msgs:
         return
     S, Dst, E = (np.array(c, dtype=np.int64) for c in zip(*msgs))
@@ -419,7 +424,11 @@ def _move_rows(programs: Programs, msgs, lists: int, ctx: Context, dbytes: int) 
                          np.tile([KIND["post"], 0], lists * k), np.column_stack([over, lat]).ravel(),
                          np.column_stack([zeros, wire]).ravel(), np.column_stack([minus, ids]).ravel(),
                          np.column_stack([minus, link]).ravel())
-    programs.extend_rows(Dst, np.full(lists * k, RECV), np.zeros(lists * k), zeros, S, ids, minus)
+    recv = np.tile(pick("receive"), lists)
+    programs.extend_rows(np.repeat(Dst, 2), np.tile([RECV, COMPUTE], lists * k),
+                         np.tile([0, KIND["post"]], lists * k), np.column_stack([zeros, recv]).ravel(),
+                         np.column_stack([S, zeros]).ravel(), np.column_stack([ids, minus]).ravel(),
+                         np.repeat(minus, 2))
 
 
 def _transfer_compute(programs, lev, world, lists, prof, label):

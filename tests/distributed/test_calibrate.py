@@ -1,5 +1,8 @@
 """Calibration (parml.plan.calibrate): the communication worker on 2 real gloo ranks, a quick
 compute-only profile that loads and predicts."""
+import statistics
+
+import pytest
 import torch
 
 from parml.model import ModelSpec, StageSpec
@@ -19,6 +22,18 @@ def test_calibrate_comm_on_two_gloo_ranks():
     assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
     assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
     assert {g for g, _, _ in c.measured["allreduce"]} == {2}
+    # process CPU per round trip on rank 0 (a send and a receive): at least the posting cost
+    cpu = c.measured["p2p_cpu"]
+    assert [n for n, _ in cpu] == [8, 4096] and all(t > 0 for _, t in cpu)
+    assert c.receive == pytest.approx(max(statistics.median(t for _, t in cpu) - c.overhead, 0.0))
+
+
+def test_receive_cost_is_the_round_trip_cpu_less_the_posting():
+    from parml.plan.calibrate_comm import receive_cost
+    pts = [[8, 4e-4], [1024, 6e-4], [16384, 5e-4], [1 << 20, 9e-3]]     # the 1 MiB copy is bandwidth
+    assert receive_cost(pts, 1e-4, "gloo") == pytest.approx(5e-4 - 1e-4)
+    assert receive_cost(pts, 1e-3, "mpi") == 0.0                         # never negative
+    assert receive_cost(pts, 1e-4, "nccl") == 0.0 and receive_cost([], 0.0, "gloo") == 0.0
 
 
 def test_calibrate_quick_compute(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from multiproc import base_env, launch, run_cmd
 
 ARGS = ["train", "-K", "64", "-L", "4", "--dtype", "float64", "--min-blocks-per-rank", "16", "-M", "2",
-        "--no-progress", "--max-cycles", "40"]
+        "--no-progress", "--max-cycles", "12"]
 
 
 def summary(tmp, name):

@@ -73,6 +73,19 @@ def test_two_rank_1f1b_timeline_by_hand():
     assert pr.step_ranks[0].wait == pytest.approx(2.5 + 1.0)
 
 
+def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
+    # As above, plus LogP's o: the sender posts for 0.125 before each message leaves, the receiver
+    # spends 0.0625 on it once it is there (CommCost.overhead / .receive), both before its next action.
+    prof = hand_profile(1, 2, 0.5, 0.25)
+    prof.comm["gloo"].overhead, prof.comm["gloo"].receive = 0.125, 0.0625
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), prof, keep_run=True)
+    assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.125, 2.125), ("0B0", 4.875, 6.875),
+                               ("0W0", 6.875, 7.375), ("0B1", 8.5625, 10.5625), ("0W1", 10.5625, 11.0625)]
+    assert timeline(pr, 1) == [("1F0", 1.4375, 2.4375), ("1B0", 2.4375, 4.4375), ("1W0", 4.5625, 5.0625),
+                               ("1F1", 5.125, 6.125), ("1B1", 6.125, 8.125), ("1W1", 8.25, 8.75)]
+    assert pr.step_seconds == 11.0625 + 0.25 + 0.25
+
+
 def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
     # F = 0.25, B = 1, W = 0.5; latency 0.25; each message 16 bytes at 32 B/s = 0.5 s on the wire,
     # so rank 0's second state queues behind the first on the link.
@@ -175,6 +188,24 @@ def test_vcycle_levels_on_gather_and_replicate_layouts():
     pr = predict(work, Layout(2, 4, 2, coarse_layout="replicate", min_blocks_per_rank=8), prof)
     assert pr.level_seconds[0] < pg.level_seconds[0]          # 8 replicas split the coarsest batch
     assert sum(s.idle for s in pg.cycle_ranks) > sum(s.idle for s in pr.cycle_ranks)
+
+
+def test_every_received_message_costs_the_receiver_its_cpu():
+    """With free messages but for the receiver's CPU r (CommCost.receive), each rank's comm time over
+    a gathered V-cycle (pipeline messages and the moves between levels) is r times its receives."""
+    work = Workload(dense(2, 64), batch=64, levels=3)
+    layout = Layout(1, 2, 2, coarse_layout="gather", min_blocks_per_rank=32)
+    prof = uniform_profile()
+    base = predict(work, layout, prof)
+    prof.comm["gloo"].receive = r = 0.25
+    pr = predict(work, layout, prof)
+    for rank in pr.cycle_ranks:
+        n = rank.comm / r
+        assert n == round(n) >= 1, (rank.rank, rank.comm)
+    # the pipeline's receives are symmetric here; rank 0 also receives rank 1's pieces when the
+    # coarse levels are gathered onto it
+    assert pr.cycle_ranks[0].comm > pr.cycle_ranks[1].comm
+    assert pr.cycle_seconds > base.cycle_seconds
 
 
 def mover_pieces(spec, src, dst):
