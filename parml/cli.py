@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import time
 
@@ -36,11 +37,15 @@ from .training.build import plan_run, smallest_batch
 from .training.trainer import resolve_options, run_from_cli
 
 
+_SAID: list[str] = []     # rank 0's one error line, once it is out
+
+
 def fail(message: str, code: int = 2, then=None):
     """One line on stderr (rank 0 only) and exit: no traceback for user mistakes. `then()` runs
     after the line is out and before the exit (ending the other ranks: an MPI abort ends this one)."""
     if launcher_rank() == 0:
         click.echo(f"parml: error: {message}", err=True)
+        _SAID.append(message)
     if launcher_world_size() > 1:
         if launcher_rank() != 0:
             time.sleep(1.0)     # mpirun kills the job at the first non-zero exit: let rank 0 say why
@@ -50,6 +55,22 @@ def fail(message: str, code: int = 2, then=None):
     if then is not None:
         then()
     sys.exit(code)
+
+
+def stop_on_sigterm() -> None:
+    """Under a launcher a SIGTERM is the launcher ending the job: torchrun sends it to the other
+    ranks as soon as one fails (often before they notice the lost peer themselves), mpirun and Slurm
+    on a failure or a cancel. Python's default would end the rank without a word. Rank 0 says so in
+    one line, unless it has already said why, and every rank leaves at once: no MPI finalize and no
+    gloo teardown, whose peers may be gone. The launcher's own report names the rank that failed."""
+    def stop(signum, frame):
+        if launcher_rank() == 0 and not _SAID:
+            click.echo("parml: error: rank 0: stopped by the launcher (SIGTERM): it ends the job when a rank "
+                       "fails or the job is cancelled, and its report names the rank", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -105,6 +126,8 @@ def train(config_file, **options):
                 click.echo(profile_note(cfg), err=True)
             click.echo(f"parml: --layout auto ({cfg.profile or 'reference profile'}): {describe(best, cfg.levels)}")
     torch.set_num_threads(cfg.threads)
+    if launcher_world_size() > 1:
+        stop_on_sigterm()
     run_from_cli(cfg, fail)
     if launcher_world_size() > 1:
         exit_process(0)

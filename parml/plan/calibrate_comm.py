@@ -116,9 +116,9 @@ def _comm_cost(runs, backend, note):
 def receive_cost(cpu_per_round_trip, post: float, backend: str) -> float:
     """The receiver's CPU per message: in a ping-pong each rank sends and receives once per round
     trip, so the calling thread's CPU per round trip less the sender's posting cost. The calling
-    thread's, not the process's: gloo's transport threads spin while data is due, CPU that grows
-    with the wait instead of the message count and that delays the rank only where ranks outnumber
-    cores (measured here: process CPU 0.2-0.9 ms per round trip, the calling thread's 0.1 ms).
+    thread's, not the process's: gloo's transport threads added 0.1-0.8 ms per round trip here,
+    varying from run to run, on threads beside the rank's own (a 2 s wait cost them 7 ms), which
+    delays the rank only where ranks outnumber cores.
     Small messages only (up to 64 KiB: the copies of large ones are in the bandwidth); 0 for NCCL,
     whose transfers run on the GPU."""
     small = [c for n, c in cpu_per_round_trip if n <= 65536]

@@ -25,7 +25,7 @@ class RankStats:
     rank: int
     compute: float = 0.0      # F + B + W + bookkeeping
     wait: float = 0.0         # blocked on a message, a collective's slower members, or the all-reduce
-    comm: float = 0.0         # collective cost and message posting
+    comm: float = 0.0         # collective cost, message posting and receiving
     idle: float = 0.0         # done, or outside the level's ranks, until the phase ends
 
     @property

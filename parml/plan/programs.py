@@ -98,7 +98,7 @@ class PhaseResult:
     _totals: np.ndarray | None = None
 
     def totals(self) -> np.ndarray:
-        """Rows compute (F, B, W, other), comm (collectives, posting), wait, idle; a column per rank."""
+        """Rows compute (F, B, W, other), comm (collectives, posting, receiving), wait, idle; a column per rank."""
         if self._totals is None:
             out = np.zeros((4, len(self.ranks)))
             for i, r in enumerate(self.ranks):

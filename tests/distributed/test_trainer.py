@@ -1,11 +1,15 @@
 """Training under failures: an injected NaN stops the run with its location and keeps a checkpoint;
 a failing or killed rank ends the whole job; the loss curve is the same on 1, 2 and 4 ranks.
 Each case runs `parml train` under the real launchers (process groups killed at the deadline)."""
+import os
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 
-from multiproc import launch
+from multiproc import base_env, launch, parml_cmd
 from parml.training.report import read_metrics
 
 ARGS = ["train", "-K", "32", "-L", "3", "--dtype", "float64", "--optimizer", "momentum", "--lr", "0.05",
@@ -53,16 +57,51 @@ def test_failing_or_killed_rank_ends_the_job(kind, fault, tmp_path):
         assert "injected failure at cycle 3" in r.stderr
     text = " ".join(r.stderr.split())
     if kind == "torchrun":
-        # rank 0 reports, once, which peer it lost (or that it timed out waiting for it)
+        # rank 0 reports, once, which peer it lost (or that it timed out waiting for it); or, where
+        # torchrun's SIGTERM reaches it first, that the launcher stopped it, and torchrun's report
+        # names rank 1 as the root cause
         ours = [line for line in r.stderr.splitlines() if line.startswith("parml: error:")]
         assert len(ours) == 1 and ours[0].startswith("parml: error: rank 0:"), r.stderr[-3000:]
-        assert re.search(r"\bfrom rank 1\b|\brank 1\b.*(died|failed|lost)|timed out|timeout", ours[0]), ours[0]
+        if "stopped by the launcher (SIGTERM)" in ours[0]:
+            assert re.search(r"Root Cause \(first observed failure\): \[0\]: .*? rank : 1 \(local_rank: 1\)",
+                             text), r.stderr[-3000:]
+        else:
+            assert re.search(r"\bfrom rank 1\b|\brank 1\b.*(died|failed|lost)|timed out|timeout", ours[0]), ours[0]
     elif fault == "kill":
-        # Open MPI kills the surviving ranks at once (rank 0 never gets to speak); its launcher
-        # names the dead rank
+        # Open MPI ends the surviving ranks at once (SIGTERM: rank 0 may say it was stopped); its
+        # launcher names the dead rank
+        assert len([line for line in r.stderr.splitlines() if line.startswith("parml: error:")]) <= 1
         assert re.search(r"process rank 1 .*exited on signal 9", text), r.stderr[-3000:]
     else:
         assert re.search(r"MPI_ABORT was invoked on rank 1\b", text), r.stderr[-3000:]
+
+
+@pytest.mark.timeout(150)
+def test_a_cancelled_torchrun_job_ends_with_one_line_from_rank_0(tmp_path):
+    """A cancel (Slurm's scancel signals the launcher): torchrun passes SIGTERM on to its workers,
+    rank 0 says in one line that the launcher stopped it, and the job ends (torchrun returns once
+    its workers are gone)."""
+    cmd = parml_cmd("torchrun", 2, ARGS[:-7] + ["--max-cycles", "100000", "--target-accuracy", "1.0", "--no-progress",
+                                                "--min-blocks-per-rank", "4", "--out", str(tmp_path)])
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        folder, deadline = tmp_path / "circles-L3-K32-s0", time.monotonic() + 90
+        while time.monotonic() < deadline and p.poll() is None:
+            if (folder / "metrics.jsonl").is_file() and len(rows(folder)) >= 2:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None and len(rows(folder)) >= 2, "the job did not start training"
+        os.kill(p.pid, signal.SIGTERM)                     # the launcher only, as scancel does
+        _, err = p.communicate(timeout=45)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("parml: error:")]
+    assert len(ours) == 1 and ours[0].startswith("parml: error: rank 0: stopped by the launcher (SIGTERM)"), err[-3000:]
 
 
 @pytest.mark.slow
