@@ -323,6 +323,22 @@ def rerender(script, out: Path, dest: Path, args: list, timeout: float) -> subpr
     return proc
 
 
+def benchmark_results(script, out: Path, args: list, timeout: float, quick: dict | None = None) -> tuple[str, dict]:
+    """``SCRIPT ARGS --out OUT`` (see run_benchmark), which must succeed; its stdout and the
+    OUT/results.json it wrote."""
+    __tracebackhide__ = True
+    proc = run_benchmark(script, [*args, "--out", out], timeout, quick=quick)
+    assert proc.returncode == 0, f"{Path(script).name} failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout, json.loads((Path(out) / "results.json").read_text())
+
+
+def assert_written(out: Path, names) -> None:
+    """Every file in `names` is in OUT and not empty."""
+    __tracebackhide__ = True
+    for name in names:
+        assert (Path(out) / name).is_file() and (Path(out) / name).stat().st_size > 0, name
+
+
 def run_benchmark(script, args: list, timeout: float, quick: dict | None = None) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` from the repository root (see run_cmd). `quick` updates the script's
     QUICK settings first (e.g. fewer images, so that the 600-image MNIST fixture suffices): the

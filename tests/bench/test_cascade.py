@@ -1,12 +1,11 @@
 """The cascade benchmark (benchmarks/cascade.py) runs end to end (``--quick``): equal step budgets,
 Chang's work saving, consistent curves and report."""
-import json
 
 import pytest
 
-from multiproc import REPO_ROOT
+from multiproc import REPO_ROOT, assert_written, benchmark_results
 from parml.multilevel.cascade import theoretical_saving
-from tests.bench.test_mgopt_scaling import one, run_quick
+from tests.bench.test_mgopt_scaling import one
 
 CASCADE = REPO_ROOT / "benchmarks" / "cascade.py"
 
@@ -14,16 +13,15 @@ CASCADE = REPO_ROOT / "benchmarks" / "cascade.py"
 @pytest.fixture(scope="module")
 def cascade_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade")
-    stdout = run_quick(CASCADE, out)
-    return out, json.loads((out / "results.json").read_text()), stdout
+    stdout, res = benchmark_results(CASCADE, out, ["--quick"], 230)
+    return out, res, stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_cascade_quick(cascade_run):
     out, res, stdout = cascade_run
-    for name in ("results.json", "cascade.md", "cascade.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "cascade.md", "cascade.png"))
     cfg, runs, an = res["config"], res["runs"], res["analysis"]
     assert cfg["quick"] and cfg["datasets"] == ["circles"]
     s = cfg["setups"]["circles"]

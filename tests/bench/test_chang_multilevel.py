@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from multiproc import REPO_ROOT, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results, run_benchmark
 from parml.multilevel.cascade import theoretical_saving
 
 SCRIPT = REPO_ROOT / "benchmarks" / "chang_multilevel.py"
@@ -23,17 +23,15 @@ def _run(*args, timeout=150, quick=None):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, mnist_fixture):
     out = tmp_path_factory.mktemp("chang")
-    proc = _run("--quick", "--out", out, "--mnist-dir", mnist_fixture, quick=FIXTURE_SIZES)
-    assert proc.returncode == 0, f"chang_multilevel.py failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, json.loads((out / "results.json").read_text()), proc.stdout
+    stdout, res = benchmark_results(SCRIPT, out, ["--quick", "--mnist-dir", mnist_fixture], 150, quick=FIXTURE_SIZES)
+    return out, res, stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_files(quick):
     out, res, stdout = quick
-    for name in ("results.json", "chang_multilevel.md", "chang_multilevel.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "chang_multilevel.md", "chang_multilevel.png"))
     assert (out / "chang_multilevel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "chang_multilevel.md").read_text()
     assert "Quick run" in md and "| 0 | direct |" in md and "| 0 | multilevel |" in md and "41.7 %" in md

@@ -1,10 +1,9 @@
 """The mesh benchmark (benchmarks/mesh_scaling.py) runs end to end on 2 and 4 ranks with tiny
 settings, its numbers agree with each other, and --report-only redraws the same report."""
-import json
 
 import pytest
 
-from multiproc import REPO_ROOT, rerender, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results, rerender
 from tests.bench.test_renders import png_width
 
 SCRIPT = REPO_ROOT / "benchmarks" / "mesh_scaling.py"
@@ -15,9 +14,7 @@ ARGS = ["--quick", "--workloads", "circles-vcycle", "--kernel", "torch"]
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh")
-    proc = run_benchmark(SCRIPT, [*ARGS, "--out", out], 170, quick=TINY)
-    assert proc.returncode == 0, f"mesh_scaling failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, json.loads((out / "results.json").read_text())
+    return out, benchmark_results(SCRIPT, out, ARGS, 170, quick=TINY)[1]
 
 
 def _row(world, D, P, coarse):
@@ -30,8 +27,7 @@ def _row(world, D, P, coarse):
 @pytest.mark.timeout(180)
 def test_mesh_tiny_run_records_every_layout(mesh_run):
     out, res = mesh_run
-    for name in ("results.json", "mesh_scaling.md", "mesh_scaling.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "mesh_scaling.md", "mesh_scaling.png"))
     assert png_width(out / "mesh_scaling.png") > 800
     cfg = res["config"]
     assert cfg["quick"] and cfg["blocks"] == 128 and cfg["kernel"] == "torch" and not res["failures"]

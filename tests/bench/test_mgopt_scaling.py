@@ -1,21 +1,13 @@
 """The MG/OPT scaling benchmark (benchmarks/mgopt_scaling.py) runs end to end (``--quick``) and
 reports consistent numbers."""
-import json
 
 import pytest
 
-from multiproc import REPO_ROOT, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results
 from parml.multilevel.mgopt import CycleSetup
 
 MGOPT = REPO_ROOT / "benchmarks" / "mgopt_scaling.py"
 U_L8 = CycleSetup.parse("[(1),1,1,1,2,2,2,{2}]").cost()
-
-
-def run_quick(script, out, timeout=230):
-    """``script --quick --out OUT`` with its ranks, killed together at the deadline; returns stdout."""
-    proc = run_benchmark(script, ["--quick", "--out", out], timeout)
-    assert proc.returncode == 0, f"{script.name} failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
 
 
 def one(runs, **kw):
@@ -27,16 +19,15 @@ def one(runs, **kw):
 @pytest.fixture(scope="module")
 def mgopt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mgopt")
-    stdout = run_quick(MGOPT, out)
-    return out, json.loads((out / "results.json").read_text()), stdout
+    stdout, res = benchmark_results(MGOPT, out, ["--quick"], 230)
+    return out, res, stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mgopt_quick_files_and_runs(mgopt_run):
     out, res, stdout = mgopt_run
-    for name in ("results.json", "mgopt_scaling.md", "mgopt_scaling.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "mgopt_scaling.md", "mgopt_scaling.png"))
     cfg, runs = res["config"], res["runs"]
     assert cfg["quick"] and cfg["blocks"] == 128 and cfg["datasets"] == ["circles"] and cfg["P"] == [1, 2]
     assert not res["failures"]

@@ -1,11 +1,10 @@
 """The pipeline-scaling benchmark runs end to end (``--quick``) and writes complete results."""
 import importlib.util
-import json
 from itertools import product
 
 import pytest
 
-from multiproc import REPO_ROOT, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results, run_benchmark
 
 SCRIPT = REPO_ROOT / "benchmarks" / "pipeline_scaling.py"
 
@@ -23,18 +22,15 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     # P = 2 only: the layer pipeline on both backends and torch pipelining beside it; P = 1 is the
     # same code without messages (and its launches were a third of this test's time)
-    proc = run_benchmark(SCRIPT, ["--quick", "--out", out], 280, quick={"P": [2]})
-    assert proc.returncode == 0, f"benchmark failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, proc.stdout
+    stdout, res = benchmark_results(SCRIPT, out, ["--quick"], 280, quick={"P": [2]})
+    return out, stdout, res
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_files_and_entries(quick_run):
-    out, stdout = quick_run
-    for name in ("results.json", "pipeline_scaling.md", "pipeline_scaling.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    res = json.loads((out / "results.json").read_text())
+    out, stdout, res = quick_run
+    assert_written(out, ("results.json", "pipeline_scaling.md", "pipeline_scaling.png"))
     cfg = res["config"]
     assert cfg["quick"] and not res["failures"]
     assert "gloo" in cfg["backends"]
@@ -66,8 +62,7 @@ def test_quick_files_and_entries(quick_run):
 def test_quick_torch_pipelining_comparison(quick_run):
     if not _torch_pipelining_importable():
         pytest.skip("torch.distributed.pipelining does not import")
-    out, _ = quick_run
-    res = json.loads((out / "results.json").read_text())
+    out, _, res = quick_run
     gloo = [e for e in res["entries"] if e["backend"] == "gloo"]
     assert gloo
     for e in gloo:

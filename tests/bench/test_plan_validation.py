@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from multiproc import REPO_ROOT, rerender, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results, rerender
 from tests.bench.test_renders import png_width
 
 SCRIPT = REPO_ROOT / "benchmarks" / "plan_validation.py"
@@ -21,17 +21,14 @@ PLANNED = {1: 2 * 1 + 1, 2: 2 * (2 + 1) + (2 + 3)}
 @pytest.fixture(scope="module")
 def validation_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("validation")
-    proc = run_benchmark(SCRIPT, ["--quick", "--profile", PROFILE, "--out", out], 170, quick=TINY)
-    assert proc.returncode == 0, f"plan_validation failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, json.loads((out / "results.json").read_text())
+    return out, benchmark_results(SCRIPT, out, ["--quick", "--profile", PROFILE], 170, quick=TINY)[1]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_validation_tiny_run_measures_and_predicts(validation_run):
     out, res = validation_run
-    for name in ("results.json", "validation.md", "validation.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "validation.md", "validation.png"))
     assert png_width(out / "validation.png") > 600
     assert res["quick"] and not res["failures"] and res["profile_note"] == "given profile reference_cpu.json"
     assert list(res["cases"]) == ["overhead", "circles"] and res["cases"]["circles"]["blocks"] == 128

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from multiproc import REPO_ROOT, rerender, run_benchmark
+from multiproc import REPO_ROOT, assert_written, benchmark_results, rerender
 from tests.bench.test_renders import png_width
 
 SCRIPT = REPO_ROOT / "benchmarks" / "scaling_projection.py"
@@ -20,16 +20,13 @@ def seconds(pick, levels):
 @pytest.fixture(scope="module")
 def projection_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("projection")
-    proc = run_benchmark(SCRIPT, ["--quick", "--cpu-profile", PROFILE, "--out", out], 120, quick=TINY)
-    assert proc.returncode == 0, f"scaling_projection failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, json.loads((out / "results.json").read_text())
+    return out, benchmark_results(SCRIPT, out, ["--quick", "--cpu-profile", PROFILE], 120, quick=TINY)[1]
 
 
 @pytest.mark.timeout(150)
 def test_projection_tiny_sweep(projection_run):
     out, res = projection_run
-    for name in ("results.json", "projection.md", "projection.png", "profile_gpu_estimate.json"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert_written(out, ("results.json", "projection.md", "projection.png", "profile_gpu_estimate.json"))
     assert png_width(out / "projection.png") > 400       # one workload: one column
     assert res["ranks"] == TINY["ranks"] and res["config"]["quick"] and res["seconds"] > 0
     assert str(REPO_ROOT) not in json.dumps(res)
