@@ -1,6 +1,6 @@
 """What the test session's fork server loads once, so that each gloo rank it forks starts in
 milliseconds instead of importing torch, torch._dynamo and parml and loading the compiled kernels
-again (~5 s of CPU per rank on 2 cores). On one thread the kernels start no thread pool, and
+again (~3-5 s of CPU per rank on 2 cores). On one thread the kernels start no thread pool, and
 importing starts no thread either, so forking stays safe. The test session itself calls
 ``warm_kernels`` first (tests/conftest.py)."""
 import os
@@ -29,8 +29,9 @@ def warm_kernels() -> None:
 
 
 def warm_imports() -> None:
-    """What a training rank imports lazily, once per process: torch's optimizers import
-    torch._dynamo on their first construction (~2 s of CPU), rank 0's run plot matplotlib (~0.5 s).
+    """What a training rank imports lazily, once per process: torch's optimizers (the momentum and
+    adam level optimizers) import torch._dynamo on their first construction (~2 s of CPU), rank 0's
+    run plot matplotlib (~0.5 s).
     In the fork server each forked rank inherits them."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     from matplotlib.figure import Figure  # noqa: F401

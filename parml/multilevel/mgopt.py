@@ -95,8 +95,26 @@ class CycleSetup:
 
 # --- level optimizers: the paper's Algorithm 3 is plain gradient descent ("sgd") ---------------------
 
+class GradientDescent:
+    """θ ← θ − lr·∇ (Algorithm 3): the arithmetic of ``torch.optim.SGD`` without momentum, and the
+    attributes the V-cycle, the learning-rate schedule and checkpoints use (``param_groups``,
+    ``state``). Not torch.optim because its first optimizer imports torch._dynamo (~2 s of CPU in
+    every rank of every run) and plain GD needs none of it."""
+
+    def __init__(self, params, lr: float):
+        self.param_groups = [{"params": list(params), "lr": lr}]
+        self.state: dict = {}          # plain GD keeps no per-parameter state
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
 LEVEL_OPTIMIZERS = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "sgd": GradientDescent,
     "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }

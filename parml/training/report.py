@@ -196,7 +196,8 @@ def plot_run(folder: str, title: str = "") -> str:
                 lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
                 ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins, not tight_layout(): that draws the figure an extra time (0.6 s on rank 0 per run)
+    fig.subplots_adjust(left=0.07, right=0.94, bottom=0.14, top=0.88, wspace=0.6)
     path = os.path.join(folder, "plot.png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

@@ -11,7 +11,7 @@ from parml.config import TrainConfig
 from parml.data import load_dataset
 from parml.multilevel.hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gradient,
                              restrict_parameters)
-from parml.multilevel.mgopt import CycleError, CycleSetup
+from parml.multilevel.mgopt import LEVEL_OPTIMIZERS, CycleError, CycleSetup, GradientDescent
 from parml.model import build_model, tikhonov
 from parml.training.build import build_levels, build_vcycle
 
@@ -140,6 +140,33 @@ def test_one_level_is_plain_gradient_descent(metric):
                 p -= c.lr * (g / h if (blk and metric == "l2") else g)
     for n, (a, b) in enumerate(zip(vcycle.levels[0].params, ordered_parameters(ref))):
         close(a.detach(), b.detach(), 1e-10, f"parameter {n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_gd_level_optimizer_takes_torch_sgds_steps_bit_for_bit(dtype):
+    """"sgd" is parml's GradientDescent (no torch._dynamo import); its iterates are torch.optim.SGD's,
+    also after a learning-rate change through param_groups (the cosine schedule) and with a None grad."""
+    assert LEVEL_OPTIMIZERS["sgd"] is GradientDescent
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=gen, dtype=dtype), torch.randn(7, generator=gen, dtype=dtype),
+             torch.randn(2, generator=gen, dtype=dtype)]
+    ours = [t.clone().requires_grad_() for t in start]
+    ref = [t.clone().requires_grad_() for t in start]
+    opt_ours, opt_ref = GradientDescent(ours, lr=0.3), torch.optim.SGD(ref, lr=0.3)
+    for step in range(6):
+        if step == 3:
+            for o in (opt_ours, opt_ref):
+                for group in o.param_groups:
+                    group["lr"] = 0.0123
+        for a, b in zip(ours[:2], ref[:2]):            # the third parameter never gets a gradient
+            g = torch.randn(a.shape, generator=gen, dtype=dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_ref.step()
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(ours[2].detach(), start[2]) and not torch.equal(ours[0].detach(), start[0])
+    assert opt_ours.state == {}
 
 
 def test_mgopt_reduces_the_finest_loss():
