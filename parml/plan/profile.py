@@ -84,14 +84,18 @@ class Fit:
         return cls(["1"], [float(seconds)])
 
     @classmethod
-    def fitted(cls, features: list[str], points: list[dict], seconds: list[float], floor: float = 1e-12) -> Fit:
+    def fitted(cls, features: list[str], points: list[dict], seconds: list[float], floor: float = 1e-12,
+               absolute: bool = False) -> Fit:
         """Least squares on relative residuals with non-negative coefficients (features with a
         negative coefficient are dropped and the rest refitted), plus the fit's relative errors.
         Residuals are relative to max(seconds, `floor`): a cost measured as a difference of two
-        timings is fitted against the size of those timings, not its own (noisy) size."""
+        timings is fitted against the size of those timings, not its own (noisy) size.
+        ``absolute``: plain residuals (ordinary least squares), for costs whose noise is additive
+        (message times: stalls of ~1 ms whatever the size), where it estimates the mean cost and a
+        relative fit would let the one cheapest point set the intercept."""
         y = np.asarray(seconds, dtype=float)
         X = np.array([[FEATURES[f](p) for f in features] for p in points], dtype=float)
-        w = 1.0 / np.maximum(y, floor)
+        w = np.ones_like(y) if absolute else 1.0 / np.maximum(y, floor)
         active = list(range(len(features)))
         coef = np.zeros(len(features))
         while active:

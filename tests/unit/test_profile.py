@@ -86,3 +86,21 @@ def test_width_fits_are_corrected_to_the_measured_grid():
     assert k.time(0, n=90.51, b=2000, v=3, s=1) == pytest.approx(90.51 * 2000e-9 * 2 ** 0.5, rel=1e-3)
     assert k.time(0, n=8192, b=4000, v=3, s=1) == pytest.approx(8192 * 4000e-9 * 2)
     assert k.time(1, n=2048, b=2000, v=3, s=1) == pytest.approx(4.096e-3)          # nothing measured: the fit
+
+
+def test_message_fits_estimate_the_mean_cost_not_the_cheapest_point():
+    """Message times carry additive stalls (~1 ms whatever the size): the absolute fit is ordinary
+    least squares (a constant fit is the mean); the relative fit weights the cheapest point most."""
+    sizes = [8, 1024, 16384, 262144]
+    seconds = [3e-4, 1.5e-3, 1.3e-3, 1.1e-3]
+    points = [{"B": b} for b in sizes]
+    mean = sum(seconds) / len(seconds)
+    absolute = Fit.fitted(["1"], points, seconds, absolute=True)
+    assert absolute.coef[0] == pytest.approx(mean, rel=1e-12)
+    relative = Fit.fitted(["1"], points, seconds)
+    assert relative.coef[0] < 0.75 * mean
+    # exact data is recovered either way, and the errors stay relative to each point
+    exact = [2e-4 + 1e-9 * b for b in sizes]
+    for fit in (Fit.fitted(["1", "B"], points, exact, absolute=True), Fit.fitted(["1", "B"], points, exact)):
+        assert fit.coef == pytest.approx([2e-4, 1e-9], rel=1e-9) and fit.max_rel_error < 1e-9
+    assert absolute.max_rel_error == pytest.approx(abs(mean - 3e-4) / 3e-4)
