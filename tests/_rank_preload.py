@@ -13,13 +13,16 @@ from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.executor import LayerParallel
 
 
-def warm_kernels() -> None:
+def warm_kernels(first: int = 0) -> None:
     """Compile the fused CPU kernels (or load them from numba's cache) for both dtypes, inline and
-    deferred weight gradients. A first compile takes ~20-40 s per dtype: inside a test whose ranks
+    deferred weight gradients. A first compile takes ~15-20 s per dtype: inside a test whose ranks
     are threads under a 10 s message timeout (the NCCL model) it would look like a hung peer, and
-    ranks started together in a fresh clone would each compile the same code at once."""
+    ranks started together in a fresh clone would each compile the same code at once.
+    ``first``: which dtype to start with; the test workers start with different ones, so in a fresh
+    clone each compiles one and loads the other from the cache the other worker wrote."""
     spec = ModelSpec(2, 2, (StageSpec(3, 4),))
-    for dtype in (torch.float32, torch.float64):
+    dtypes = (torch.float32, torch.float64)
+    for dtype in dtypes[first % 2:] + dtypes[:first % 2]:
         x, y = torch.randn(8, 2, dtype=dtype), torch.randint(0, 2, (8,))
         for weight_grads in ("deferred", "inline"):
             lp = LayerParallel(build_model(spec, seed=0, dtype=dtype), SelfComm(), "gpipe", 1,

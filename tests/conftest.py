@@ -105,4 +105,5 @@ def one_thread():
 def compiled_kernels():
     """The fused CPU kernels compiled (or loaded from numba's cache) once, before any test; the
     fork server that starts gloo ranks loads them the same way (tests/_rank_preload.py)."""
-    _rank_preload.warm_kernels()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")          # gw0, gw1, ...: one dtype first each
+    _rank_preload.warm_kernels(int(worker[2:]) if worker[2:].isdigit() else 0)
