@@ -22,7 +22,7 @@ def test_calibrate_comm_on_two_gloo_ranks():
     assert c.message(8) > 0 and c.bandwidth > 0 and c.allreduce_seconds(8, 2) > 0
     assert [n for n, _ in c.measured["p2p"]] == [8, 4096]
     assert {g for g, _, _ in c.measured["allreduce"]} == {2}
-    # process CPU per round trip on rank 0 (a send and a receive): at least the posting cost
+    # the calling thread's CPU per round trip on rank 0 (a send and a receive), less the posting cost
     cpu = c.measured["p2p_cpu"]
     assert [n for n, _ in cpu] == [8, 4096] and all(t > 0 for _, t in cpu)
     assert c.receive == pytest.approx(max(statistics.median(t for _, t in cpu) - c.overhead, 0.0))
