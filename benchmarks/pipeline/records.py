@@ -83,7 +83,7 @@ class Serial:
 @dataclass
 class RankTimes:
     """One rank, medians over the timed steps (``LayerParallel.times``). *send_s* (posting sends)
-    and *loss_broadcast_s* (the final loss broadcast) are parts of *wait_s*."""
+    and *loss_broadcast_s* (the final collective that brings the loss from the last rank) are parts of *wait_s*."""
     step_s: float
     compute_s: float
     wait_s: float

@@ -5,10 +5,10 @@ Level objective (eq. 9): H^l(θ) = L^l(θ) + <δg^l, θ>, with the first-order c
 restricted fine gradient. The coarse correction e = θ^l - θ^{l,0} is prolongated and added.
 
 A ``Level`` sees only its executor: something that computes the data loss and the gradients of
-the parameters this process holds (serially, or one layer-parallel shard), and sums, gathers and
-fetches neighbouring rows over the level's ranks (``allreduce``, ``allgather_object``,
-``time_halos``). So one V-cycle code runs on one rank or on many, and this module never sees a
-communicator.
+the parameters this process holds (serially, or one layer-parallel shard) and sums a few values
+of each rank over the level's ranks in the same collective (``forward_backward_sum``), and that
+gathers and fetches neighbouring rows (``allgather_object``, ``time_halos``). So one V-cycle code
+runs on one rank or on many, and this module never sees a communicator.
 """
 from __future__ import annotations
 
@@ -181,19 +181,23 @@ class Level:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         t0 = time.perf_counter()
-        loss = self.executor.forward_backward(*batch)
-        grads, reg, finite = [], 0.0, True
-        for p, is_block in zip(self.params, self.mask):
-            w = self.beta * (self.block_weight if is_block else 1.0)
-            d = p.detach()
-            grads.append(p.grad.detach() + 2.0 * w * d)
-            reg += w * float(d.square().sum())
-            finite = finite and bool(torch.isfinite(grads[-1]).all())
-        totals = torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
-        self.executor.allreduce(totals)
+        grads, flags = [], {}
+
+        def local() -> torch.Tensor:     # this rank's Tikhonov term and non-finite flag, summed by the executor
+            reg, finite = 0.0, True
+            for p, is_block in zip(self.params, self.mask):
+                w = self.beta * (self.block_weight if is_block else 1.0)
+                d = p.detach()
+                grads.append(p.grad.detach() + 2.0 * w * d)
+                reg += w * float(d.square().sum())
+                finite = finite and bool(torch.isfinite(grads[-1]).all())
+            flags["finite"] = finite
+            return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
+
+        loss, totals = self.executor.forward_backward_sum(*batch, local)
         loss += float(totals[0])
         if totals[1] > 0 or not math.isfinite(loss):
-            self._raise_non_finite(loss, finite)
+            self._raise_non_finite(loss, flags["finite"])
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0

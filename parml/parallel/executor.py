@@ -25,8 +25,9 @@ from .timing import synchronize
 @dataclass
 class StepTimes:
     """Seconds of the last step on this rank: compute, blocked in communication, and the rest.
-    ``sends`` (posting sends) and ``loss_broadcast`` (the last rank waiting for rank 0's last
-    backward) are parts of ``wait``, given on their own for benchmarks."""
+    ``sends`` (posting sends) and ``loss_broadcast`` (the final collective that brings the loss from
+    the last rank, where the later ranks wait for rank 0's last backward) are parts of ``wait``,
+    given on their own for benchmarks."""
     step: float = 0.0
     compute: float = 0.0
     wait: float = 0.0
@@ -78,7 +79,6 @@ class LayerParallel:
                 raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
         self.reducer = GradientReducer(self.data) if self.data is not None else None
-        self._loss_request = None
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
 
@@ -96,6 +96,13 @@ class LayerParallel:
     # -- training
     def forward_backward(self, x, y) -> float:
         """Loss of the batch (mean over samples) on every rank; local gradients in ``.grad``."""
+        return self.forward_backward_sum(x, y)[0]
+
+    def forward_backward_sum(self, x, y, local=None) -> tuple[float, torch.Tensor | None]:
+        """``forward_backward``, and `local()` — a float64 tensor of this rank's values, computed once
+        its gradients are final — summed over the layer ranks in the collective that brings the loss
+        from the last rank. So a step costs one collective per group: the data group's gradient
+        sums (the loss riding in the last bucket) and the layer group's loss and sums."""
         total = x.shape[0]
         x, y = self._share(x), self._share(y)
         check_microbatches(x.shape[0], self.microbatches)
@@ -109,16 +116,19 @@ class LayerParallel:
         self.stage.finish_sends()
         synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
         t1 = time.perf_counter()
-        value = self._from_last(loss)   # the last rank idles here until rank 0's last backward is done
-        broadcast = time.perf_counter() - t1
         if self.reducer is not None:
-            self.reducer.wait()         # the gradient sums over the data group
-        self.stage.wait_seconds += time.perf_counter() - t1
+            self.reducer.wait()         # the gradient sums (and the loss's) over the data group
+        t2 = time.perf_counter()
+        mine = local() if local is not None else None
+        t3 = time.perf_counter()
+        value, sums = self._from_last(loss, mine)   # ranks wait here for rank 0's last backward
+        t4 = time.perf_counter()
+        self.stage.wait_seconds += (t2 - t1) + (t4 - t3)
         self.stage.collect_times()      # CUDA: compute and wait from events, not launch times
-        self.times = StepTimes(time.perf_counter() - t0, self.stage.compute_seconds - c0,
-                               self.stage.wait_seconds - w0, self.stage.send_seconds - s0, broadcast)
+        self.times = StepTimes(t4 - t0, self.stage.compute_seconds - c0,
+                               self.stage.wait_seconds - w0, self.stage.send_seconds - s0, t4 - t3)
         self.total = self.total + self.times
-        return value
+        return value, sums
 
     def _pipeline(self, x, y, total) -> torch.Tensor:
         """This rank's action list over the micro-batches of (x, y); starts the gradient sums."""
@@ -138,12 +148,10 @@ class LayerParallel:
                         loss += loss_m.detach()
                 else:
                     self.stage.backward(m)
-            if reducer is not None and self.stage.last:   # the loss first: every replica's last rank
-                self._loss_request = self.data.iallreduce(loss)
             # after the last adjoint went out; each chunk's sum starts once its gradients are final
             self.stage.flush_weight_grads(reducer.ready if reducer is not None else None)
-            if reducer is not None:
-                reducer.flush(self.model.parameters())
+            if reducer is not None:            # the last rank's share of the loss rides in the last bucket
+                reducer.flush(self.model.parameters(), loss if self.stage.last else None)
         except BaseException:
             if reducer is not None:
                 reducer.discard()
@@ -173,23 +181,21 @@ class LayerParallel:
         acc = float(stats[1]) / total if self.model.spec.task == "classification" else float("nan")
         return float(stats[0]), acc
 
-    def _from_last(self, value: torch.Tensor) -> float:
-        if self._loss_request is not None:
-            self._loss_request.wait()
-            self._loss_request = None
-        if self.comm.size > 1:
-            self.comm.broadcast(value, self.comm.size - 1)
-        return float(value)
+    def _from_last(self, loss: torch.Tensor, mine: torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
+        """The last rank's loss and the sum of `mine` over the layer ranks: one all-reduce, to which
+        the other ranks add 0 for the loss (exact), instead of a broadcast and an all-reduce."""
+        if self.comm.size == 1:
+            return float(loss), mine
+        head = loss.reshape(1) if self.stage.last else torch.zeros(1, dtype=torch.float64, device=self.device)
+        values = head if mine is None else torch.cat([head, mine.to(torch.float64)])
+        self.comm.allreduce(values)
+        return float(values[0]), (None if mine is None else values[1:])
 
     # -- what a multilevel ``Level`` needs from its ranks (parml.multilevel never sees a communicator)
     @property
     def rank(self) -> int:
         """The world rank (messages name it)."""
         return self.world_rank
-
-    def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the level's layer ranks (one replica: replicas hold the same values), in place."""
-        return self.comm.allreduce(tensor)
 
     def allgather_object(self, obj) -> list:
         return self.comm.allgather_object(obj)

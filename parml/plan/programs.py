@@ -4,9 +4,10 @@
   the schedule's action list (``parallel.schedule.get_schedule(name).stage_actions``), with the
   messages ``parallel.stage`` sends (F of micro-batch m receives tag 2m from the previous rank and
   sends to the next; B receives tag 2m+1 from the next rank, sends the input adjoint back, then
-  forms its deferred weight gradients W), the executor's loss broadcast, the data group's gradient
-  all-reduce (started after the rank's last weight gradient, so it overlaps the pipeline's tail)
-  and Level.gradient's all-reduce;
+  forms its deferred weight gradients W), the data group's gradient all-reduce (started after the
+  rank's last weight gradient, so it overlaps the pipeline's tail; the last rank's loss rides in
+  it) and the layer group's all-reduce of the loss with Level.gradient's sums
+  (``LayerParallel.forward_backward_sum``);
 * an optimizer update (``simulate_update``);
 * a transfer between two levels' layouts (``simulate_move``): the pieces ``parallel.transfer.Mover``
   sends, one message per tensor piece.
@@ -243,11 +244,9 @@ class _Gradient:
         self.lbase = programs.reserve_links(2 * P)
         self.hbase = min(programs.handle_id(j, "grad-allreduce") for j in range(P)) if D > 1 else -1
         group = tuple(lev.world_rank(0, j) for j in range(P))
-        self.loss_id = programs.collective_id("loss", group, "loss broadcast") if P > 1 else -1
-        self.totals_id = programs.collective_id("totals", group, "level all-reduce") if D * P > 1 else -1
-        self.totals = ctx.allreduce(16, [lev.world_rank(d, j) for d in range(D) for j in range(P)]) \
-            if D * P > 1 else 0.0
-        self.loss = ctx.allreduce(8, group) if P > 1 else 0.0
+        # the loss, Level.gradient's Tikhonov term and non-finite flag: 3 float64 over the layer group
+        self.final_id = programs.collective_id("loss", group, "loss all-reduce") if P > 1 else -1
+        self.final = ctx.allreduce(24, group) if P > 1 else 0.0
         self.costs: dict = {}
         self.actions = pipeline_actions(layout.schedule.lower(), P, M)
 
@@ -275,21 +274,18 @@ class _Gradient:
         return self.costs[key]
 
     def tail_rows(self, j, p):
-        """Rows after the pipeline: .grad written, the data group's all-reduce started, the loss
-        broadcast, the all-reduce awaited, Level.gradient's bookkeeping and its all-reduce."""
+        """Rows after the pipeline: .grad written, the data group's all-reduce (the last rank's with
+        its loss) started and awaited, Level.gradient's bookkeeping, the layer group's all-reduce."""
         prof, D, P = self.ctx.profile, self.D, self.P
         rows = [(COMPUTE, KIND["other"], prof.step_cost("finish", p=p), -1, "finish")]
         if D > 1:
             data_group = [self.lev.world_rank(d, j) for d in range(D)]
-            rows.append((START, 0, self.ctx.allreduce(p * self.dbytes, data_group), self.hbase + j,
-                         "gradient all-reduce"))
-        if P > 1:
-            rows.append((COLLECTIVE, 0, self.loss, self.loss_id, "loss broadcast"))
-        if D > 1:
+            nbytes = (p + (j == P - 1)) * self.dbytes
+            rows.append((START, 0, self.ctx.allreduce(nbytes, data_group), self.hbase + j, "gradient all-reduce"))
             rows.append((WAITOP, 0, 0.0, self.hbase + j, "wait grad-allreduce"))
         rows.append((COMPUTE, KIND["other"], prof.step_cost("gradient", p=p), -1, "gradient"))
-        if D * P > 1:
-            rows.append((COLLECTIVE, 0, self.totals, self.totals_id, "level all-reduce"))
+        if P > 1:
+            rows.append((COLLECTIVE, 0, self.final, self.final_id, "loss all-reduce"))
         return rows
 
     def add_group(self, J) -> float:
@@ -330,10 +326,18 @@ def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
     ar = {}
     if lev.replicas > 1:
         total = sum(h[1] - h[0] for h in run.handles.values())
-        exposed = sum(h[2] for h in run.handles.values())
+        exposed = sum(exposed_seconds(run.handles).values())
         ar = {"seconds": total / len(run.handles), "exposed": exposed / len(run.handles),
               "overlap": 1.0 - exposed / total if total > 0 else 1.0}
     return PhaseResult(run.end, run, list(programs), peaks, ar)
+
+
+def exposed_seconds(handles: dict) -> dict:
+    """handle -> seconds its gradient all-reduce lengthens the step: the rank waits for it, and that
+    wait lasts past the moment the last rank (rank 0) finished its pipeline and started its own.
+    Before that moment the rank would wait anyway, in the layer group's final all-reduce."""
+    ready = max(h[0] for h in handles.values())
+    return {k: max(0.0, min(waited, done - ready)) for k, (posted, done, waited) in handles.items()}
 
 
 def simulate_update(lev: LevelLayout, ctx: Context, what: str = "update") -> PhaseResult:

@@ -3,8 +3,8 @@
 Nothing here restates the pipeline or the cycle as formulas:
 
 * a rank's program is built from the action list the executor runs (``programs``: the schedule's
-  ``stage_actions``, the messages ``parallel.stage`` sends, the executor's loss broadcast and
-  Level.gradient's all-reduce, the data group's gradient all-reduce, ``transfer.Mover``'s pieces);
+  ``stage_actions``, the messages ``parallel.stage`` sends, the data group's gradient all-reduce,
+  the layer group's all-reduce of the loss and Level.gradient's sums, ``transfer.Mover``'s pieces);
 * the level sequence of a V-cycle is recorded by running the real ``mgopt.VCycle`` (Algorithm 1)
   on stand-in levels (``vcycle``), so its work units are eq. (10) by construction of the engine;
 * level layouts come from ``parallel.layout.plan_mesh``, the plan the executor runs (``costs``);
@@ -35,6 +35,7 @@ from .predict import Prediction, RankStats, predict, serial_prediction  # noqa: 
 from .programs import (  # noqa: F401
     Context,
     PhaseResult,
+    exposed_seconds,
     gradient_programs,
     move_messages,
     simulate_gradient,

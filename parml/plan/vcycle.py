@@ -21,20 +21,17 @@ class _Executor:
     def __init__(self, model, number, log):
         self.model, self.number, self.log = model, number, log
 
-    def allreduce(self, tensor):
-        return tensor
-
     def allgather_object(self, obj):
         return [obj]
 
     def time_halos(self, tensors, mask, kind):
         return None, None
 
-    def forward_backward(self, x, y):
+    def forward_backward_sum(self, x, y, local):
         self.log.append(("grad", self.number))
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
-        return 0.0
+        return 0.0, local()
 
 
 class _Optimizer:

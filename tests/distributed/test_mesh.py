@@ -13,7 +13,9 @@ import torch
 import reference
 from cases import local_grads
 from nccl_model import run_model
+from parml.comm import SelfComm
 from parml.model import ModelSpec, StageSpec, build_model
+from parml.multilevel.mgopt import Level, level_optimizer
 from parml.parallel.executor import LayerParallel
 from parml.parallel.layout import batch_share, plan_mesh
 from parml.parallel.mesh import MeshGroups
@@ -137,3 +139,41 @@ def test_mesh_kernels_equal_the_reference(kernel):
     deferred sink) on (D, P) = (2, 1) and (1, 2): loss and every gradient equal the reference."""
     ranks = run_model(grads_worker, 2, transfer="rendezvous", streams="rank", timeout=120, kernel=kernel)
     check_mesh_results(ranks, 2)
+
+
+def _level_worker(comm, dtype):
+    """One ``Level.gradient`` on each (D, P) of this world: its objective (data loss + Tikhonov) and
+    the collectives this rank posted on its layer group and on its data group meanwhile."""
+    out = {}
+    for D, P in SHAPES[comm.size]:
+        layout = plan_mesh([SPEC.total_blocks], comm.size, D).levels[-1]
+        layer, data = MeshGroups(comm).of(layout)
+        lp = LayerParallel(build_model(SPEC, seed=2, dtype=dtype), layer, "1f1b", 3, layout.partition,
+                           data=data, world_rank=comm.rank)
+        level = Level(lp, 0.25, 0.5, "euclidean", 1.0, level_optimizer("sgd", 0.1))
+        groups = {"layer": layer, "data": data}
+        before = {k: g._group.coll_count[g.rank] for k, g in groups.items() if g is not None}
+        loss, _ = level.gradient(_data(dtype), 0)
+        out[(D, P)] = (loss, {k: groups[k]._group.coll_count[groups[k].rank] - n for k, n in before.items()})
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_level_gradient_is_one_collective_per_group(world, dtype):
+    """The last rank's loss rides in the data group's gradient bucket, and the Tikhonov term and
+    non-finite flag in the layer group's all-reduce that brings the loss from the last rank: one
+    collective per group and gradient (a broadcast and two all-reduces more before), and the
+    objective of the serial level (float32: the loss summed in the bucket's dtype)."""
+    dt = getattr(torch, dtype)
+    ranks = run_model(_level_worker, world, dt, transfer="rendezvous", streams="rank", timeout=60)
+    serial_level = Level(LayerParallel(build_model(SPEC, seed=2, dtype=dt), SelfComm()), 0.25, 0.5,
+                         "euclidean", 1.0, level_optimizer("sgd", 0.1))
+    want, _ = serial_level.gradient(_data(dt), 0)
+    for D, P in SHAPES[world]:
+        for rank, res in enumerate(ranks):
+            loss, posted = res[(D, P)]
+            assert loss == pytest.approx(want, rel=RTOL[dtype]), (D, P, rank)
+            assert posted.get("layer", 0) == (1 if P > 1 else 0), (D, P, rank, posted)
+            assert posted.get("data", 0) == (1 if D > 1 else 0), (D, P, rank, posted)

@@ -19,6 +19,7 @@ from parml.plan.simulate import (
     Layout,
     Workload,
     cycle_trace,
+    exposed_seconds,
     gradient_programs,
     level_layouts,
     move_messages,
@@ -67,8 +68,8 @@ def test_two_rank_1f1b_timeline_by_hand():
                                ("1F1", 4.75, 5.75), ("1B1", 5.75, 7.75), ("1W1", 7.75, 8.25)]
     assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.0), ("0B0", 4.5, 6.5), ("0W0", 6.5, 7.0),
                                ("0B1", 8.0, 10.0), ("0W1", 10.0, 10.5)]
-    # then the loss broadcast and Level.gradient's all-reduce, each latency · log2(2)
-    assert pr.step_seconds == 10.5 + 0.25 + 0.25
+    # then one all-reduce of the loss with Level.gradient's sums: latency · log2(2)
+    assert pr.step_seconds == 10.5 + 0.25
     assert pr.step_ranks[1].wait == pytest.approx(1.25 + (10.5 - 8.25))
     assert pr.step_ranks[0].wait == pytest.approx(2.5 + 1.0)
 
@@ -83,7 +84,7 @@ def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
                                ("0W0", 6.875, 7.375), ("0B1", 8.5625, 10.5625), ("0W1", 10.5625, 11.0625)]
     assert timeline(pr, 1) == [("1F0", 1.4375, 2.4375), ("1B0", 2.4375, 4.4375), ("1W0", 4.5625, 5.0625),
                                ("1F1", 5.125, 6.125), ("1B1", 6.125, 8.125), ("1W1", 8.25, 8.75)]
-    assert pr.step_seconds == 11.0625 + 0.25 + 0.25
+    assert pr.step_seconds == 11.0625 + 0.25
 
 
 def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
@@ -95,9 +96,9 @@ def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
     assert timeline(pr, 1) == [("1F0", 1.0, 1.25), ("1F1", 1.5, 1.75), ("1B0", 1.75, 2.75), ("1W0", 2.75, 3.25),
                                ("1B1", 3.25, 4.25), ("1W1", 4.25, 4.75)]
     assert timeline(pr, 0)[2:] == [("0B0", 3.5, 4.5), ("0W0", 4.5, 5.0), ("0B1", 5.0, 6.0), ("0W1", 6.0, 6.5)]
-    # the loss broadcast (0.25 + 8 B over the 2-rank all-reduce model = 0.5) and Level.gradient's
-    # all-reduce of 16 B (0.75) end the step on both ranks
-    assert pr.step_run.finish[1] == pr.step_run.finish[0] == 6.5 + 0.5 + 0.75
+    # the all-reduce of the loss with Level.gradient's two sums (3 float64: 0.25 + 24 B / 32 B/s
+    # over the 2-rank all-reduce model = 1.0) ends the step on both ranks
+    assert pr.step_run.finish[1] == pr.step_run.finish[0] == 6.5 + 1.0
 
 
 def test_three_rank_1f1b_timeline_by_hand():
@@ -110,7 +111,7 @@ def test_three_rank_1f1b_timeline_by_hand():
                                ("1B1", 10, 12), ("1W1", 12, 12.5)]
     assert timeline(pr, 2) == [("2F0", 3, 4), ("2B0", 4, 6), ("2W0", 6, 6.5), ("2F1", 6.5, 7.5),
                                ("2B1", 7.5, 9.5), ("2W1", 9.5, 10)]
-    assert pr.step_seconds == pytest.approx(15 + 2 * 0.5 * math.log2(3))
+    assert pr.step_seconds == pytest.approx(15 + 0.5 * math.log2(3))
 
 
 def test_shared_engine_agrees_with_the_exact_one():
@@ -151,8 +152,13 @@ def test_gradient_allreduce_overlaps_the_pipeline_tail():
     # rank s's last backward ends 2·(P-1-s)·(2 blocks · 4 rows) before rank 0's: its gradients'
     # all-reduce runs while the ranks before it still compute; rank 0's cannot hide
     h = pr.step_run.handles
-    assert h[(3, "grad-allreduce")][2] == 0.0 and h[(2, "grad-allreduce")][2] == 0.0
-    assert h[(0, "grad-allreduce")][2] > 0.0
+    ready = h[(0, "grad-allreduce")][0]                 # rank 0 finishes its pipeline last
+    assert ready == max(v[0] for v in h.values())
+    assert h[(3, "grad-allreduce")][1] < ready and h[(2, "grad-allreduce")][1] < ready
+    exposed = exposed_seconds(h)
+    assert exposed[(3, "grad-allreduce")] == exposed[(2, "grad-allreduce")] == 0.0
+    posted, done, _ = h[(0, "grad-allreduce")]
+    assert exposed[(0, "grad-allreduce")] == pytest.approx(done - posted) and done > posted   # all of it
     assert 0.0 < pr.allreduce["overlap"] < 1.0
 
 
