@@ -43,7 +43,7 @@ from benchmarks.mesh.analyse import analyse  # noqa: E402
 from benchmarks.mesh.markdown import markdown  # noqa: E402
 from benchmarks.mesh.plot import plot  # noqa: E402
 from benchmarks.mesh.ranks import WORKLOADS  # noqa: E402
-from benchmarks.mesh.records import Layout, MeshConfig, MeshJob, MeshResults, Sample, Target, migrate  # noqa: E402
+from benchmarks.mesh.records import Layout, MeshConfig, MeshJob, MeshResults, Sample, Target  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STEM = "mesh_scaling"
@@ -130,8 +130,8 @@ def run(cfg: MeshConfig, data_dir: str | None, argv) -> MeshResults | None:
 
 
 def load(out: Path) -> MeshResults:
-    """OUT/results.json, of this layout or of the script before the harness."""
-    res = from_json(MeshResults, migrate(json.loads((out / "results.json").read_text())))
+    """OUT/results.json, analysed."""
+    res = from_json(MeshResults, json.loads((out / "results.json").read_text()))
     res.worlds = analyse(res)
     return res
 

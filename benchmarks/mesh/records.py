@@ -2,7 +2,6 @@
 loader of results written before the study used the harness."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from benchmarks.harness import DataFolder, Machine
@@ -132,51 +131,3 @@ class MeshResults:
 
     def world(self, ranks: int) -> World | None:
         return next((w for w in self.worlds if w.ranks == ranks), None)
-
-
-# --- results of the script before the harness: keys "workload|DxP|coarse" ----------------------------
-
-OLD_FULL = {"warm": 1, "max_cycles": 60, "launch_timeout": 3 * 3600}   # the old FULL settings it did not record
-
-
-def _layout(shape: str, coarse: str) -> dict:
-    D, P = shape.split("x")
-    return {"D": int(D), "P": int(P), "coarse": coarse}
-
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
-def migrate(data: dict) -> dict:
-    """A results.json of the old layout ({"two": {"summary", "efficiency", "targets"}, "four"}) as
-    the JSON of ``MeshResults``; other data unchanged. The old file has no per-step samples: its
-    medians become the analysis as they are."""
-    if "two" not in data:
-        return data
-    worlds, steps, names, layouts = [], {}, [], {}
-    for label, ranks in (("two", 2), ("four", 4)):
-        if label not in data:
-            continue
-        part, rows = data[label], []
-        for key, s in part["summary"].items():
-            name, shape, coarse = key.split("|")
-            e = part.get("efficiency", {}).get(key, {})
-            rows.append({"workload": name, "layout": _layout(shape, coarse), "wall": s["wall"], "cpu": s["cpu"],
-                         "samples": s["samples"], "idle": [_num(x) for x in s["idle"]], "load": s["load"],
-                         "levels": s["levels"], "speedup": e.get("speedup"), "wall_eff": e.get("wall_eff"),
-                         "cpu_eff": e.get("cpu_eff")})
-            steps.setdefault(name, s["samples"] // data["repeats"])
-            names += [name] if name not in names else []
-            lays = layouts.setdefault(ranks, [])
-            lays += [rows[-1]["layout"]] if rows[-1]["layout"] not in lays else []
-        one = part.get("targets", {}).get("1x1|gather", {}).get("seconds")
-        targets = [{"layout": _layout(*key.split("|")), "seconds": t["seconds"], "all_seconds": t["all_seconds"],
-                    "cycles": t["cycles"], "reached": t["reached"], "load": t["load"],
-                    "speedup": one / t["seconds"] if one else None} for key, t in part.get("targets", {}).items()]
-        worlds.append({"ranks": ranks, "rows": rows, "targets": targets})
-    config = {"blocks": data["blocks"], "repeats": data["repeats"], "steps": steps, "workloads": names,
-              "layouts": layouts, "target_runs": bool(data["two"].get("targets")), "quick": data["mode"] == "quick",
-              "kernel": None, "data": None, **OLD_FULL}
-    meta = {"cpu_count": data.get("cpus"), "loadavg_start": [data["load_before"]], "loadavg_end": [data["load_after"]]}
-    return {"config": config, "meta": meta, "samples": [], "targets": [], "worlds": worlds, "failures": []}

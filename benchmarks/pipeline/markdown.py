@@ -163,7 +163,8 @@ def time_section(res: PipelineResults) -> list[str]:
     L = ["## Where time goes", "",
          f"Per rank at M = {top} (ms, medians): *wait* includes the time spent posting sends (*in isend*; gloo can "
          "block handing a send to its I/O thread) and in the final collective that brings the loss from the last "
-         "rank (*in loss bcast*; the later ranks wait there for rank 0's last backward), both from `LayerParallel.times` (`sends`, `loss_broadcast`).", "",
+         "rank (*in loss bcast*; the later ranks wait there for rank 0's last backward), both from "
+         "`LayerParallel.times` (`sends`, `loss_broadcast`).", "",
          *table(["model", "P", "schedule", "backend", "step", "compute", "wait", "other", "in isend", "in loss bcast"],
                 [[e.model, f"{e.P}{STAR if e.oversubscribed else ''}", e.schedule, e.backend, ms(e.step_s),
                   per_rank(e, "compute_s"), per_rank(e, "wait_s"), per_rank(e, "other_s"), per_rank(e, "send_s"),

@@ -19,6 +19,7 @@ from parml.multilevel.mgopt import Level, level_optimizer
 from parml.parallel.executor import LayerParallel
 from parml.parallel.layout import batch_share, plan_mesh
 from parml.parallel.mesh import MeshGroups
+from parml.parallel.replicas import GradientReducer
 
 torch.set_num_threads(1)
 
@@ -177,3 +178,28 @@ def test_a_level_gradient_is_one_collective_per_group(world, dtype):
             assert loss == pytest.approx(want, rel=RTOL[dtype]), (D, P, rank)
             assert posted.get("layer", 0) == (1 if P > 1 else 0), (D, P, rank, posted)
             assert posted.get("data", 0) == (1 if D > 1 else 0), (D, P, rank, posted)
+
+
+def _reducer_worker(comm, bucket_bytes):
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float32)) for n in (3, 2)]
+    for k, p in enumerate(params):
+        p.grad = torch.full_like(p, float(comm.rank + 1 + k))
+    loss = torch.tensor(0.1 * (comm.rank + 1) + 1e-9, dtype=torch.float64)     # not a float32 number
+    reducer = GradientReducer(comm, bucket_bytes)
+    reducer.begin()
+    reducer.ready(params[:1])
+    reducer.flush(params, extra=loss)
+    reducer.wait()
+    return [p.grad.tolist() for p in params], float(loss), reducer.buckets
+
+
+@pytest.mark.parametrize("bucket_bytes,buckets", [(1 << 20, 1), (1, 3)])
+def test_the_reducer_sums_the_extra_value_with_the_last_bucket(bucket_bytes, buckets):
+    """The loss rides in the last open bucket, in that bucket's dtype (float32 here); when every
+    gradient's bucket has started already, it goes alone, in its own dtype."""
+    ranks = run_model(_reducer_worker, 2, bucket_bytes, transfer="rendezvous", streams="rank", timeout=30)
+    for grads, loss, n in ranks:
+        assert grads == [[3.0] * 3, [5.0] * 2] and n == buckets
+        parts = [torch.tensor(0.1 * r + 1e-9, dtype=torch.float64) for r in (1, 2)]
+        want = float(sum(parts)) if buckets == 3 else float(sum(t.float() for t in parts))
+        assert loss == pytest.approx(want, rel=1e-15, abs=0), (loss, want)
