@@ -181,7 +181,7 @@ class Level:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         t0 = time.perf_counter()
-        grads, flags = [], {}
+        grads = []
 
         def local() -> torch.Tensor:     # this rank's Tikhonov term and non-finite flag, summed by the executor
             reg, finite = 0.0, True
@@ -191,13 +191,12 @@ class Level:
                 grads.append(p.grad.detach() + 2.0 * w * d)
                 reg += w * float(d.square().sum())
                 finite = finite and bool(torch.isfinite(grads[-1]).all())
-            flags["finite"] = finite
             return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
 
         loss, totals = self.executor.forward_backward_sum(*batch, local)
         loss += float(totals[0])
         if totals[1] > 0 or not math.isfinite(loss):
-            self._raise_non_finite(loss, flags["finite"])
+            self._raise_non_finite(loss, all(bool(torch.isfinite(g).all()) for g in grads))
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0

@@ -183,11 +183,10 @@ class LayerParallel:
 
     def _from_last(self, loss: torch.Tensor, mine: torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
         """The last rank's loss and the sum of `mine` over the layer ranks: one all-reduce, to which
-        the other ranks add 0 for the loss (exact), instead of a broadcast and an all-reduce."""
+        the other ranks add their loss of 0 (exact), instead of a broadcast and an all-reduce."""
         if self.comm.size == 1:
             return float(loss), mine
-        head = loss.reshape(1) if self.stage.last else torch.zeros(1, dtype=torch.float64, device=self.device)
-        values = head if mine is None else torch.cat([head, mine.to(torch.float64)])
+        values = loss.reshape(1) if mine is None else torch.cat([loss.reshape(1), mine.to(torch.float64)])
         self.comm.allreduce(values)
         return float(values[0]), (None if mine is None else values[1:])
 

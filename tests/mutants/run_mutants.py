@@ -26,11 +26,13 @@ EXECUTOR_TESTS = ["tests/unit/test_executor.py", "tests/unit/test_torch_chunk.py
                   "tests/distributed/test_executor.py"]
 MOVER_TESTS = ["tests/distributed/test_mgopt.py", "tests/distributed/test_executor_conv.py"]
 CHECKPOINT_TESTS = ["tests/unit/test_checkpoint.py", "tests/distributed/test_checkpoint.py"]
+MESH_TESTS = ["tests/distributed/test_mesh.py"]
 # the relevant tests of each mutated file (--tests overrides)
 TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.py": MGOPT_TESTS,
          "parml/kernels/torch_chunk.py": EXECUTOR_TESTS, "parml/model/network.py": EXECUTOR_TESTS,
          "parml/parallel/executor.py": EXECUTOR_TESTS, "parml/parallel/stage.py": EXECUTOR_TESTS,
-         "parml/parallel/transfer.py": MOVER_TESTS, "parml/training/checkpoint.py": CHECKPOINT_TESTS}
+         "parml/parallel/transfer.py": MOVER_TESTS, "parml/training/checkpoint.py": CHECKPOINT_TESTS,
+         "parml/parallel/replicas.py": MESH_TESTS}
 
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
@@ -108,6 +110,17 @@ MUTANTS = {
                                   "value = torch.cat([st[name] for _, st in parts])[:e.hi - e.lo]",
                                   "resuming on another rank count cuts the optimizer state from row 0, not "
                                   "from this rank's first row"),
+    # the collectives a gradient shares (one per group): the loss in the last bucket, the level's sums
+    "reducer-loss-not-written-back": ("parml/parallel/replicas.py",
+                                      "                extra.copy_(flat[-1])\n",
+                                      "                pass\n",
+                                      "the data group's loss sum is not written back (each replica keeps "
+                                      "its share of the loss)"),
+    "level-sums-not-reduced": ("parml/parallel/executor.py",
+                               "        self.comm.allreduce(values)\n",
+                               "",
+                               "the final all-reduce is skipped (the loss stays on the last rank, the "
+                               "Tikhonov terms and non-finite flags stay per rank)"),
 }
 
 
@@ -137,9 +150,12 @@ def run(name: str, tests: list[str] | None, keyword: str | None) -> list[str]:
                *(tests or TESTS[MUTANTS[name][0]])]
         if keyword:
             cmd += ["-k", keyword]
-        out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).stdout
-        return re.findall(r"^FAILED (\S+)", out, flags=re.M)
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        if proc.returncode not in (0, 1):     # collection errors, usage: the mutant broke the code, not a test
+            raise SystemExit(f"mutant {name}: the tests did not run (pytest exit {proc.returncode}):\n"
+                             f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
