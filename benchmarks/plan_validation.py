@@ -3,15 +3,17 @@
     python benchmarks/plan_validation.py [--quick] [--out benchmarks/results/validation] [--profile P.json]
     python benchmarks/plan_validation.py --report-only      # re-predict and redraw from OUT/results.json
 
-1. ``parml calibrate`` (full grid, gloo; ``--quick``: the quick grid) writes ``OUT/profile_cpu.json``,
-   unless ``--profile`` names one (``scaling_projection.py --cpu-profile`` takes the same file).
-2. Measured (``validation/ranks.py``, gloo ranks through the harness, or sub-meshes of a
-   torchrun / mpirun allocation): both pipeline benchmark models (overhead-bound K=1024 width 32
-   batch 256; compute-bound K=256 width 128 batch 512), the paper's circles setup (K=2048 width 3,
-   full batch 2000) and its MNIST setup (K=2048 width 10, mini-batch 1000 of the t10k split); one GD
-   step (L = 1) of each, one 8-level V-cycle of circles and MNIST; on 1, 2 and 4 ranks (4 share the
-   2 cores: the profile knows it), M = 1, 2, 4, 8, layouts (D, P) on parml's data x layer mesh
-   (gathered and replicated coarse levels).
+1. ``parml calibrate`` (full grid, the backend measured; ``--quick``: the quick grid) writes
+   ``OUT/profile_cpu.json``, unless ``--profile`` names one (``scaling_projection.py --cpu-profile``
+   takes the same file).
+2. Measured (``validation/ranks.py``, ranks started through the harness — gloo, or MPI with
+   ``--backend mpi`` — or sub-meshes of a torchrun / mpirun allocation, on its backend): both
+   pipeline benchmark models (overhead-bound K=1024 width 32 batch 256; compute-bound K=256 width
+   128 batch 512), the paper's circles setup (K=2048 width 3, full batch 2000) and its MNIST setup
+   (K=2048 width 10, mini-batch 1000 of the t10k split); one GD step (L = 1) of each, one 8-level
+   V-cycle of circles and MNIST; on 1, 2 and 4 ranks (4 share the 2 cores: the profile knows it),
+   M = 1, 2, 4, 8, layouts (D, P) on parml's data x layer mesh (gathered and replicated coarse
+   levels).
 3. Predicted by ``parml.plan`` for each configuration with the load measured while it ran (the
    machine is shared: before every timed step all ranks spin for a moment and record the share of
    a core they got, giving the number of other busy processes B = cores / share - ranks), and the
@@ -91,14 +93,17 @@ def parse(argv):
     ap.add_argument("--profile", default=None,
                     help="use this profile instead of calibrating (default: calibrate into OUT/profile_cpu.json)")
     ap.add_argument("--data-dir", default=default_mnist_dir(), help="MNIST files (the mnist case)")
+    ap.add_argument("--backend", choices=["gloo", "mpi"], default=None,
+                    help="transport of the measured ranks (default: gloo; inside an allocation, its own)")
     args = ap.parse_args(argv)
     args.out = Path(args.out)
     return ap, args
 
 
 def launch(launcher: Launcher, cases: dict, configs: list[Conf], n: int, data_dir, timeout: float, res: ValResults):
+    kind = "torch" if res.backend == "gloo" else "mpi"          # as Job.backend
     got = launcher.run(Job(f"val{n}-{len(res.results)}", "benchmarks.validation.ranks:run_configs",
-                           ValJob(cases, configs, data_dir), n, "self" if n == 1 else "torch", timeout=timeout,
+                           ValJob(cases, configs, data_dir), n, "self" if n == 1 else kind, timeout=timeout,
                            comm_timeout=600.0))
     if launcher.rank == 0 and (got.error or got.skipped):
         print(got.error or got.skipped, file=sys.stderr, flush=True)
@@ -120,9 +125,14 @@ def measure(args, prof_path: Path, argv) -> ValResults | None:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="parml-val-") as tmp:
         launcher = Launcher(Path(tmp))
+        inside = {"mpi": "mpi", "torch": "gloo"}.get(launcher.kind)
+        if args.backend and inside and args.backend != inside:
+            raise SystemExit(f"plan_validation.py: error: --backend {args.backend} inside a {inside} allocation: "
+                             f"leave it out, or start the script alone")
+        res.backend = inside or args.backend or "gloo"
         if not args.profile and launcher.rank == 0:
             t0 = time.perf_counter()
-            calibrate("cpu", ["gloo"], str(prof_path), quick=args.quick)
+            calibrate("cpu", [res.backend], str(prof_path), quick=args.quick)
             res.profile_note = f"parml calibrate, {time.perf_counter() - t0:.0f} s"
         elif args.profile:
             res.profile_note = f"given profile {prof_path.name}"
@@ -133,7 +143,7 @@ def measure(args, prof_path: Path, argv) -> ValResults | None:
             loads.append(os.getloadavg()[0])
         prof = Profile.load(str(prof_path), device="cpu")
         extra = [Conf(c.case, c.levels, c.D, c.M, c.schedule, c.mbpr, c.coarse, base["steps"][c.levels],
-                      base["warmup"]) for c in auto_choices(res.results, prof, cases)
+                      base["warmup"]) for c in auto_choices(res.results, prof, cases, res.backend)
                  if not any(same(m, c) for m in res.results)]
         if launcher.inside:                      # rank 0 holds the results: every rank launches its list
             extra = launcher.comm.allgather_object(extra)[0]

@@ -29,13 +29,13 @@ def background(m: Measured, cores: int) -> float:
     return statistics.median(max(0.0, cores / max(s, 1e-3) - m.world) for s in m.share)
 
 
-def layout_of(m: Measured, cores: int) -> Layout:
-    return Layout(m.D, m.world // m.D, m.M, m.schedule, m.coarse, m.mbpr, "deferred", "gloo",
+def layout_of(m: Measured, cores: int, backend: str = "gloo") -> Layout:
+    return Layout(m.D, m.world // m.D, m.M, m.schedule, m.coarse, m.mbpr, "deferred", backend,
                   ranks_per_node=m.world, background=background(m, cores))
 
 
-def predicted(m: Measured, prof: Profile, cases: dict[str, Case]) -> float:
-    pr = predict(workload(cases[m.case], m.levels), layout_of(m, prof.cores), prof)
+def predicted(m: Measured, prof: Profile, cases: dict[str, Case], backend: str = "gloo") -> float:
+    pr = predict(workload(cases[m.case], m.levels), layout_of(m, prof.cores, backend), prof)
     return pr.cycle_seconds if m.levels > 1 else pr.step_seconds
 
 
@@ -45,7 +45,8 @@ def same(m: Conf, ch: AutoChoice) -> bool:
         (m.levels == 1 or (m.mbpr, m.coarse) == (ch.mbpr, ch.coarse))
 
 
-def auto_choices(results: list[Measured], prof: Profile, cases: dict[str, Case]) -> list[AutoChoice]:
+def auto_choices(results: list[Measured], prof: Profile, cases: dict[str, Case],
+                 backend: str = "gloo") -> list[AutoChoice]:
     """``--layout auto`` at 2 ranks per case (every D x P, M, schedule and coarse layout), at the
     median background of that case's 2-rank runs."""
     out = []
@@ -54,7 +55,7 @@ def auto_choices(results: list[Measured], prof: Profile, cases: dict[str, Case])
         if not runs:
             continue
         b = statistics.median(background(m, prof.cores) for m in runs)
-        best = plan(workload(cases[case], levels), 2, prof, "gloo", ranks_per_node=2, background=b,
+        best = plan(workload(cases[case], levels), 2, prof, backend, ranks_per_node=2, background=b,
                     max_microbatches=8)[0]
         out.append(AutoChoice(case, levels, b, best["data_parallel"], best["coarse_layout"], best["microbatches"],
                               best["schedule"], best["min_blocks_per_rank"] or 16,
@@ -92,7 +93,7 @@ def evaluate(res: ValResults, prof: Profile) -> ValResults:
     """Background, prediction and error of every configuration, and the ``--layout auto`` verdicts."""
     for m in res.results:
         m.background = background(m, prof.cores)
-        m.predicted_s = predicted(m, prof, res.cases)
+        m.predicted_s = predicted(m, prof, res.cases, res.backend)
     res.errors = errors(res.results)
-    res.auto = judge_auto(auto_choices(res.results, prof, res.cases), res.results)
+    res.auto = judge_auto(auto_choices(res.results, prof, res.cases, res.backend), res.results)
     return res

@@ -20,7 +20,7 @@ def header(res: ValResults) -> list[str]:
     lines = ["# The scaling model against measurement", "",
              f"One session: calibration ({res.profile_note}) then {n} measured configurations, "
              f"{res.started} to {res.finished} (UTC), 1-minute load average {lo:.1f}-{hi:.1f} on {res.cores} cores. "
-             "gloo ranks started locally; ranks beyond the cores (marked *) share them. Step = one GD step (L = 1) "
+             f"{res.backend} ranks; ranks beyond the cores (marked *) share them. Step = one GD step (L = 1) "
              "or one 8-level V-cycle, the slowest rank's time after a barrier, median of the timed steps. D > 1: "
              "parml's data x layer mesh.", "",
              "B: other busy processes on the machine while the configuration ran, from the share of a core all its "

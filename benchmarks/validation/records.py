@@ -107,3 +107,4 @@ class ValResults:
     meta: Machine | None = None           # None: written before the harness
     data: DataFolder | None = None        # the MNIST folder by name and checksums
     failures: list[str] = field(default_factory=list)
+    backend: str = "gloo"                 # the measured ranks' transport; the profile's costs of it

@@ -94,3 +94,25 @@ def test_validation_json_of_the_old_layout_loads(tmp_path):
     m = res.results[0]
     assert (m.world, m.D, m.M, m.coarse, m.predicted_s) == (2, 1, 2, "gather", 0.25) and m.cpu_s[0] == [0.1, 0.1]
     assert res.cases["circles"].lr == 0.1 and res.auto[0].fastest_D1.step_s == 0.2 and res.meta is None
+
+
+def test_the_committed_mpi_validation_is_predicted_with_mpi_costs():
+    """``--backend mpi`` (results/validation-mpi): the ranks ran on MPI, the calibration measured
+    MPI, and every prediction replays MPI's costs: re-evaluated, the committed table comes back."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.plan_validation import load
+    from benchmarks.validation.analyse import evaluate, predicted
+    from benchmarks.validation.markdown import markdown
+    from parml.plan.profile import Profile
+    out = REPO_ROOT / "benchmarks" / "results" / "validation-mpi"
+    res = load(out)
+    prof = Profile.load(str(out / "profile_cpu.json"), device="cpu")
+    assert res.backend == "mpi" and list(prof.comm) == ["mpi"]
+    committed = {id(m): m.predicted_s for m in res.results}
+    evaluate(res, prof)
+    assert "\n".join(markdown(res)) + "\n" == (out / "validation.md").read_text()
+    assert all(m.predicted_s == pytest.approx(committed[id(m)], rel=1e-12) for m in res.results)
+    two = next(m for m in res.results if m.world == 2 and m.D == 1)
+    assert two.predicted_s == predicted(two, prof, res.cases, "mpi")
+    with pytest.raises(Exception, match="gloo"):           # the profile has no gloo costs to replay
+        predicted(two, prof, res.cases, "gloo")
