@@ -1,5 +1,4 @@
-"""The mesh study's records: the plan, what each rank timed, the medians per layout, and the
-loader of results written before the study used the harness."""
+"""The mesh study's records: the plan, what each rank timed, and the medians per layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
