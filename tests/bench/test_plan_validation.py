@@ -103,7 +103,7 @@ def test_the_committed_mpi_validation_is_predicted_with_mpi_costs():
     from benchmarks.plan_validation import load
     from benchmarks.validation.analyse import evaluate, predicted
     from benchmarks.validation.markdown import markdown
-    from parml.plan.profile import Profile
+    from parml.plan.profile import Profile, ProfileError
     out = REPO_ROOT / "benchmarks" / "results" / "validation-mpi"
     res = load(out)
     prof = Profile.load(str(out / "profile_cpu.json"), device="cpu")
@@ -114,5 +114,5 @@ def test_the_committed_mpi_validation_is_predicted_with_mpi_costs():
     assert all(m.predicted_s == pytest.approx(committed[id(m)], rel=1e-12) for m in res.results)
     two = next(m for m in res.results if m.world == 2 and m.D == 1)
     assert two.predicted_s == predicted(two, prof, res.cases, "mpi")
-    with pytest.raises(Exception, match="gloo"):           # the profile has no gloo costs to replay
+    with pytest.raises(ProfileError, match="'gloo' was not calibrated"):   # no gloo costs to replay
         predicted(two, prof, res.cases, "gloo")
