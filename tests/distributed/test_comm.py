@@ -4,6 +4,7 @@ timeouts, a failing rank. Single-process parts: tests/unit/test_comm.py."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -325,6 +326,18 @@ def test_failing_rank_reports_traceback_and_peers_stop(backend):
     assert "deliberate failure on rank 1" in msg and "rank 1 failed" in msg
     assert "timed out" not in msg
     assert time.monotonic() - t0 < 30
+
+
+def _loaded(comm):
+    return {m: m in sys.modules for m in ("_rank_preload", "torch._dynamo", "parml.training.trainer")}
+
+
+@pytest.mark.skipif(os.environ.get("PARML_TEST_SPAWN", "fork") != "fork", reason="ranks are not forked")
+def test_forked_gloo_ranks_start_with_the_fork_servers_preload():
+    """The fork server imports tests/_rank_preload.py (torch, parml, torch._dynamo, the compiled
+    kernels) once; a server that could not import it forks ranks that each import them again."""
+    assert run_ranks("tests.distributed.test_comm:_loaded", 2, "gloo", timeout=60) == [
+        {"_rank_preload": True, "torch._dynamo": True, "parml.training.trainer": True}] * 2
 
 
 @pytest.mark.timeout(60)
