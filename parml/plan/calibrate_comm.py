@@ -2,7 +2,9 @@
 
 Ranks are started by ``launch.run_local`` (gloo with torchrun's variables; MPI under mpirun):
 ping-pong between ranks 0 and 1, the sender's posting cost, and all-reduce against message size
-and group size; groups larger than the machine's cores are recorded as oversubscribed.
+and group size; groups larger than the machine's cores are recorded as oversubscribed, and there a
+relay ring whose ranks compute between messages measures what a message costs a node whose cores
+are all busy (``relay_receive``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .profile import CommCost, Fit
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLREDUCE_FEATURES = ["log2(g)", "B*(g-1)/g"]
+RELAY_WORK = 0.5e-3      # s of CPU per message in the oversubscribed relay (a small block's F or B)
 
 
 # --- communication ---------------------------------------------------------------------------------
@@ -65,6 +68,9 @@ def comm_worker(out_path: str, sizes: list[int], reps: int) -> None:
         for i in range(k):
             comm.recv(torch.empty_like(small), 0, 100 + i)
     comm.barrier()
+    cores = int(os.environ.get("PARML_PLAN_CORES", "0"))
+    if dev.type == "cpu" and 0 < cores < comm.size:
+        res["relay"] = relay(comm, hops=max(reps // 2, 10))
     for n in sizes:
         buf = torch.zeros(max(n // 4, 1), dtype=torch.float32, device=dev)
         r = max(4, reps if n <= 65536 else reps // 5)
@@ -84,14 +90,58 @@ def comm_worker(out_path: str, sizes: list[int], reps: int) -> None:
     comm.close()
 
 
-def _launch(backend, nprocs, sizes, reps, device, timeout, log):
+def _spin(seconds: float) -> None:
+    """Compute for `seconds` of this thread's CPU (its wall time stretches when it shares a core)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def relay(comm, hops: int, work: float = RELAY_WORK) -> list:
+    """A ring of all ranks passing comm.size small messages round and round, each rank computing
+    `work` seconds of CPU on each message before passing it on: with more ranks than cores the
+    cores stay busy, as in an oversubscribed pipeline. Returns [messages received per rank, work,
+    wall seconds] (the slowest rank's wall time)."""
+    n, rank = comm.size, comm.rank
+    left, right = (rank - 1) % n, (rank + 1) % n
+    sends = []
+    comm.barrier()
+    t0 = time.perf_counter()
+    if rank == 0:
+        sends = [comm.isend(torch.zeros(16), right, t) for t in range(n)]
+    for h in range(hops):
+        for t in range(n):
+            buf = torch.empty(16)
+            comm.recv(buf, left, t)
+            _spin(work)
+            if rank != 0 or h < hops - 1:
+                sends.append(comm.isend(buf, right, t))
+    for q in sends:
+        q.wait()
+    wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    comm.allreduce(wall, "max")
+    return [hops * n, work, float(wall)]
+
+
+def relay_receive(relays, cores: int, post: float) -> float | None:
+    """The CPU a node spends per message beyond the ranks' work when its cores are all busy (the
+    receiver's wake-up and copies, the transport threads beside each rank), less the sender's
+    posting cost, which the simulator charges separately: in the relay every rank receives
+    `messages` messages and computes `work` on each, so the cores' time per message is
+    wall * cores / (ranks * messages), of which `work` is the ranks' own."""
+    per = [wall * cores / (ranks * msgs) - work for ranks, (msgs, work, wall) in relays]
+    return max(statistics.median(per) - post, 0.0) if per else None
+
+
+def _launch(backend, nprocs, sizes, reps, device, timeout, log, cores=0):
     if backend == "mpi" and mpi_unavailable():
         return None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comm.json"
         cmd = [sys.executable, "-m", "parml.plan.calibrate", "--worker", str(out), "--sizes",
                ",".join(map(str, sizes)), "--reps", str(reps)]
-        env = clean_env([str(ROOT)], {"PARML_PLAN_DEVICE": "cuda" if backend == "nccl" else "cpu"})
+        env = clean_env([str(ROOT)], {"PARML_PLAN_DEVICE": "cuda" if backend == "nccl" else "cpu",
+                                      "PARML_PLAN_CORES": str(cores)})
         run = run_local(cmd, nprocs, "mpi" if backend == "mpi" else "gloo", timeout, tmp, f"calib-{backend}", env,
                         cwd=ROOT, capture_stdout=True)
         if not run.ok or not out.exists():
@@ -100,7 +150,7 @@ def _launch(backend, nprocs, sizes, reps, device, timeout, log):
         return json.loads(out.read_text())
 
 
-def _comm_cost(runs, backend, note):
+def _comm_cost(runs, backend, note, cores=0):
     p2p = [pt for r in runs for pt in r["p2p"]]
     # absolute residuals: the messages' stalls add ~1 ms whatever the size (Fit.fitted)
     fit = Fit.fitted(["1", "B"], [{"B": n} for n, _ in p2p], [t for _, t in p2p], absolute=True)
@@ -109,9 +159,11 @@ def _comm_cost(runs, backend, note):
     arfit = Fit.fitted(ALLREDUCE_FEATURES, [{"g": g, "B": n} for g, n, _ in ar], [t for *_, t in ar], absolute=True)
     post = statistics.median([r["post"] for r in runs if r.get("post") is not None] or [0.0])
     cpu = [pt for r in runs for pt in r.get("p2p_cpu", [])]
+    relays = [[r["size"], r["relay"]] for r in runs if r.get("relay")]
     return CommCost(lat, 1.0 / inv_bw if inv_bw > 0 else float("inf"), post, arfit, None, None,
-                    {"p2p": p2p, "p2p_cpu": cpu, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error]},
-                    note, receive_cost(cpu, post, backend))
+                    {"p2p": p2p, "p2p_cpu": cpu, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error],
+                     **({"relay": relays} if relays else {})},
+                    note, receive_cost(cpu, post, backend), relay_receive(relays, cores, post) if relays else 0.0)
 
 
 def receive_cost(cpu_per_round_trip, post: float, backend: str) -> float:
@@ -119,7 +171,8 @@ def receive_cost(cpu_per_round_trip, post: float, backend: str) -> float:
     trip, so the calling thread's CPU per round trip less the sender's posting cost. The calling
     thread's, not the process's: gloo's transport threads added 0.1-0.8 ms per round trip here,
     varying from run to run, on threads beside the rank's own (a 2 s wait cost them 7 ms), which
-    delays the rank only where ranks outnumber cores.
+    delays the rank only where ranks outnumber cores; there ``relay_receive`` measures what a
+    message costs a node with no free core (``CommCost.receive_busy``).
     Small messages only (up to 64 KiB: the copies of large ones are in the bandwidth); 0 for NCCL,
     whose transfers run on the GPU."""
     small = [c for n, c in cpu_per_round_trip if n <= 65536]
@@ -136,7 +189,7 @@ def measure_comm(backends, cores, grid, device, log=print):
         normal, over = [], []
         for n in counts:
             t0 = time.perf_counter()
-            res = _launch(backend, n, sizes, reps, device, 120 + 30 * n, log)
+            res = _launch(backend, n, sizes, reps, device, 120 + 30 * n, log, cores)
             if res is None:
                 continue
             (over if n > cores else normal).append(res)
@@ -146,9 +199,9 @@ def measure_comm(backends, cores, grid, device, log=print):
         if not normal and not over:
             continue
         cost = _comm_cost(normal or over, backend, f"{'oversubscribed ' if not normal else ''}{backend}, "
-                                                   f"{max(counts)} ranks at most on this machine")
+                                                   f"{max(counts)} ranks at most on this machine", cores)
         if normal and over:
-            cost.oversubscribed = _comm_cost(over, backend, f"{backend} with more ranks than cores")
+            cost.oversubscribed = _comm_cost(over, backend, f"{backend} with more ranks than cores", cores)
         out[backend] = cost
     return out
 

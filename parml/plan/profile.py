@@ -194,6 +194,14 @@ class CommCost:
     measured: dict = field(default_factory=dict)  # raw points: {"p2p": [[bytes, s]], "allreduce": [[g, bytes, s]]}
     note: str = ""
     receive: float = 0.0
+    # the receiver's CPU per message while its node's cores are all busy computing: waking up for
+    # a core, and the transport threads beside each rank taking CPU from compute (measured in a
+    # relay whose ranks compute between messages, oversubscribed runs only); 0: as `receive`
+    receive_busy: float = 0.0
+
+    def busy_extra(self) -> float:
+        """What a message costs its receiver beyond `receive` when its node has no free core."""
+        return max(self.receive_busy - self.receive, 0.0)
 
     def message(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth

@@ -151,7 +151,8 @@ class _Pipe:
 
 def _pipeline_rows(pp: _Pipe, is_f, mb):
     """The rows of one rank's action list: F = [recv received] F [post send], B = [recv received] B
-    [post send] [W]; `received` is the receiver's CPU once the message is there (CommCost.receive)."""
+    [post send] [W]; `received` is the receiver's CPU once the message is there (CommCost.receive;
+    y: the extra it costs on a node whose cores are all busy, CommCost.busy_extra)."""
     j, P = pp.j, pp.P
     nf = 2 * (j > 0) + 1 + 2 * (j < P - 1)
     nb = 2 * (j < P - 1) + 1 + 2 * (j > 0) + pp.deferred
@@ -169,7 +170,7 @@ def _pipeline_rows(pp: _Pipe, is_f, mb):
     p, m = pos0[is_f], mb[is_f]
     if j > 0:
         p = put(p, RECV, 0, 0.0, j - 1, pp.fmsg(j - 1, m))
-        p = put(p, COMPUTE, KIND["post"], pp.bwd.receive)
+        p = put(p, COMPUTE, KIND["post"], pp.bwd.receive, pp.bwd.busy_extra())
     p = put(p, COMPUTE, KIND["F"], pp.f[m])
     if j < P - 1:
         p = put(p, COMPUTE, KIND["post"], pp.fwd.overhead)
@@ -177,7 +178,7 @@ def _pipeline_rows(pp: _Pipe, is_f, mb):
     p, m = pos0[~is_f], mb[~is_f]
     if j < P - 1:
         p = put(p, RECV, 0, 0.0, j + 1, pp.bmsg(j, m))
-        p = put(p, COMPUTE, KIND["post"], pp.fwd.receive)
+        p = put(p, COMPUTE, KIND["post"], pp.fwd.receive, pp.fwd.busy_extra())
     p = put(p, COMPUTE, KIND["B"], pp.b[m])
     if j > 0:
         p = put(p, COMPUTE, KIND["post"], pp.bwd.overhead)
@@ -429,9 +430,10 @@ def _move_rows(programs: Programs, msgs, lists: int, ctx: Context, dbytes: int) 
                          np.column_stack([zeros, wire]).ravel(), np.column_stack([minus, ids]).ravel(),
                          np.column_stack([minus, link]).ravel())
     recv = np.tile(pick("receive"), lists)
+    busy = np.tile(np.where(same, inside.busy_extra(), outside.busy_extra()), lists)
     programs.extend_rows(np.repeat(Dst, 2), np.tile([RECV, COMPUTE], lists * k),
                          np.tile([0, KIND["post"]], lists * k), np.column_stack([zeros, recv]).ravel(),
-                         np.column_stack([S, zeros]).ravel(), np.column_stack([ids, minus]).ravel(),
+                         np.column_stack([S, busy]).ravel(), np.column_stack([ids, minus]).ravel(),
                          np.repeat(minus, 2))
 
 

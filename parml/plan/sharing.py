@@ -18,6 +18,9 @@ def run_programs(programs: Programs, share=None, cores: float | None = None, rec
     whose computing slows `rank` down (copies counts identical replicas on its node, itself
     included); then a computing rank runs at min(1, cores / (Σ copies of computing ranks + background)).
     `background`: other runnable processes on every node, competing for its cores.
+    A compute row's `y` adds to its seconds when the rank starts it on a node whose cores are all
+    busy (the receiver's extra cost there, ``CommCost.receive_busy``); the exact evaluation, where
+    every rank has a core, never adds it.
     `record` is kept for callers; spans are rebuilt on demand.
     """
     if share is None:
@@ -64,8 +67,9 @@ class _Shared:
             c, k = self.code[j], self.key[j]
             if c == COMPUTE:
                 self.pc[i] += 1
-                if self.x[j] > 0:
-                    self.state[i], self.remaining[i], self.began[i] = "compute", self.x[j], t
+                seconds = self.x[j] + (self.y[j] if self.y[j] > 0 and self.saturated(i) else 0.0)
+                if seconds > 0:
+                    self.state[i], self.remaining[i], self.began[i] = "compute", seconds, t
                     return
             elif c == SEND:
                 ln = self.link[j]
@@ -102,6 +106,12 @@ class _Shared:
                 self.pc[i] += 1
         self.state[i] = "done"
         self.finish[self.ranks[i]] = t
+
+    def saturated(self, i) -> bool:
+        """Every core of rank i's node taken by its other computing ranks and the background: a
+        compute row's `y` (a message's extra cost on a busy node) applies."""
+        load = sum(c for q, c in self.share[i] if q != i and self.state[q] == "compute") + self.background
+        return load >= self.cores
 
     def rates(self):
         computing = [i for i, s in enumerate(self.state) if s == "compute"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from parml.model import ModelSpec, StageSpec
+from parml.plan.calibrate_comm import receive_cost, relay_receive
 from parml.plan.profile import Profile
 from parml.plan.simulate import Layout, Workload, predict
 
@@ -28,8 +29,28 @@ def test_calibrate_comm_on_two_gloo_ranks():
     assert c.receive == pytest.approx(max(statistics.median(t for _, t in cpu) - c.overhead, 0.0))
 
 
+def test_an_oversubscribed_calibration_measures_the_receive_cost_in_a_relay():
+    """Told the machine has 1 core, the 2-rank run is oversubscribed: the ranks also pass messages
+    round a ring, computing on each, and the busy node's receive cost comes from that relay."""
+    from parml.plan.calibrate import GRIDS, measure_comm
+    grid = dict(GRIDS["quick"], p2p_bytes=[8], p2p_reps=20)
+    c = measure_comm(["gloo"], 1, grid, "cpu", log=lambda *a: None)["gloo"]
+    (ranks, (msgs, work, wall)), = c.measured["relay"]
+    assert ranks == 2 and msgs == 2 * 10 and work > 0
+    assert wall >= msgs * work                 # each rank computes `work` on each of its messages
+    assert c.receive_busy == relay_receive(c.measured["relay"], 1, c.overhead)
+    assert c.receive == receive_cost(c.measured["p2p_cpu"], c.overhead, "gloo")    # a free core's
+
+
+def test_relay_receive_is_the_cores_time_per_message_less_work_and_posting():
+    # 4 ranks x 100 messages on 2 cores in 0.3 s: 1.5 ms of a core per message, 1 ms of it work
+    assert relay_receive([[4, [100, 1e-3, 0.3]]], 2, 1e-4) == pytest.approx(0.5e-3 - 1e-4)
+    assert relay_receive([[4, [100, 1e-3, 0.3]], [4, [100, 1e-3, 0.26]], [4, [100, 1e-3, 0.4]]], 2, 0.0) \
+        == pytest.approx(0.5e-3)                                          # the median
+    assert relay_receive([[4, [100, 1e-3, 0.1]]], 2, 0.0) == 0.0          # never negative
+
+
 def test_receive_cost_is_the_round_trip_cpu_less_the_posting():
-    from parml.plan.calibrate_comm import receive_cost
     pts = [[8, 4e-4], [1024, 6e-4], [16384, 5e-4], [1 << 20, 9e-3]]     # the 1 MiB copy is bandwidth
     assert receive_cost(pts, 1e-4, "gloo") == pytest.approx(5e-4 - 1e-4)
     assert receive_cost(pts, 1e-3, "mpi") == 0.0                         # never negative

@@ -17,6 +17,7 @@ from parml.plan.profile import Fit, uniform_profile
 from parml.plan.simulate import (
     Context,
     Layout,
+    Programs,
     Workload,
     cycle_trace,
     exposed_seconds,
@@ -143,6 +144,51 @@ def test_oversubscribed_replicas_share_the_cores():
     # three other busy processes on a 2-core machine: one rank gets half a core
     busy = predict(work, Layout(1, 1, 1, background=3.0), uniform_profile(cores=2))
     assert busy.step_seconds == pytest.approx(2 * one.step_seconds)
+
+
+def _received(programs, r, x, busy_extra):
+    """A message's receive cost on rank r: `x` seconds, `busy_extra` more on a node with no free core."""
+    from parml.plan.engine import COMPUTE, KIND
+    programs.extend_rows([r], [COMPUTE], [KIND["post"]], [x], [busy_extra], [-1], [-1])
+
+
+def test_a_message_costs_its_extra_only_on_a_node_with_no_free_core():
+    """One core. Rank 1 receives (1 ms, 4 ms more on a full node) while rank 0 computes 10 ms:
+    the core is taken, so 5 ms of work at half speed each until t = 10 ms, then rank 0's last 5 ms
+    alone. With rank 0 computing after it, the receive costs 1 ms; the exact evaluation (every rank
+    its own core) never adds the extra."""
+    share = {0: {0: 1, 1: 1}, 1: {0: 1, 1: 1}}
+    busy = Programs(labels=False)
+    busy.compute(0, 10e-3)
+    _received(busy, 1, 1e-3, 4e-3)
+    run = run_programs(busy, share, cores=1)
+    assert run.finish[1] == pytest.approx(10e-3) and run.finish[0] == pytest.approx(15e-3)
+    free = Programs(labels=False)
+    free.compute(0, 0.0)
+    _received(free, 1, 1e-3, 4e-3)
+    free.compute(1, 1e-3)
+    assert run_programs(free, share, cores=1).finish[1] == pytest.approx(2e-3)
+    assert run_programs(busy).finish[1] == pytest.approx(1e-3)       # exact: never busy
+    # a rank's own computing does not make its node busy; two cores leave one free for rank 1
+    assert run_programs(busy, share, cores=2).finish[1] == pytest.approx(1e-3)
+
+
+def test_pipeline_and_move_receives_carry_the_busy_node_extra():
+    """CommCost.receive_busy reaches every receive row the simulator builds (y = busy - receive)."""
+    from parml.plan.engine import COMPUTE, KIND
+    prof = uniform_profile(cores=1)
+    over = prof.comm["gloo"]
+    over.receive, over.receive_busy = 1e-4, 6e-4
+    over.oversubscribed = None                   # the same costs on a full node
+    work = Workload(dense(2, 8), batch=8)
+    lay = Layout(1, 4, 2, "1f1b", ranks_per_node=4)
+    progs, _ = gradient_programs(level_layouts(work, lay)[-1], work, lay, Context(prof, "gloo", 4, 4))
+    _, _, code, kind, x, y, *_ = progs.arrays()
+    rows = (code == COMPUTE) & (kind == KIND["post"]) & (x == 1e-4)
+    assert rows.sum() == 2 * 2 * 3 and (y[rows] == pytest.approx(5e-4))    # M=2, F and B, 3 links
+    busy = predict(work, lay, prof).step_seconds
+    over.receive_busy = 0.0
+    assert predict(work, lay, prof).step_seconds < busy
 
 
 def test_gradient_allreduce_overlaps_the_pipeline_tail():
