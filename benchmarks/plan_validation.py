@@ -45,7 +45,7 @@ from parml.reproduce.paper import TASK_SETUP  # noqa: E402
 from benchmarks.harness import (DataFolder, Job, Launcher, Machine, command_line, from_json,  # noqa: E402
                                 write_outputs)
 from benchmarks.pipeline_scaling import MODELS  # noqa: E402
-from benchmarks.validation.analyse import VCYCLE_LEVELS, auto_choices, evaluate, same  # noqa: E402
+from benchmarks.validation.analyse import VCYCLE_LEVELS, auto_choices, evaluate, unmeasured  # noqa: E402
 from benchmarks.validation.markdown import markdown  # noqa: E402
 from benchmarks.validation.plot import plot  # noqa: E402
 from benchmarks.validation.records import Case, Conf, Measured, ValJob, ValResults  # noqa: E402
@@ -142,9 +142,8 @@ def measure(args, prof_path: Path, argv) -> ValResults | None:
             launch(launcher, cases, configs, n, args.data_dir, base["launch_timeout"], res)
             loads.append(os.getloadavg()[0])
         prof = Profile.load(str(prof_path), device="cpu")
-        extra = [Conf(c.case, c.levels, c.D, c.M, c.schedule, c.mbpr, c.coarse, base["steps"][c.levels],
-                      base["warmup"]) for c in auto_choices(res.results, prof, cases, res.backend)
-                 if not any(same(m, c) for m in res.results)]
+        extra = unmeasured(auto_choices(res.results, prof, cases, res.backend), res.results, base["steps"],
+                           base["warmup"])
         if launcher.inside:                      # rank 0 holds the results: every rank launches its list
             extra = launcher.comm.allgather_object(extra)[0]
         if extra:                                # measure what --layout auto picked, if not yet measured

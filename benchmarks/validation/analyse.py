@@ -63,6 +63,13 @@ def auto_choices(results: list[Measured], prof: Profile, cases: dict[str, Case],
     return out
 
 
+def unmeasured(choices: list[AutoChoice], results: list[Measured], steps: dict, warmup: int) -> list[Conf]:
+    """The configurations ``--layout auto`` picked that were not measured yet; a GD step has no
+    coarse level (its choice says None) and runs with the default coarse layout."""
+    return [Conf(c.case, c.levels, c.D, c.M, c.schedule, c.mbpr, c.coarse or TrainConfig.coarse_layout,
+                 steps[c.levels], warmup) for c in choices if not any(same(m, c) for m in results)]
+
+
 def _fastest(m: Measured) -> Fastest:
     return Fastest(m.D, m.M, m.schedule, m.mbpr, m.step_s)
 

@@ -116,3 +116,19 @@ def test_the_committed_mpi_validation_is_predicted_with_mpi_costs():
     assert two.predicted_s == predicted(two, prof, res.cases, "mpi")
     with pytest.raises(ProfileError, match="'gloo' was not calibrated"):   # no gloo costs to replay
         predicted(two, prof, res.cases, "gloo")
+
+
+def test_auto_choices_not_yet_measured_are_configurations_the_ranks_can_build():
+    """A GD step's choice has no coarse layout (None); measured, it runs with the default one.
+    Choices already measured are not launched again."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.validation.analyse import unmeasured
+    from benchmarks.validation.ranks import config
+    from benchmarks.validation.records import AutoChoice, Case, Measured
+    gd = AutoChoice("circles", 1, 0.0, 1, None, 8, "1f1b", 16, 0.02)
+    cycle = AutoChoice("circles", 8, 0.0, 2, "gather", 1, "1f1b", 16, 0.2)
+    done = Measured("circles", 8, 2, 1, "1f1b", 16, "gather", world=2, step_s=0.2)
+    confs = unmeasured([gd, cycle], [done], {1: 5, 8: 3}, 1)
+    assert [(c.levels, c.D, c.M, c.coarse, c.steps) for c in confs] == [(1, 1, 8, "gather", 5)]
+    cfg = config(Case("circles", 2, 2, 64, 3, 200), confs[0])        # TrainConfig validates its options
+    assert (cfg.levels, cfg.microbatches, cfg.coarse_layout) == (1, 8, "gather")
