@@ -151,9 +151,9 @@ def _fork_context():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["_rank_preload"])
         saved = dict(os.environ)
-        # the server imports its preload before it reads the sys.path it is given (Python 3.11's
-        # forkserver.main ignores it) and skips a preload it cannot import: tests/ and the repo
-        # root must be on its PYTHONPATH, or every rank imports torch and parml again (~1.5 s each)
+        # Python 3.11's forkserver.main never applies the sys.path it is given and silently skips a
+        # preload it cannot import: tests/ and the repo root must be on the server's PYTHONPATH,
+        # or every rank imports torch and parml again (~1.5 s of CPU each)
         path = [str(TESTS_DIR), str(REPO_ROOT)] + [p for p in saved.get("PYTHONPATH", "").split(os.pathsep) if p]
         os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PARML_TEST_FORK_SERVER="1",
                           PYTHONPATH=os.pathsep.join(path))
