@@ -123,14 +123,15 @@ def relay(comm, hops: int, work: float = RELAY_WORK) -> list:
     return [hops * n, work, float(wall)]
 
 
-def relay_receive(relays, cores: int, post: float) -> float | None:
+def relay_receive(relays, cores: int, post: float) -> float:
     """The CPU a node spends per message beyond the ranks' work when its cores are all busy (the
     receiver's wake-up and copies, the transport threads beside each rank), less the sender's
     posting cost, which the simulator charges separately: in the relay every rank receives
     `messages` messages and computes `work` on each, so the cores' time per message is
-    wall * cores / (ranks * messages), of which `work` is the ranks' own."""
+    wall * cores / (ranks * messages), of which `work` is the ranks' own. 0 without a relay (no
+    run had more ranks than cores): the receive costs what a ping-pong measures."""
     per = [wall * cores / (ranks * msgs) - work for ranks, (msgs, work, wall) in relays]
-    return max(statistics.median(per) - post, 0.0) if per else None
+    return max(statistics.median(per) - post, 0.0) if per else 0.0
 
 
 def _launch(backend, nprocs, sizes, reps, device, timeout, log, cores=0):
@@ -163,7 +164,7 @@ def _comm_cost(runs, backend, note, cores=0):
     return CommCost(lat, 1.0 / inv_bw if inv_bw > 0 else float("inf"), post, arfit, None, None,
                     {"p2p": p2p, "p2p_cpu": cpu, "allreduce": ar, "fit_p2p": [fit.median_rel_error, fit.max_rel_error],
                      **({"relay": relays} if relays else {})},
-                    note, receive_cost(cpu, post, backend), relay_receive(relays, cores, post) if relays else 0.0)
+                    note, receive_cost(cpu, post, backend), relay_receive(relays, cores, post))
 
 
 def receive_cost(cpu_per_round_trip, post: float, backend: str) -> float:

@@ -48,6 +48,7 @@ def test_relay_receive_is_the_cores_time_per_message_less_work_and_posting():
     assert relay_receive([[4, [100, 1e-3, 0.3]], [4, [100, 1e-3, 0.26]], [4, [100, 1e-3, 0.4]]], 2, 0.0) \
         == pytest.approx(0.5e-3)                                          # the median
     assert relay_receive([[4, [100, 1e-3, 0.1]]], 2, 0.0) == 0.0          # never negative
+    assert relay_receive([], 2, 1e-4) == 0.0                              # no oversubscribed run
 
 
 def test_receive_cost_is_the_round_trip_cpu_less_the_posting():
