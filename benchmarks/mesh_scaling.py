@@ -5,8 +5,9 @@
     torchrun --nproc-per-node 4 benchmarks/mesh_scaling.py   # inside an allocation: on sub-meshes
 
 Launch A, 2 ranks (gloo): per repeat, the layouts (D, P) = (1, 1) (rank 0 alone on a SelfComm while
-rank 1 waits in a barrier: one process), (2, 1), (1, 2) and (1, 2) with ``--coarse-layout
-replicate``, in an order rotated every repeat, on
+rank 1 waits in a barrier: one process), (2, 1), (2, 1) with ``--coarse-layout redundant
+--min-blocks-per-rank 256``, (1, 2) and (1, 2) with ``--coarse-layout replicate``, in an order
+rotated every repeat, on
 
 * ``circles-gd``: the paper's circles setup (K = 2048, width 3, full batch 2000, lr 0.1, β 1e-4), one GD step;
 * ``circles-vcycle``: the same with the default 8-level V-cycle [(1),1,1,1,2,2,2,{2}];
@@ -15,7 +16,7 @@ replicate``, in an order rotated every repeat, on
 
 then circles-vcycle trained to validation accuracy 1.0 with every layout: wall seconds to the
 target (``train``'s in-run clock). Launch B, 4 ranks (oversubscribed on a 2-core machine):
-circles-vcycle on (1, 4) and (2, 2), gather vs replicate.
+circles-vcycle on (1, 4) and (2, 2), gather vs replicate, and (2, 2) redundant <256.
 
 In-run timers per step / V-cycle: wall seconds on rank 0, CPU seconds on every rank, the seconds
 each rank was blocked in communication, seconds per level; the load average at every step.
@@ -47,9 +48,12 @@ from benchmarks.mesh.records import Layout, MeshConfig, MeshJob, MeshResults, Sa
 
 HERE = Path(__file__).resolve().parent
 STEM = "mesh_scaling"
-LAYOUTS = {2: [Layout(1, 1), Layout(2, 1), Layout(1, 2), Layout(1, 2, "replicate")],
-           4: [Layout(1, 4), Layout(1, 4, "replicate"), Layout(2, 2), Layout(2, 2, "replicate")]}
-FOUR_RANK_WORKLOADS = ["circles-vcycle"]          # launch B: gather vs replicate on the V-cycle
+#: redundant <256: the levels under 256 blocks (the V-cycle's four coarsest at K = 2048) run the whole
+#: batch on both replicas, with no gradient all-reduce
+LAYOUTS = {2: [Layout(1, 1), Layout(2, 1), Layout(2, 1, "redundant", 256), Layout(1, 2), Layout(1, 2, "replicate")],
+           4: [Layout(1, 4), Layout(1, 4, "replicate"), Layout(2, 2), Layout(2, 2, "replicate"),
+               Layout(2, 2, "redundant", 256)]}
+FOUR_RANK_WORKLOADS = ["circles-vcycle"]          # launch B: the coarse layouts on the V-cycle
 FULL = {"blocks": TrainConfig().blocks, "repeats": 3, "steps": {"circles-gd": 10, "circles-vcycle": 3, "mnist-sgd": 3},
         "warm": 1, "target_runs": True, "max_cycles": 60, "launch_timeout": 3 * 3600}
 QUICK = {**FULL, "blocks": 128, "repeats": 1, "steps": {"circles-gd": 4, "circles-vcycle": 2, "mnist-sgd": 2},

@@ -12,8 +12,8 @@
    128 batch 512), the paper's circles setup (K=2048 width 3, full batch 2000) and its MNIST setup
    (K=2048 width 10, mini-batch 1000 of the t10k split); one GD step (L = 1) of each, one 8-level
    V-cycle of circles and MNIST; on 1, 2 and 4 ranks (4 share the 2 cores: the profile knows it),
-   M = 1, 2, 4, 8, layouts (D, P) on parml's data x layer mesh (gathered and replicated coarse
-   levels).
+   M = 1, 2, 4, 8, layouts (D, P) on parml's data x layer mesh (gathered, replicated and redundant
+   coarse levels).
 3. Predicted by ``parml.plan`` for each configuration with the load measured while it ran (the
    machine is shared: before every timed step all ranks spin for a moment and record the share of
    a core they got, giving the number of other busy processes B = cores / share - ranks), and the
@@ -79,7 +79,8 @@ def build_jobs(base: dict) -> dict[int, list[Conf]]:
         if case in VCYCLE_CASES:
             jobs[1] += [c(case, L8, 1, 1)]
             jobs[2] += [c(case, L8, 1, m) for m in base["M"]] + [c(case, L8, 1, 1, mbpr=1)] + \
-                [c(case, L8, 2, 1), c(case, L8, 1, 1, coarse="replicate")]
+                [c(case, L8, 2, 1), c(case, L8, 2, 1, mbpr=256, coarse="redundant"),
+                 c(case, L8, 1, 1, coarse="replicate")]
             jobs[4] += [c(case, L8, 1, m) for m in base["M_short"]]
     return {n: cs for n, cs in jobs.items() if n in base["worlds"]}
 

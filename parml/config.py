@@ -135,7 +135,10 @@ class TrainConfig:
                                 "= d*P + p); each replica runs its share of every batch, gradients are summed over "
                                 "the replicas.", runtime=True)
     coarse_layout: str = option("gather", "A coarse level on P_l < P layer ranks: gather (the other ranks wait) | "
-                                "replicate (P_l layer ranks x D*P/P_l replicas: every rank works).",
+                                "replicate (P_l layer ranks x D*P/P_l replicas: every rank works) | redundant "
+                                "(placed as replicate, also at P = 1 where a level has fewer than "
+                                "--min-blocks-per-rank blocks per rank; every replica runs the whole batch, with no "
+                                "gradient all-reduce).",
                                 choices=COARSE_LAYOUTS, runtime=True)
     layout: str = option("manual", "manual: the layout options as given; auto: the layout --profile predicts "
                          "fastest (parml plan) sets --data-parallel, --microbatches, --schedule, --coarse-layout and "

@@ -18,7 +18,7 @@ def layout_rows(samples: list[Sample]) -> list[LayoutRow]:
     """Per (workload, layout), in the order first measured: medians over repeats and steps."""
     groups: dict = {}
     for s in samples:
-        groups.setdefault((s.workload, s.layout.D, s.layout.P, s.layout.coarse), []).append(s)
+        groups.setdefault((s.workload, s.layout.D, s.layout.P, s.layout.label), []).append(s)
     rows = []
     for group in groups.values():
         first, n = group[0], len(group[0].ranks)
@@ -53,7 +53,7 @@ def efficiencies(rows: list[LayoutRow], world: int) -> None:
 def target_rows(targets: list[Target]) -> list[TargetRow]:
     groups: dict = {}
     for t in targets:
-        groups.setdefault((t.layout.D, t.layout.P, t.layout.coarse), []).append(t)
+        groups.setdefault((t.layout.D, t.layout.P, t.layout.label), []).append(t)
     rows = [TargetRow(g[0].layout, median(t.seconds for t in g), [t.seconds for t in g], [t.cycles for t in g],
                       all(t.reached for t in g), median(t.load for t in g)) for g in groups.values()]
     one = next((r for r in rows if r.layout == ONE), None)

@@ -1,4 +1,4 @@
-"""mesh_scaling.md: seconds and efficiency per layout, time to the target, gather vs replicate."""
+"""mesh_scaling.md: seconds and efficiency per layout, time to the target, coarse layouts per level."""
 from __future__ import annotations
 
 from ..harness import fmt, table
@@ -33,7 +33,7 @@ def header(res: MeshResults) -> list[str]:
 
 
 def _efficiency_table(w: World) -> list[str]:
-    rows = [[r.workload, r.layout.shape, r.layout.coarse, f"{r.wall:.3f}", fmt(r.speedup, ".2f"),
+    rows = [[r.workload, r.layout.shape, r.layout.label, f"{r.wall:.3f}", fmt(r.speedup, ".2f"),
              fmt(r.wall_eff, ".2f"), fmt(r.cpu_eff, ".2f"), _idle(r.idle), fmt(r.load)] for r in w.rows]
     return (["", f"## {w.ranks} ranks: seconds per step / V-cycle, efficiency", ""] +
             table(["workload", "(D, P)", "coarse", "s/step", "speedup", "wall eff.", "CPU eff.", "idle per rank",
@@ -41,7 +41,7 @@ def _efficiency_table(w: World) -> list[str]:
 
 
 def _targets_table(w: World) -> list[str]:
-    rows = [[t.layout.shape, t.layout.coarse, f"{t.seconds:.2f}", ", ".join(f"{x:.1f}" for x in t.all_seconds),
+    rows = [[t.layout.shape, t.layout.label, f"{t.seconds:.2f}", ", ".join(f"{x:.1f}" for x in t.all_seconds),
              ", ".join(str(c) for c in t.cycles) + ("" if t.reached else " (not reached)"),
              fmt(t.speedup, ".2f") + "x", fmt(t.load)] for t in w.targets]
     return (["", f"## circles V-cycle to val acc 1.0 ({w.ranks} ranks)", ""] +
@@ -49,10 +49,10 @@ def _targets_table(w: World) -> list[str]:
 
 
 def _levels_table(w: World, rows: list[LayoutRow], cores: int | None) -> list[str]:
-    cells = [[r.layout.shape, r.layout.coarse, f"{r.wall:.3f}", " ".join(f"{x:.3f}" for x in r.levels),
+    cells = [[r.layout.shape, r.layout.label, f"{r.wall:.3f}", " ".join(f"{x:.3f}" for x in r.levels),
               _idle(r.idle)] for r in rows]
     over = " (oversubscribed: more ranks than cores)" if cores and w.ranks > cores else ""
-    return (["", f"## gather vs replicate, circles V-cycle, {w.ranks} ranks{over}: seconds per level (coarsest "
+    return (["", f"## coarse layouts, circles V-cycle, {w.ranks} ranks{over}: seconds per level (coarsest "
              "first) and idle fraction per rank", ""] +
             table(["(D, P)", "coarse", "s/cycle", "level seconds", "idle per rank"], cells))
 

@@ -1,5 +1,5 @@
 """mesh_scaling.png: per workload, speedup over one process and wall / CPU efficiency of every
-2-rank layout; time to the target per layout; at 4 ranks, gathered against replicated coarse levels."""
+2-rank layout; time to the target per layout; at 4 ranks, the coarse layouts (gathered, replicated, redundant)."""
 from __future__ import annotations
 
 import math
@@ -10,11 +10,11 @@ from .records import Layout, MeshResults, World
 
 BARS = (("speedup", "speedup vs one process", "tab:blue"), ("wall_eff", "wall efficiency", "tab:orange"),
         ("cpu_eff", "CPU efficiency", "tab:green"))
-COARSE_COLOR = {"gather": "tab:purple", "replicate": "tab:olive"}
+COARSE_COLOR = {"gather": "tab:purple", "replicate": "tab:olive", "redundant": "tab:cyan"}
 
 
 def label(lay: Layout) -> str:
-    return f"{lay.shape}\n{lay.coarse}" if lay.P > 1 else lay.shape
+    return f"{lay.shape}\n{lay.label}" if lay.P > 1 or lay.coarse != "gather" else lay.shape
 
 
 def _bars(ax, labels, series, width=0.26) -> None:
@@ -61,25 +61,28 @@ def _targets(ax, w: World) -> None:
 def _coarse(ax, w: World, cores: int | None) -> None:
     rows = [r for r in w.rows if r.workload == COARSE_CYCLE]
     shapes = list(dict.fromkeys((r.layout.D, r.layout.P) for r in rows))
+    present = [c for c in COARSE_COLOR if any(r.layout.coarse == c for r in rows)]
+    width = 0.72 / len(present)
     series = []
-    for coarse, color in COARSE_COLOR.items():
+    for coarse in present:
         by = {(r.layout.D, r.layout.P): r for r in rows if r.layout.coarse == coarse}
-        series.append(([by[s].wall if s in by else None for s in shapes], f"{coarse} coarse levels", color))
-    _bars(ax, [f"({d}, {p})" for d, p in shapes], series, width=0.36)
-    for j, (coarse, _) in enumerate(COARSE_COLOR.items()):
+        name = next(r.layout.label for r in rows if r.layout.coarse == coarse)
+        series.append(([by[s].wall if s in by else None for s in shapes], name, COARSE_COLOR[coarse]))
+    _bars(ax, [f"({d}, {p})" for d, p in shapes], series, width=width)
+    for j, coarse in enumerate(present):
         for i, s in enumerate(shapes):
             r = next((r for r in rows if (r.layout.D, r.layout.P) == s and r.layout.coarse == coarse), None)
             idle = [x for x in (r.idle if r else []) if x is not None]
             if idle:
-                ax.annotate(f"idle\n{sum(idle) / len(idle):.2f}", (i + (j - 0.5) * 0.36, 0.01), ha="center",
-                            va="bottom", fontsize=9, color="white", xycoords=("data", "axes fraction"))
+                ax.annotate(f"idle\n{sum(idle) / len(idle):.2f}", (i + (j - (len(present) - 1) / 2) * width, 0.01),
+                            ha="center", va="bottom", fontsize=9, color="white", xycoords=("data", "axes fraction"))
     top = max((r.wall for r in rows), default=1.0)
-    ax.set_ylim(0, top * 1.35)
+    ax.set_ylim(0, top * 1.45)
     ax.set_ylabel("seconds per V-cycle")
     ax.set_xlabel("layout (D data replicas, P layer ranks); idle: mean fraction per rank")
     over = " (oversubscribed)" if cores and w.ranks > cores else ""
-    ax.set_title(f"{COARSE_CYCLE}, {w.ranks} ranks{over}: gather vs replicate")
-    ax.legend(loc="upper center", ncol=2)
+    ax.set_title(f"{COARSE_CYCLE}, {w.ranks} ranks{over}: coarse layouts")
+    ax.legend(loc="upper center", ncol=len(present), title="coarse levels")
 
 
 def panels(res: MeshResults) -> list:

@@ -32,7 +32,8 @@ def config(name: str, job: MeshJob, lay: Layout, **over) -> TrainConfig:
                           "batch_size": s["batch_size"], "levels": levels, "blocks": job.blocks,
                           "data_parallel": lay.D, "coarse_layout": lay.coarse, "kernel": job.kernel,
                           "data_dir": job.data_dir if task == "mnist" else None, "progress": False,
-                          "target_accuracy": None, **over})
+                          "target_accuracy": None,
+                          **({} if lay.min_blocks is None else {"min_blocks_per_rank": lay.min_blocks}), **over})
 
 
 def _batches(data, cfg: TrainConfig, count: int) -> list:
@@ -98,7 +99,7 @@ def run_launch(job: MeshJob, comm, emit) -> None:
                 gathered = comm.allgather_object(rows)
                 if comm.rank == 0:
                     emit(Sample(comm.size, name, lay, rep, gathered))
-                    print(f"[{comm.size} ranks] {name:14s} {lay.shape} {lay.coarse:9s} repeat {rep}: "
+                    print(f"[{comm.size} ranks] {name:14s} {lay.shape} {lay.label:14s} repeat {rep}: "
                           f"{1e3 * min(r.wall for r in gathered[0]):.1f} ms/step (fastest)", flush=True)
         if not job.target_runs:
             continue
@@ -106,11 +107,11 @@ def run_launch(job: MeshJob, comm, emit) -> None:
             datas["circles-vcycle"] = load_dataset("circles", None, seed=0, flatten=True)
         data = datas["circles-vcycle"]
         for lay in order:
+            run_name = f"t{rep}-{lay.D}x{lay.P}-{lay.coarse}{lay.min_blocks or ''}-{comm.size}"
             cfg = config("circles-vcycle", job, lay, target_accuracy=1.0, max_cycles=job.max_cycles,
-                         out=job.runs_dir, run_name=f"t{rep}-{lay.D}x{lay.P}-{lay.coarse}-{comm.size}",
-                         overwrite=True)
+                         out=job.runs_dir, run_name=run_name, overwrite=True)
             t = on_layout(comm, lay, lambda c: to_target(c, cfg, data, comm.size, lay, rep))
             if comm.rank == 0:
                 emit(t)
-                print(f"[{comm.size} ranks] to val acc 1.0 {lay.shape} {lay.coarse:9s} repeat {rep}: "
+                print(f"[{comm.size} ranks] to val acc 1.0 {lay.shape} {lay.label:14s} repeat {rep}: "
                       f"{t.seconds:.2f} s, {t.cycles} cycles{'' if t.reached else ' (not reached)'}", flush=True)

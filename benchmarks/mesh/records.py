@@ -8,14 +8,20 @@ from benchmarks.harness import DataFolder, Machine
 
 @dataclass
 class Layout:
-    """D data replicas x P layer ranks; `coarse`: where coarse levels on fewer ranks go."""
+    """D data replicas x P layer ranks; `coarse`: where coarse levels on fewer ranks go;
+    `min_blocks`: --min-blocks-per-rank (None: the default)."""
     D: int
     P: int
     coarse: str = "gather"
+    min_blocks: int | None = None
 
     @property
     def shape(self) -> str:
         return f"({self.D}, {self.P})"
+
+    @property
+    def label(self) -> str:
+        return self.coarse if self.min_blocks is None else f"{self.coarse} <{self.min_blocks}"
 
 
 @dataclass

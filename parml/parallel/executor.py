@@ -53,13 +53,16 @@ class LayerParallel:
     group (the same position in every replica): the replica runs its share of each batch
     (``layout.batch_share``) and the gradients are summed over `data` (``replicas.GradientReducer``),
     started as each chunk's gradients are final. `world_rank` names the rank in messages.
+    `replica` is the rank's replica where it has no data group (a redundant level: every replica
+    runs the whole batch); checkpoints and exports read replica 0.
     """
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
                  partition: Partition | None = None, device=None, weight_grads: str = "deferred",
-                 kernel: str = "auto", data=None, world_rank: int | None = None):
+                 kernel: str = "auto", data=None, world_rank: int | None = None, replica: int = 0):
         self.comm = comm
         self.data = data if data is not None and data.size > 1 else None
+        self._replica = replica
         self.world_rank = comm.rank if world_rank is None else world_rank
         self.schedule = get_schedule(schedule)
         self.microbatches = microbatches
@@ -85,7 +88,7 @@ class LayerParallel:
     @property
     def replica(self) -> int:
         """This rank's data replica (0 without data parallelism)."""
-        return self.data.rank if self.data is not None else 0
+        return self.data.rank if self.data is not None else self._replica
 
     def _share(self, t: torch.Tensor) -> torch.Tensor:
         if self.data is None:

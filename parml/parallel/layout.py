@@ -134,22 +134,29 @@ def describe_plan(plans: list[LevelPlan]) -> str:
 
 # --- the data x layer mesh (issue 17) ---------------------------------------------------------------
 
-COARSE_LAYOUTS = ("gather", "replicate")
+COARSE_LAYOUTS = ("gather", "replicate", "redundant")
 
 
 @dataclass(frozen=True)
 class LevelLayout(_PartitionSizes):
     """Where one level runs: `replicas` copies of `partition`; world rank = d * stride + j holds
     layer rank j of replica d. ``stride`` is the fine level's P where a coarse level is gathered
-    (the ranks d * P + j, j >= P_l, wait) and P_l where it is replicated (every rank works)."""
+    (the ranks d * P + j, j >= P_l, wait) and P_l where it is replicated (every rank works).
+    `redundant`: every replica runs the whole batch, so the replicas need no gradient sums."""
     level: int
     partition: Partition
     replicas: int = 1
     stride: int = 0                 # 0: partition.ranks
+    redundant: bool = False
 
     def __post_init__(self):
         if self.stride == 0:
             object.__setattr__(self, "stride", self.partition.ranks)
+
+    @property
+    def shares(self) -> int:
+        """How many parts each batch is split into: one per replica, or 1 where the level is redundant."""
+        return 1 if self.redundant else self.replicas
 
     def world_rank(self, d: int, j: int) -> int:
         return d * self.stride + j
@@ -172,7 +179,7 @@ class LevelLayout(_PartitionSizes):
 
     def coarsened(self, factor: int) -> "LevelLayout":
         """The same ranks holding a `factor` times shallower level (the fine layout in coarse units)."""
-        return LevelLayout(self.level, self.partition.coarsened(factor), self.replicas, self.stride)
+        return LevelLayout(self.level, self.partition.coarsened(factor), self.replicas, self.stride, self.redundant)
 
 
 def batch_share(rows: int, replicas: int, d: int) -> tuple[int, int]:
@@ -226,9 +233,12 @@ def plan_mesh(level_blocks: list[int], world: int, data_parallel: int = 1, min_b
                           f"{' pairs' if len(level_blocks) > 1 else ''}): use at most {most * data_parallel} ranks, "
                           f"a larger --data-parallel or more --blocks")
     out = []
-    for i, plan in enumerate(plan_levels(level_blocks, top, min_blocks_per_rank)):
+    plans = plan_levels(level_blocks, top, min_blocks_per_rank)
+    for i, plan in enumerate(plans):
         part = plan.partition
-        if part.ranks == P or coarse_layout == "gather":
+        redundant = coarse_layout == "redundant" and i < len(plans) - 1 and \
+            (part.ranks < P or plan.blocks < min_blocks_per_rank * P)
+        if not redundant and (part.ranks == P or coarse_layout == "gather"):
             out.append(LevelLayout(plan.level, part, data_parallel, P))
             continue
         pl = max(q for q in range(1, part.ranks + 1) if P % q == 0)
@@ -236,11 +246,11 @@ def plan_mesh(level_blocks: list[int], world: int, data_parallel: int = 1, min_b
             part = Partition(tuple(2 * b for b in out[-1].partition.bounds))
         elif pl != part.ranks:
             part = partition_blocks(part.blocks, pl, align=2 if i > 0 else 1)
-        out.append(LevelLayout(plan.level, part, data_parallel * P // pl, pl))
+        out.append(LevelLayout(plan.level, part, data_parallel * P // pl, pl, redundant))
     if batch is not None:
         check_microbatches(batch, microbatches)
         for lev in out:
-            if batch < lev.replicas * microbatches:
+            if batch < lev.shares * microbatches:
                 where = "" if lev.replicas == data_parallel else \
                     f" (level {lev.level} runs on {lev.replicas} replicas with --coarse-layout replicate)"
                 raise LayoutError(f"{batch_name} {batch} is smaller than {lev.replicas} data replicas x "
@@ -273,6 +283,8 @@ def describe_mesh(plan: MeshPlan, batch: int | None = None, microbatches: int = 
         per = f"{sizes[0]}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
         idle = [r for r in range(plan.world) if lev.position(r) is None]
         tail = f"; idle ranks {', '.join(map(str, idle))}" if idle else ""
+        if lev.redundant:
+            tail += "; redundant: every replica runs the whole batch"
         lines.append(f"level {lev.level}: {lev.blocks} blocks on {lev.ranks} layer rank(s) x {lev.replicas} "
                      f"replica(s), {per} blocks per rank{tail}")
     return "\n".join(lines)

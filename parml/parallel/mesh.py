@@ -25,9 +25,10 @@ class MeshGroups:
         return self._groups[key]
 
     def of(self, layout: LevelLayout):
-        """(layer group, data group or None) of this rank on `layout`; (None, None) off it."""
+        """(layer group, data group or None) of this rank on `layout`; (None, None) off it. A redundant
+        layout's replicas each run the whole batch: they have no data group."""
         layers = [self.group(layout.layer_group(d)) for d in range(layout.replicas)]
-        datas = [self.group(layout.data_group(j)) for j in range(layout.ranks)] if layout.replicas > 1 else []
+        datas = [self.group(layout.data_group(j)) for j in range(layout.ranks)] if layout.shares > 1 else []
         pos = layout.position(self.comm.rank)
         if pos is None:
             return None, None

@@ -71,10 +71,16 @@ class LevelLayout:
     partition: Partition
     replicas: int
     stride: int
+    redundant: bool = False         # every replica runs the whole batch: no data-group all-reduce
 
     @property
     def ranks(self) -> int:
         return self.partition.ranks
+
+    @property
+    def shares(self) -> int:
+        """Parts each batch is split into (``parallel.layout.LevelLayout.shares``)."""
+        return 1 if self.redundant else self.replicas
 
     def world_rank(self, d, j) -> int:
         return d * self.stride + j
@@ -110,7 +116,8 @@ def level_layouts(work: Workload, layout: Layout) -> list[LevelLayout]:
     specs = level_specs_of(work.spec, work.levels)
     mesh = plan_mesh([s.total_blocks for s in specs], layout.world, layout.data_parallel,
                      layout.min_blocks_per_rank, layout.coarse_layout, work.batch, layout.microbatches)
-    return [LevelLayout(lv.level, sp, lv.partition, lv.replicas, lv.stride) for lv, sp in zip(mesh.levels, specs)]
+    return [LevelLayout(lv.level, sp, lv.partition, lv.replicas, lv.stride, lv.redundant)
+            for lv, sp in zip(mesh.levels, specs)]
 
 
 # --- per-rank costs --------------------------------------------------------------------------------

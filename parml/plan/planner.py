@@ -31,7 +31,7 @@ DATASET_SHAPES = {
     "digits": (64, 10, 1438, (1, 8, 8), "classification"),
 }
 SCHEDULE_CHOICES = ("1f1b", "gpipe")
-MIN_BLOCKS_CHOICES = (1, 4, 16, 64)
+MIN_BLOCKS_CHOICES = (1, 4, 16, 64, 256)
 MAX_MICROBATCHES = 64
 
 
@@ -67,7 +67,7 @@ def _structures(work: Workload, ranks: int, backend: str, schedules, coarse_layo
             for cl in (coarse if D * P > 1 else ["gather"]):
                 probe = Layout(D, P, 1, scheds[0], cl, mbpr, weight_grads, backend, ranks_per_node, background)
                 try:
-                    shape = tuple((lv.ranks, lv.replicas) for lv in level_layouts(work, probe))
+                    shape = tuple((lv.ranks, lv.replicas, lv.redundant) for lv in level_layouts(work, probe))
                 except LayoutError:
                     continue
                 if shape not in seen:       # the same level layouts: the same predictions

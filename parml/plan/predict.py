@@ -94,7 +94,7 @@ class _Phases:
 
     @staticmethod
     def where(lev: LevelLayout):
-        return (lev.level, lev.partition.bounds, lev.replicas, lev.stride)
+        return (lev.level, lev.partition.bounds, lev.replicas, lev.stride, lev.redundant)
 
     def _get(self, key, make):
         if key not in self.memo:
@@ -177,7 +177,7 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
     return Prediction(layout, step, total, wu, level_seconds, step_stats.ranks(), cycle_stats.ranks(), bubble,
                       acts, mem, g.allreduce,
                       [{"level": lv.level, "blocks": lv.spec.total_blocks, "layer_ranks": lv.ranks,
-                        "replicas": lv.replicas} for lv in levs],
+                        "replicas": lv.replicas, "redundant": lv.redundant} for lv in levs],
                       g.run if keep_run else None)
 
 

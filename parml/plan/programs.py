@@ -214,7 +214,7 @@ def gradient_programs(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
     """Programs of replica 0's layer ranks for one ``Level.gradient`` on level `lev`, and each
     rank's peak activation bytes. Ranks with the same action list, costs and links get the same
     rows (message, link and handle ids shifted by the rank), built once."""
-    P, D, M = lev.ranks, lev.replicas, layout.microbatches
+    P, D, M = lev.ranks, lev.shares, layout.microbatches
     a, b = batch_share(work.batch, D, 0)
     rows_replica = b - a
     if rows_replica < M:
@@ -237,7 +237,7 @@ class _Gradient:
 
     def __init__(self, lev, work, layout, ctx, programs, rows):
         self.lev, self.work, self.layout, self.ctx, self.programs, self.rows = lev, work, layout, ctx, programs, rows
-        P, D, M = lev.ranks, lev.replicas, layout.microbatches
+        P, D, M = lev.ranks, lev.shares, layout.microbatches     # D: the batch's shares
         self.P, self.D, self.M = P, D, M
         self.dbytes = DTYPE_BYTES[work.dtype]
         self.deferred = kernel_name(lev.spec, layout.weight_grads) == "dense"
@@ -325,7 +325,7 @@ def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Con
     programs, peaks = gradient_programs(lev, work, layout, ctx, labels=record)
     run = run_programs(programs, ctx.share(lev, list(programs)), ctx.profile.cores, record, ctx.background)
     ar = {}
-    if lev.replicas > 1:
+    if lev.shares > 1:
         total = sum(h[1] - h[0] for h in run.handles.values())
         exposed = sum(exposed_seconds(run.handles).values())
         ar = {"seconds": total / len(run.handles), "exposed": exposed / len(run.handles),

@@ -43,8 +43,9 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
     """Levels 1..L (coarsest first) and the movers between them.
 
     Level l runs on its layout of the mesh (``layout.plan_mesh``): layer-parallel over its
-    replica's layer group, gradients summed over its data group; on ranks outside the layout its
-    entry is None. Returns (levels, movers, mesh). `groups`: where the sub-communicators are kept.
+    replica's layer group, gradients summed over its data group (a redundant level: the whole batch
+    on every replica, no sums); on ranks outside the layout its entry is None. Returns (levels,
+    movers, mesh). `groups`: where the sub-communicators are kept.
     """
     dtype = getattr(torch, cfg.dtype)
     spec = cfg.spec_for(data)
@@ -64,7 +65,7 @@ def build_levels(cfg: TrainConfig, data: Dataset, comm, device=None, init_state:
             model.load_state_dict(init_state)
         executor = LayerParallel(model, layer, cfg.schedule.lower(), cfg.microbatches, layout.partition,
                                  device=device, weight_grads=cfg.weight_grads, kernel=cfg.kernel, data=replicas,
-                                 world_rank=comm.rank)
+                                 world_rank=comm.rank, replica=layout.position(comm.rank)[0])
         h = sp.T / sp.stages[0].blocks
         weight = h if cfg.metric == "l2" else float(factor)
         levels.append(Level(executor, cfg.beta, weight, cfg.metric, sp.total_blocks / spec.total_blocks,

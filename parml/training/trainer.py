@@ -176,6 +176,7 @@ def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
             "cycle_resolved": str(cfg.setup), "work_units_per_cycle_eq10": cfg.setup.cost(),
             "cascade_stages": cascade_log, "plan": [{"level": p.level, "blocks": p.blocks, "ranks": p.ranks,
                                                      "replicas": p.replicas, "stride": p.stride,
+                                                     "redundant": p.redundant,
                                                      "bounds": list(p.partition.bounds)} for p in plans]}
     agree(comm, attempt(lambda: out.write_json("config.json", info)))
     out.print(f"parml: {data.name}, K={cfg.blocks}, width {cfg.width}, L={cfg.levels} {cfg.setup} "

@@ -33,7 +33,8 @@ def test_mesh_tiny_run_records_every_layout(mesh_run):
     assert cfg["quick"] and cfg["blocks"] == 128 and cfg["kernel"] == "torch" and not res["failures"]
     assert cfg["workloads"] == ["circles-vcycle"] and sorted(cfg["layouts"]) == ["2", "4"]
     assert [(s["world"], s["layout"]["D"], s["layout"]["P"]) for s in res["samples"]] == \
-        [(2, 1, 1), (2, 2, 1), (2, 1, 2), (2, 1, 2), (4, 1, 4), (4, 1, 4), (4, 2, 2), (4, 2, 2)]
+        [(2, 1, 1), (2, 2, 1), (2, 2, 1), (2, 1, 2), (2, 1, 2), (4, 1, 4), (4, 1, 4), (4, 2, 2), (4, 2, 2),
+         (4, 2, 2)]
     for s in res["samples"]:
         assert len(s["ranks"]) == s["world"]
         one = s["layout"]["D"] * s["layout"]["P"] == 1
@@ -48,7 +49,7 @@ def test_mesh_tiny_run_records_every_layout(mesh_run):
     assert (two["ranks"], four["ranks"]) == (2, 4)
     base = _row(two, 1, 1, "gather")
     assert base["speedup"] == base["wall_eff"] == base["cpu_eff"] == 1.0 and base["idle"][1] is None
-    for D, P, coarse in ((2, 1, "gather"), (1, 2, "gather"), (1, 2, "replicate")):
+    for D, P, coarse in ((2, 1, "gather"), (2, 1, "redundant"), (1, 2, "gather"), (1, 2, "replicate")):
         r = _row(two, D, P, coarse)
         assert r["samples"] == 2 and r["speedup"] == pytest.approx(base["wall"] / r["wall"])
         assert r["wall_eff"] == pytest.approx(r["speedup"] / 2)
@@ -57,14 +58,15 @@ def test_mesh_tiny_run_records_every_layout(mesh_run):
     for r in four["rows"]:                            # no one-process row in the 4-rank launch
         assert r["speedup"] is None and len(r["idle"]) == 4 and all(0 <= x <= 1 for x in r["idle"])
     # circles to the target: every 2-rank layout, at most max_cycles V-cycles, speedups against (1, 1)
-    assert len(res["targets"]) == 4 and not four["targets"]
+    assert len(res["targets"]) == 5 and not four["targets"]
     one = next(t for t in two["targets"] if t["layout"]["D"] * t["layout"]["P"] == 1)
     for t in two["targets"]:
         assert 0 < t["seconds"] and all(0 < c <= TINY["max_cycles"] for c in t["cycles"])
         assert t["speedup"] == pytest.approx(one["seconds"] / t["seconds"])
     md = (out / "mesh_scaling.md").read_text()
     for text in ("## 2 ranks: seconds per step / V-cycle, efficiency", "## circles V-cycle to val acc 1.0 (2 ranks)",
-                 "## gather vs replicate, circles V-cycle, 4 ranks", "| circles-vcycle | (1, 2) | replicate |",
+                 "## coarse layouts, circles V-cycle, 4 ranks", "| circles-vcycle | (1, 2) | replicate |",
+                 "| circles-vcycle | (2, 1) | redundant <256 |",
                  "`--kernel torch`"):
         assert text in md, text
 

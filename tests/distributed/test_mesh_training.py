@@ -1,6 +1,6 @@
 """MG/OPT, the cascade and checkpoints on the data x layer mesh.
 
-5 V-cycles with ``--coarse-layout gather`` and ``replicate`` on (D, P) in {(2,1), (1,2), (2,2), (4,1),
+5 V-cycles with ``--coarse-layout gather``, ``replicate`` and ``redundant`` on (D, P) in {(2,1), (1,2), (2,2), (4,1),
 (2,4)} give the iterates of the independent reference (``tests/reference.py``: Algorithm 1 with GD,
 a plain loop network) to 1e-9 (float64), on gloo, MPI and the NCCL-semantics model; a run
 checkpointed on (2,2) resumes on (1,2), then on (4,1), and ends where one uninterrupted process
@@ -31,13 +31,17 @@ torch.set_num_threads(1)
 
 # (D, P, levels, micro-batches, schedule, min blocks per rank, coarse layout, interpolation); K = 32:
 # min 8 on P = 2 puts the coarsest 8 blocks on 1 layer rank (gathered: P - 1 ranks of each replica
-# wait; replicated: D * P replicas); min 4 on P = 4 puts it on 2 layer ranks (x 2 or x 4 replicas)
+# wait; replicated: D * P replicas); min 4 on P = 4 puts it on 2 layer ranks (x 2 or x 4 replicas).
+# Redundant: min 32 on P = 1 runs levels 1-2 on the whole batch in every replica; min 8 on P = 2 and
+# min 4 on P = 4 run the coarsest level so, on 1 and 2 layer ranks.
 RUNS = {
     2: [(2, 1, 3, 2, "1f1b", 8, "gather", "constant"), (1, 2, 3, 1, "gpipe", 8, "gather", "linear"),
-        (1, 2, 3, 2, "1f1b", 8, "replicate", "constant"), (1, 2, 2, 1, "1f1b", 8, "replicate", "linear")],
+        (1, 2, 3, 2, "1f1b", 8, "replicate", "constant"), (1, 2, 2, 1, "1f1b", 8, "replicate", "linear"),
+        (2, 1, 3, 1, "1f1b", 32, "redundant", "linear")],
     4: [(2, 2, 3, 1, "1f1b", 8, "gather", "linear"), (2, 2, 3, 2, "gpipe", 8, "replicate", "constant"),
-        (4, 1, 3, 1, "1f1b", 8, "replicate", "constant")],
-    8: [(2, 4, 3, 1, "1f1b", 4, "gather", "constant"), (2, 4, 3, 2, "gpipe", 4, "replicate", "linear")],
+        (4, 1, 3, 1, "1f1b", 8, "replicate", "constant"), (2, 2, 3, 2, "1f1b", 8, "redundant", "constant")],
+    8: [(2, 4, 3, 1, "1f1b", 4, "gather", "constant"), (2, 4, 3, 2, "gpipe", 4, "replicate", "linear"),
+        (2, 4, 3, 1, "gpipe", 4, "redundant", "linear")],
 }
 SETUPS = {2: (((1, 0),), 2), 3: (((1, 0), (1, 1)), 2)}    # CycleSetup.default(L) in the reference's terms
 CYCLES = 5
@@ -58,7 +62,9 @@ def run_cycles(comm, key):
     data = _data()
     vcycle = build_vcycle(_cfg(D, levels, m, schedule, mbpr, layout, interpolation), data, comm)
     losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(CYCLES)]
-    shape = [(lv.ranks, lv.replicas) for lv in vcycle.plans]
+    # per level: layer ranks, replicas, redundant, and whether this rank sums gradients over replicas
+    shape = [(lv.ranks, lv.replicas, lv.redundant, lev is not None and lev.executor.reducer is not None)
+             for lv, lev in zip(vcycle.plans, vcycle.levels)]
     val = vcycle.levels[-1].executor.evaluate(data.x_val, data.y_val)
     return losses, vcycle.levels[-1].executor.gather_state(), vcycle.work_units, shape, val
 
@@ -97,10 +103,14 @@ def check_cycles(ranks, world):
         assert state.keys() == want_state.keys()
         for name in state:
             close(state[name], want_state[name], 1e-9, f"{key} {name}")
-        coarse_ranks, coarse_replicas = shape[0]
+        coarse_ranks, coarse_replicas, _, _ = shape[0]
         if P > 1 and levels > 2:
             assert coarse_ranks < P, shape                     # the coarsest level really moved
-            assert coarse_replicas == (D * P // coarse_ranks if layout == "replicate" else D), shape
+            assert coarse_replicas == (D * P // coarse_ranks if layout != "gather" else D), shape
+        # redundant: the coarse levels run on every replica (the finest never); no other layout has them
+        assert [lv[2] for lv in shape] == ([True, P == 1, False] if layout == "redundant" else [False] * levels), \
+            shape
+        assert [lv[3] for lv in shape] == [lv[1] > 1 and not lv[2] for lv in shape], shape   # rank 0: who sums
         if key[2:] not in serial:
             serial[key[2:]] = run_cycles(SelfComm(), (1, 1) + key[2:])[4]
         for r, other in enumerate(ranks):
@@ -150,7 +160,7 @@ def test_vcycles_on_the_mesh_under_nccl_semantics(world, transfer, streams):
 
 def _resume_cfg(folder, D, max_cycles, layout):
     base = dict(levels=3, blocks=32, width=3, dtype="float64", lr=0.05, beta=1e-3, optimizer="adam",
-                min_blocks_per_rank=8, target_accuracy=None, progress=False, eval_every=1)
+                min_blocks_per_rank=16, target_accuracy=None, progress=False, eval_every=1)
     if not os.path.exists(os.path.join(folder, "checkpoints")):
         return TrainConfig(**base, data_parallel=D, coarse_layout=layout, max_cycles=max_cycles,
                            checkpoint_every=2, out=os.path.dirname(folder), run_name=os.path.basename(folder))
@@ -169,11 +179,11 @@ def _losses(folder):
 
 @pytest.mark.timeout(300)
 def test_checkpoints_resume_across_mesh_shapes(tmp_path):
-    """(D, P) = (2, 2) replicated -> (1, 2) gathered -> (4, 1), 2 Adam V-cycles each (the level
-    optimizers' moments re-cut by position), versus 6 cycles on one process."""
+    """(D, P) = (2, 2) replicated -> (1, 2) gathered -> (4, 1) with a redundant coarsest level, 2 Adam
+    V-cycles each (the level optimizers' moments re-cut by position), versus 6 cycles on one process."""
     whole = resume_worker(SelfComm(), str(tmp_path / "whole"), 1, 6, "gather")
     folder = str(tmp_path / "cut")
-    for world, D, cycles, layout in ((4, 2, 2, "replicate"), (2, 1, 4, "gather"), (4, 4, 6, "replicate")):
+    for world, D, cycles, layout in ((4, 2, 2, "replicate"), (2, 1, 4, "gather"), (4, 4, 6, "redundant")):
         ranks = run_ranks("tests.distributed.test_mesh_training:resume_worker", world, "gloo", timeout=120,
                           args={"folder": folder, "D": D, "max_cycles": cycles, "layout": layout})
     loss, state, units = ranks[0]
@@ -186,7 +196,7 @@ def test_checkpoints_resume_across_mesh_shapes(tmp_path):
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-9 * abs(b), (got, want)
     manifest = json.load(open(os.path.join(folder, "checkpoints", "cycle-000006", "manifest.json")))
-    assert sorted(manifest["files"]) == ["rank0.pt"]       # (4, 1): replica 0 alone writes
+    assert sorted(manifest["files"]) == ["rank0.pt"]       # (4, 1): replica 0 alone writes, redundant levels too
 
 
 def cascade_worker(comm, out, D, layout):
@@ -199,7 +209,7 @@ def cascade_worker(comm, out, D, layout):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("D,layout", [(2, "gather"), (2, "replicate")])
+@pytest.mark.parametrize("D,layout", [(2, "gather"), (2, "replicate"), (2, "redundant")])
 def test_cascade_on_the_mesh_equals_serial(tmp_path, D, layout):
     """K = 8 on 1 layer rank -> 16 on 2 -> 32 with 2-level MG/OPT, on a 2 x 2 mesh."""
     ranks = run_model(cascade_worker, 4, str(tmp_path), D, layout, transfer="rendezvous", streams="rank", timeout=60)

@@ -27,12 +27,14 @@ EXECUTOR_TESTS = ["tests/unit/test_executor.py", "tests/unit/test_torch_chunk.py
 MOVER_TESTS = ["tests/distributed/test_mgopt.py", "tests/distributed/test_executor_conv.py"]
 CHECKPOINT_TESTS = ["tests/unit/test_checkpoint.py", "tests/distributed/test_checkpoint.py"]
 MESH_TESTS = ["tests/distributed/test_mesh.py"]
+MESH_TRAINING_TESTS = ["tests/unit/test_layout.py", "tests/distributed/test_mesh_training.py"]
 # the relevant tests of each mutated file (--tests overrides)
 TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.py": MGOPT_TESTS,
          "parml/kernels/torch_chunk.py": EXECUTOR_TESTS, "parml/model/network.py": EXECUTOR_TESTS,
          "parml/parallel/executor.py": EXECUTOR_TESTS, "parml/parallel/stage.py": EXECUTOR_TESTS,
          "parml/parallel/transfer.py": MOVER_TESTS, "parml/training/checkpoint.py": CHECKPOINT_TESTS,
-         "parml/parallel/replicas.py": MESH_TESTS}
+         "parml/parallel/replicas.py": MESH_TESTS, "parml/parallel/layout.py": MESH_TRAINING_TESTS,
+         "parml/training/build.py": MESH_TRAINING_TESTS}
 
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
@@ -121,6 +123,17 @@ MUTANTS = {
                                "",
                                "the final all-reduce is skipped (the loss stays on the last rank, the "
                                "Tikhonov terms and non-finite flags stay per rank)"),
+    # --coarse-layout redundant: the whole batch on every replica, no sums, replica 0 writes
+    "redundant-level-splits-the-batch": ("parml/parallel/layout.py",
+                                         "return 1 if self.redundant else self.replicas",
+                                         "return self.replicas",
+                                         "a redundant level still splits the batch and all-reduces its gradients "
+                                         "(the same iterates, the cost it exists to avoid)"),
+    "redundant-replicas-all-write": ("parml/training/build.py",
+                                     "replica=layout.position(comm.rank)[0])",
+                                     "replica=0)",
+                                     "every replica of a redundant level counts as replica 0, so every one "
+                                     "writes its level's optimizer state into the checkpoint"),
 }
 
 

@@ -1,7 +1,9 @@
-"""Layouts: block partitions (balanced, aligned) and the per-level rank plans of agglomeration."""
+"""Layouts: block partitions (balanced, aligned), the per-level rank plans of agglomeration and the
+redundant coarse levels of the mesh."""
 import pytest
 
-from parml.parallel.layout import describe_plan, partition_blocks, plan_levels
+from parml.parallel.layout import (LayoutError, describe_mesh, describe_plan, partition_blocks, plan_levels,
+                                   plan_mesh)
 
 
 def test_agglomeration_plan_for_2048_blocks_8_ranks_8_levels():
@@ -40,3 +42,25 @@ def test_partition_is_balanced_and_aligned():
         partition_blocks(4, 5)
     with pytest.raises(ValueError, match="at most 2 ranks"):
         partition_blocks(16, 4, align=8)
+
+
+def test_redundant_coarse_levels_run_the_whole_batch_on_every_replica():
+    """--coarse-layout redundant: the levels with fewer than min-blocks-per-rank blocks per rank on P
+    layer ranks (also at P = 1, where gather and replicate change nothing) are placed as replicate
+    places them and take the whole batch, so they need no more samples than micro-batches; the
+    finest level always splits its batch."""
+    lv = plan_mesh([32, 64, 128, 256], 2, data_parallel=2, min_blocks_per_rank=64, coarse_layout="redundant").levels
+    assert [(v.ranks, v.replicas, v.stride, v.redundant, v.shares) for v in lv] == \
+        [(1, 2, 1, True, 1), (1, 2, 1, False, 2), (1, 2, 1, False, 2), (1, 2, 1, False, 2)]
+    # P = 2: the coarsest level (16 blocks < 16 x 2) on 1 layer rank x 4 replicas, the rest split over D = 2
+    lv = plan_mesh([16, 32, 64], 4, data_parallel=2, min_blocks_per_rank=16, coarse_layout="redundant",
+                   batch=2).levels
+    assert [(v.ranks, v.replicas, v.stride, v.redundant) for v in lv] == \
+        [(1, 4, 1, True), (2, 2, 2, False), (2, 2, 2, False)]
+    with pytest.raises(LayoutError, match="level 1 runs on 4 replicas with --coarse-layout replicate"):
+        plan_mesh([16, 32, 64], 4, data_parallel=2, min_blocks_per_rank=16, coarse_layout="replicate", batch=2)
+    # the finest level is never redundant, even with fewer blocks than the threshold
+    lv = plan_mesh([8, 16], 2, data_parallel=2, min_blocks_per_rank=64, coarse_layout="redundant").levels
+    assert [v.redundant for v in lv] == [True, False]
+    assert "level 1: 8 blocks on 1 layer rank(s) x 2 replica(s), 8 blocks per rank; redundant" in \
+        describe_mesh(plan_mesh([8, 16], 2, 2, 64, "redundant"))

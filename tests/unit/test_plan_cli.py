@@ -77,7 +77,7 @@ def test_plan_prints_a_ranked_table_and_json(tmp_path, inproc):
     recs = json.loads(r.stdout)
     assert all(k in rec for rec in recs for k in KEYS)
     assert {(x["data_parallel"], x["layer_ranks"]) for x in recs} == {(4, 1), (2, 2), (1, 4)}
-    assert {x["coarse_layout"] for x in recs} == {"gather", "replicate"}
+    assert {x["coarse_layout"] for x in recs} == {"gather", "replicate", "redundant"}
     cycles = [x["predicted_cycle_seconds"] for x in recs]
     assert cycles == sorted(cycles) and [x["rank"] for x in recs] == list(range(1, len(recs) + 1))
     # options given fix their candidates

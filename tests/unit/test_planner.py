@@ -76,7 +76,7 @@ def test_planner_candidates_cover_the_mesh_and_coarse_layouts():
     cands = candidates(work, 4, "gloo")
     pairs = {(c.data_parallel, c.layer_ranks) for c in cands}
     assert pairs == {(4, 1), (2, 2), (1, 4)}
-    assert {c.coarse_layout for c in cands} == {"gather", "replicate"}
+    assert {c.coarse_layout for c in cands} == {"gather", "replicate", "redundant"}
     assert {c.schedule for c in cands if c.layer_ranks > 1} == {"gpipe", "1f1b"}
     recs = plan(work, 4, planner_profile(), microbatches=[1, 4])
     assert all(r["predicted_cycle_seconds"] > r["predicted_step_seconds"] for r in recs)

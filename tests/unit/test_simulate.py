@@ -242,6 +242,30 @@ def test_vcycle_levels_on_gather_and_replicate_layouts():
     assert sum(s.idle for s in pg.cycle_ranks) > sum(s.idle for s in pr.cycle_ranks)
 
 
+def test_a_redundant_level_runs_the_whole_batch_without_an_allreduce():
+    """--coarse-layout redundant: each replica's gradient program on a redundant level is the one
+    process's program of the whole batch (no all-reduce rows, no shares), while a level split over
+    the replicas runs half the rows and ends in the data group's all-reduce."""
+    prof = uniform_profile(forward=1.0, backward=1.0, latency=0.01, bandwidth=1e6)
+    work = Workload(dense(2, 64), batch=64, levels=3)
+    red = level_layouts(work, Layout(2, 1, 1, coarse_layout="redundant", min_blocks_per_rank=64))
+    assert [(lv.ranks, lv.replicas, lv.redundant) for lv in red] == [(1, 2, True), (1, 2, True), (1, 2, False)]
+    one = level_layouts(work, Layout(1, 1, 1))
+    for lv, alone in zip(red, one):
+        mesh, _ = gradient_programs(lv, work, Layout(2, 1, 1), Context(prof, "gloo", 2, 2))
+        serial, _ = gradient_programs(alone, work, Layout(1, 1, 1), Context(prof, "gloo", 1, 1))
+        *_, labels = mesh.arrays()
+        assert ("gradient all-reduce" in labels) == (not lv.redundant)
+        if lv.redundant:
+            assert [list(a) for a in mesh.arrays()[2:]] == [list(a) for a in serial.arrays()[2:]]
+    pr = predict(work, Layout(2, 1, 1, coarse_layout="redundant", min_blocks_per_rank=64), prof)
+    pg = predict(work, Layout(2, 1, 1, coarse_layout="gather"), prof)
+    p1 = predict(work, Layout(1, 1, 1), prof)
+    assert pr.level_seconds[:2] == pytest.approx(p1.level_seconds[:2])    # the whole batch, no sums
+    assert pr.level_seconds[2] == pytest.approx(pg.level_seconds[2])      # the finest level splits
+    assert pg.level_seconds[0] < pr.level_seconds[0]       # compute-bound costs: halving the rows pays
+
+
 def test_every_received_message_costs_the_receiver_its_cpu():
     """With free messages but for the receiver's CPU r (CommCost.receive), each rank's comm time over
     a gathered V-cycle (pipeline messages and the moves between levels) is r times its receives."""
@@ -291,7 +315,7 @@ def test_move_messages_are_the_movers_pieces():
             assert sorted(up) == mover_pieces(coarse.spec, coarse.partition, fic)
 
 
-@pytest.mark.parametrize("coarse", ["gather", "replicate"])
+@pytest.mark.parametrize("coarse", ["gather", "replicate", "redundant"])
 def test_level_layouts_are_the_runs_mesh(coarse):
     """The simulator's layouts are the mesh ``parml train`` builds (``training.build.plan_run``):
     partitions, replicas and strides on every level, for every (D, P) of 8 ranks."""
@@ -302,6 +326,6 @@ def test_level_layouts_are_the_runs_mesh(coarse):
         mesh = plan_run(cfg, 8, data)
         work = workload_for(cfg, len(data.x_train))
         sim = level_layouts(work, Layout(D, 8 // D, 1, coarse_layout=coarse, min_blocks_per_rank=mbpr))
-        assert [(lv.partition, lv.replicas, lv.stride) for lv in sim] == \
-            [(lv.partition, lv.replicas, lv.stride) for lv in mesh.levels]
+        assert [(lv.partition, lv.replicas, lv.stride, lv.redundant) for lv in sim] == \
+            [(lv.partition, lv.replicas, lv.stride, lv.redundant) for lv in mesh.levels]
         assert [lv.spec.total_blocks for lv in sim] == [128 >> (5 - i) for i in range(1, 6)]
