@@ -8,7 +8,7 @@ equal the single-process computation up to floating-point summation order.
 from __future__ import annotations
 
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -39,7 +39,8 @@ class StepTimes:
         return max(self.step - self.compute - self.wait, 0.0)
 
     def __add__(self, other: "StepTimes") -> "StepTimes":
-        return StepTimes(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        # field by field: ``dataclasses.astuple`` deep-copies, ~40 µs a call, paid on every gradient
+        return StepTimes(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 class LayerParallel:

@@ -287,4 +287,8 @@ def describe_mesh(plan: MeshPlan, batch: int | None = None, microbatches: int = 
             tail += "; redundant: every replica runs the whole batch"
         lines.append(f"level {lev.level}: {lev.blocks} blocks on {lev.ranks} layer rank(s) x {lev.replicas} "
                      f"replica(s), {per} blocks per rank{tail}")
+    if plan.coarse_layout == "redundant" and len(plan.levels) > 1 and not any(lev.redundant for lev in plan.levels):
+        lines.append("note: --coarse-layout redundant changes nothing here: every coarse level has at least "
+                     "--min-blocks-per-rank blocks per layer rank; a larger --min-blocks-per-rank runs the "
+                     "smaller ones redundantly")
     return "\n".join(lines)

@@ -64,3 +64,6 @@ def test_redundant_coarse_levels_run_the_whole_batch_on_every_replica():
     assert [v.redundant for v in lv] == [True, False]
     assert "level 1: 8 blocks on 1 layer rank(s) x 2 replica(s), 8 blocks per rank; redundant" in \
         describe_mesh(plan_mesh([8, 16], 2, 2, 64, "redundant"))
+    # with the default threshold nothing is redundant at P = 1 on these sizes: the plan says so
+    assert "--coarse-layout redundant changes nothing here" in describe_mesh(plan_mesh([16, 32], 2, 2, 16, "redundant"))
+    assert "changes nothing" not in describe_mesh(plan_mesh([8, 16], 2, 2, 64, "redundant"))
