@@ -76,11 +76,12 @@ if [ "$ngpu" -ge 2 ]; then
     step "train NCCL P=2" 35 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
         -m parml.cli train --ranks 2 -M 2 -K 256 -L 4 --device cuda --max-cycles 5 --no-progress \
         --out "$out/train" --run-name nccl2
-    # the data x layer mesh on NCCL: D = 2 replicas, coarse levels replicated, the P = 1 run's options;
+    # the data x layer mesh on NCCL: D = 2 replicas, the coarsest level (32 blocks < 64) redundant on
+    # both, the P = 1 run's options;
     # its last loss must be the P = 1 run's to float32 rounding
     step "train NCCL P=2 mesh D=2" 25 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-        -m parml.cli train --ranks 2 --data-parallel 2 --coarse-layout replicate -K 256 -L 4 --device cuda \
-        --max-cycles 5 --no-progress --out "$out/train" --run-name mesh2
+        -m parml.cli train --ranks 2 --data-parallel 2 --coarse-layout redundant --min-blocks-per-rank 64 \
+        -K 256 -L 4 --device cuda --max-cycles 5 --no-progress --out "$out/train" --run-name mesh2
     step "NCCL P=2 mesh D=2 equals P=1" 5 "$PY" -c 'import json, sys; a, b = (json.load(open(f"{sys.argv[1]}/{n}/summary.json"))["final_loss"] for n in ("nccl1", "mesh2")); print(f"final loss P=1 {a:.6g}, mesh D=2 {b:.6g}"); sys.exit(0 if abs(a - b) <= 1e-4 * abs(a) else "the mesh differs from P = 1")' "$out/train"
 else
     summary+=("gpu_check: train NCCL P=2: skipped (needs 2 GPUs, found $ngpu)")
