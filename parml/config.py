@@ -129,8 +129,8 @@ class TrainConfig:
                                choices=WEIGHT_GRADS, runtime=True)
     kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
                          choices=KERNELS, runtime=True)
-    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank runs on fewer layer ranks "
-                                      "(see --coarse-layout).")
+    min_blocks_per_rank: int = option(16, "A coarse level with fewer blocks per rank runs on fewer layer ranks, "
+                                      "or with --coarse-layout redundant on the whole batch in every replica.")
     data_parallel: int = option(1, "Data replicas D: the world is D replicas x P = world/D layer ranks (world rank "
                                 "= d*P + p); each replica runs its share of every batch, gradients are summed over "
                                 "the replicas.", runtime=True)
