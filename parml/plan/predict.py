@@ -47,7 +47,7 @@ class Prediction:
     step_ranks: list                    # RankStats per layer rank for the GD step
     cycle_ranks: list                   # RankStats per world rank of one fine replica for the cycle
     bubble: float                       # 1 - mean compute / step, GD step
-    activation_bytes: list              # peak per layer rank, finest level
+    activation_bytes: list              # peak per layer rank of fine replica 0, over every level's gradient
     memory_bytes: list                  # parameters, gradients, optimizer state, activations (all levels held)
     allreduce: dict                     # gradient all-reduce of the GD step: seconds, exposed, overlap
     levels: list                        # per level: blocks, layer ranks, replicas
@@ -173,6 +173,11 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
     total, level_seconds, cycle_stats = _cycle(ph, events)
     bubble = 1.0 - float(step_stats.a[0].sum()) / (P * step) if step > 0 else 0.0
     acts = [g.activation_bytes[j] for j in range(P)]
+    for lev in levs[:-1]:       # a coarse level can hold more: a redundant one runs the whole batch
+        peaks = ph.grad(lev).activation_bytes
+        for r, j in enumerate(ph.level_index(lev)):
+            if j >= 0:
+                acts[r] = max(acts[r], peaks[j])
     mem = _memory(levs, work, acts, DTYPE_BYTES[work.dtype], ph.world)
     return Prediction(layout, step, total, wu, level_seconds, step_stats.ranks(), cycle_stats.ranks(), bubble,
                       acts, mem, g.allreduce,
@@ -181,11 +186,11 @@ def predict(work: Workload, layout: Layout, profile: Profile, keep_run: bool = F
                       g.run if keep_run else None)
 
 
-def _memory(levs, work, fine_acts, dbytes, world) -> list:
+def _memory(levs, work, acts, dbytes, world) -> list:
     """Bytes per world rank of one fine replica: every level's parameters, gradients, the Level's
-    gradient copy and optimizer state; the finest level's peak activations."""
+    gradient copy and optimizer state; the largest peak activations of any level (`acts`)."""
     copies = 3 + OPTIMIZER_STATES.get(work.optimizer, 0)
-    out = list(fine_acts[:len(world)])
+    out = list(acts[:len(world)])
     for lev in levs:
         for r, j in lev.members(world):
             out[r] += copies * shard_parameters(lev.spec, *lev.partition.range(j)) * dbytes

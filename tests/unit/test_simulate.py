@@ -266,6 +266,19 @@ def test_a_redundant_level_runs_the_whole_batch_without_an_allreduce():
     assert pg.level_seconds[0] < pr.level_seconds[0]       # compute-bound costs: halving the rows pays
 
 
+def test_memory_counts_the_largest_activations_of_any_level():
+    """A redundant coarse level holds the whole batch: at D = 4 its 32 blocks x 64 rows are twice
+    the finest level's 64 blocks x 16 rows, and the memory per rank says so (gathered: the finest
+    level's peak; one process: 64 blocks x 64 rows)."""
+    work = Workload(dense(2, 64), batch=64, levels=2)
+    prof = uniform_profile()
+    gather = predict(work, Layout(4, 1, 1, coarse_layout="gather"), prof)
+    red = predict(work, Layout(4, 1, 1, coarse_layout="redundant", min_blocks_per_rank=64), prof)
+    one = predict(work, Layout(1, 1, 1), prof)
+    assert red.activation_bytes[0] == 2 * gather.activation_bytes[0] == one.activation_bytes[0] / 2 > 0
+    assert red.memory_bytes[0] - gather.memory_bytes[0] == red.activation_bytes[0] - gather.activation_bytes[0]
+
+
 def test_every_received_message_costs_the_receiver_its_cpu():
     """With free messages but for the receiver's CPU r (CommCost.receive), each rank's comm time over
     a gathered V-cycle (pipeline messages and the moves between levels) is r times its receives."""
