@@ -59,6 +59,7 @@ CASES.update({task: Case(s["dataset"], in_features, classes, TrainConfig().block
               for task, s, in_features, classes in (("circles", TASK_SETUP["circles"], 2, 2),
                                                     ("mnist", TASK_SETUP["mnist"], 784, 10))})
 VCYCLE_CASES = ("circles", "mnist")
+LAUNCHER_KINDS = {"gloo": "torch", "mpi": "mpi"}       # transport -> the harness's launcher kind (Job.backend)
 FULL = {"cases": list(CASES), "worlds": [1, 2, 4], "M": [1, 2, 4, 8], "M_short": [1, 4, 8], "M_data": [1, 4],
         "steps": {1: 5, VCYCLE_LEVELS: 3}, "warmup": 1, "sizes": {}, "launch_timeout": 6 * 3600}
 QUICK = {**FULL, "cases": ["overhead", "circles"], "M": [1, 4], "M_short": [1, 4], "launch_timeout": 3600}
@@ -102,10 +103,9 @@ def parse(argv):
 
 
 def launch(launcher: Launcher, cases: dict, configs: list[Conf], n: int, data_dir, timeout: float, res: ValResults):
-    kind = "torch" if res.backend == "gloo" else "mpi"          # as Job.backend
     got = launcher.run(Job(f"val{n}-{len(res.results)}", "benchmarks.validation.ranks:run_configs",
-                           ValJob(cases, configs, data_dir), n, "self" if n == 1 else kind, timeout=timeout,
-                           comm_timeout=600.0))
+                           ValJob(cases, configs, data_dir), n, "self" if n == 1 else LAUNCHER_KINDS[res.backend],
+                           timeout=timeout, comm_timeout=600.0))
     if launcher.rank == 0 and (got.error or got.skipped):
         print(got.error or got.skipped, file=sys.stderr, flush=True)
     res.failures += [got.error] if got.error else []
@@ -126,7 +126,7 @@ def measure(args, prof_path: Path, argv) -> ValResults | None:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="parml-val-") as tmp:
         launcher = Launcher(Path(tmp))
-        inside = {"mpi": "mpi", "torch": "gloo"}.get(launcher.kind)
+        inside = next((t for t, k in LAUNCHER_KINDS.items() if k == launcher.kind), None)
         if args.backend and inside and args.backend != inside:
             raise SystemExit(f"plan_validation.py: error: --backend {args.backend} inside a {inside} allocation: "
                              f"leave it out, or start the script alone")
