@@ -124,8 +124,10 @@ class TrainConfig:
     ranks: int | None = option(None, "Expected world size; must match the launcher's.", runtime=True)
     schedule: str = option("1f1b", "Pipeline schedule across ranks.", choices=tuple(sorted(SCHEDULES)))
     microbatches: int = option(1, "Micro-batches per step.", short="-M")
-    weight_grads: str = option("deferred", "deferred: a backward sends its adjoint first, then forms the dense "
-                               "blocks' weight gradients in one batched matmul per chunk | inline.",
+    weight_grads: str = option("auto", "deferred: a backward sends its adjoint first, then forms the dense "
+                               "blocks' weight gradients in one batched matmul per chunk | inline | auto: "
+                               "each kernel chooses (the fused CPU kernel inline up to width 8 and on the "
+                               "first rank).",
                                choices=WEIGHT_GRADS, runtime=True)
     kernel: str = option("auto", "Dense chunks' forward/adjoint: fused where available, else torch.",
                          choices=KERNELS, runtime=True)

@@ -30,7 +30,7 @@ def background(m: Measured, cores: int) -> float:
 
 
 def layout_of(m: Measured, cores: int, backend: str = "gloo") -> Layout:
-    return Layout(m.D, m.world // m.D, m.M, m.schedule, m.coarse, m.mbpr, "deferred", backend,
+    return Layout(m.D, m.world // m.D, m.M, m.schedule, m.coarse, m.mbpr, "auto", backend,
                   ranks_per_node=m.world, background=background(m, cores))
 
 

@@ -44,9 +44,22 @@ class KernelFallbackWarning(UserWarning):
     """``--kernel auto`` wanted the fused kernel but could not load it."""
 
 
+# The fused CPU kernel hands its weight gradients to a deferred sink only where a neighbour waits
+# for the adjoint and the chunk is wider than this. Its inline backward sums them per tile in cache;
+# deferring writes and rereads every block's adjoint instead (benchmarks/kernels.py-style timing,
+# one thread, backward + weight gradients, inline / deferred): width 3, 2048 blocks, batch 2000
+# 9.3 / 12.0 + 14.3 ms; width 8, 256 blocks, batch 1000 2.6 / 2.8 + 2.4 ms: slower even on the
+# critical path. Width 16: 10.1 / 7.2 + 6.6 ms; width 32, batch 500: 17.2 / 11.3 + 9.0 ms: the
+# adjoint leaves sooner, worth it only where a neighbour waits for it.
+FUSED_INLINE_MAX_WIDTH = 8
+
+
 class FusedCPUKernel(Kernel):
     """The numba kernel for dense chunks on CPU; conv chunks fall through to the reference."""
     name = "fused"
+
+    def defers(self, width: int, waited: bool) -> bool:
+        return waited and width > FUSED_INLINE_MAX_WIDTH
 
     def apply(self, chunk, y, sink=None):
         if chunk.weight.dim() != 3 or chunk.num_blocks == 0:
@@ -57,7 +70,9 @@ class FusedCPUKernel(Kernel):
 
 class AutoCPUKernel(Kernel):
     """Per call: fused up to ``max_batch`` samples, torch above (mid widths, where the crossover
-    from dispatch-bound to GEMM-bound blocks depends on the batch)."""
+    from dispatch-bound to GEMM-bound blocks depends on the batch). Always defers its weight
+    gradients (``Kernel.defers``): replicas whose shares straddle ``max_batch`` pick different
+    kernels, but must defer alike."""
     name = "auto"
 
     def __init__(self, max_batch: int):
@@ -135,6 +150,15 @@ def select_kernel(name: str, device, dtype: torch.dtype, width: int, stepper: st
     return TORCH, f"width {width} >= {AUTO_MAX_WIDTH}: GEMM-bound blocks, torch's matmuls are faster"
 
 
+def auto_defers(device_type: str, width: int, waited: bool) -> bool:
+    """Whether ``--weight-grads auto`` defers a dense chunk of `width` under ``--kernel auto`` on
+    `device_type`, where the compiled kernels load (the planner's model of ``ChunkKernel``): the
+    fused kernel up to width 16 on CPU decides by ``FusedCPUKernel.defers``; the others defer."""
+    if device_type == "cpu" and width <= AUTO_BATCH_LIMITS[0][0]:
+        return FUSED_CPU.defers(width, waited)
+    return True
+
+
 def kernel_for(chunk, name: str = "auto") -> tuple[Kernel, str | None]:
     """``select_kernel`` for one chunk's device, dtype, width, stepper and activation."""
     w = chunk.weight
@@ -154,7 +178,10 @@ class ChunkKernel:
         return self.impl.name
 
     def __call__(self, chunk, y):
-        return self.impl.apply(chunk, y, self.sink)
+        sink = self.sink
+        if sink is not None and sink.kernels_choose and not self.impl.defers(chunk.weight.shape[1], sink.waited):
+            sink = None          # autograd writes .grad; the stage's finish adds the deferred rest
+        return self.impl.apply(chunk, y, sink)
 
 
 def apply_chunk(chunk, y, kernel: Kernel | str = "auto", sink=None):
@@ -179,6 +206,6 @@ def attach_kernels(model, kernel: Kernel | str = "auto") -> list[ChunkKernel]:
     return attached
 
 
-__all__ = ["AUTO_MAX_WIDTH", "FUSED_CPU", "KERNELS", "TORCH", "ChunkKernel", "DeferredWeightGrads", "EulerDense",
-           "Kernel", "KernelFallbackWarning", "TorchKernel", "apply_chunk", "attach_kernels", "kernel_for",
-           "select_kernel"]
+__all__ = ["AUTO_MAX_WIDTH", "FUSED_CPU", "FUSED_INLINE_MAX_WIDTH", "KERNELS", "TORCH", "ChunkKernel",
+           "DeferredWeightGrads", "EulerDense", "Kernel", "KernelFallbackWarning", "TorchKernel", "apply_chunk",
+           "attach_kernels", "auto_defers", "kernel_for", "select_kernel"]

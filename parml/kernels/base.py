@@ -18,6 +18,15 @@ class Kernel:
     def apply(self, chunk, y, sink=None):
         raise NotImplementedError
 
+    def defers(self, width: int, waited: bool) -> bool:
+        """Whether a chunk of `width` hands its weight gradients to a pipeline stage's deferred sink;
+        `waited`: a neighbour waits for this stage's input adjoint (any stage but the first). Here
+        always: one batched GEMM per chunk beats K small ones even where nobody waits (torch's
+        kernels; ``benchmarks/RESULTS.md``, backward/weight split). The answer may not depend on
+        the batch: every data replica of a layer rank must defer the same chunks, because the
+        gradient all-reduce buckets parameters in the order their gradients become final."""
+        return True
+
     def __repr__(self):
         return f"<{self.name} kernel>"
 

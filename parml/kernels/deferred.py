@@ -17,8 +17,12 @@ class DeferredWeightGrads:
     batched one, and a micro-batch's states are released at its W, so 1F1B keeps its memory bound.
     """
 
-    def __init__(self):
+    def __init__(self, waited: bool = True, kernels_choose: bool = False):
         self.microbatch = 0                    # set by the stage before each backward
+        # `kernels_choose` (--weight-grads auto): each chunk's kernel decides whether deferring pays
+        # (``Kernel.defers``), told whether a neighbour waits for the stage's input adjoints
+        # (`waited`: not the first stage); otherwise every chunk defers
+        self.waited, self.kernels_choose = waited, kernels_choose
         self._pending: dict[int, dict] = {}    # micro-batch -> {id(chunk): (chunk, ys, gas, h)}
         self._acc: dict[int, list] = {}        # id(chunk) -> [chunk, Σ gaᵀy, Σ ga, h] of this step
         self._free: dict[tuple, list] = {}     # buffers of flushed micro-batches, reused

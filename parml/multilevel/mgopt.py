@@ -152,6 +152,9 @@ class Level:
         self.mask = block_mask(self.model)
         self.scale = [1.0 / h for h in step_sizes(self.model)] if metric == "l2" else None
         self.beta, self.block_weight, self.cost = beta, block_weight, cost
+        # the Tikhonov weight of each parameter, and twice it (its gradient 2wθ)
+        self._w = [beta * (block_weight if is_block else 1.0) for is_block in self.mask]
+        self._twice_w = [2.0 * w for w in self._w]
         self.optimizer = make_optimizer(self.params)
         self.stats = LevelStats()
         self.number = number
@@ -183,15 +186,18 @@ class Level:
         t0 = time.perf_counter()
         grads = []
 
-        def local() -> torch.Tensor:     # this rank's Tikhonov term and non-finite flag, summed by the executor
-            reg, finite = 0.0, True
-            for p, is_block in zip(self.params, self.mask):
-                w = self.beta * (self.block_weight if is_block else 1.0)
-                d = p.detach()
-                grads.append(p.grad.detach() + 2.0 * w * d)
-                reg += w * float(d.square().sum())
-                finite = finite and bool(torch.isfinite(grads[-1]).all())
-            return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d.device)
+        def local() -> torch.Tensor:
+            """This rank's Tikhonov term and non-finite flag, summed by the executor; a few multi-tensor
+            ops for all parameters (per-parameter ops cost ~0.3 ms on a coarse level's ~1 ms gradient)."""
+            d = [p.detach() for p in self.params]
+            g = [p.grad.detach() for p in self.params]
+            grads.extend(torch._foreach_add(g, torch._foreach_mul(d, self._twice_w)))
+            # ‖θ_i‖ and max |∇_i| (inf or nan where any entry is) of every parameter, read at once
+            norms = torch.stack(torch._foreach_norm(d) + torch._foreach_norm(grads, ord=math.inf)).tolist()
+            n = len(d)
+            reg = sum(w * v * v for w, v in zip(self._w, norms[:n]))
+            finite = all(math.isfinite(v) for v in norms[n:])
+            return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=d[0].device)
 
         loss, totals = self.executor.forward_backward_sum(*batch, local)
         loss += float(totals[0])

@@ -59,7 +59,7 @@ class LayerParallel:
     """
 
     def __init__(self, model, comm, schedule: str = "1f1b", microbatches: int = 1,
-                 partition: Partition | None = None, device=None, weight_grads: str = "deferred",
+                 partition: Partition | None = None, device=None, weight_grads: str = "auto",
                  kernel: str = "auto", data=None, world_rank: int | None = None, replica: int = 0):
         self.comm = comm
         self.data = data if data is not None and data.size > 1 else None

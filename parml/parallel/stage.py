@@ -19,7 +19,10 @@ With ``weight_grads="deferred"`` a backward first computes and sends the input a
 then forms the dense blocks' weight gradients of that micro-batch, one batched matmul per chunk
 (``kernels.DeferredWeightGrads``): the previous rank gets its adjoint without waiting for them, and
 they fill the time until this rank's next message arrives. ``flush_weight_grads`` writes the
-step's sums to ``.grad`` after the last backward.
+step's sums to ``.grad`` after the last backward. With ``"auto"`` (the default) each chunk's
+kernel decides whether deferring pays (``Kernel.defers``): the fused CPU kernel computes narrow
+chunks' weight gradients inline, and every chunk's on the first stage, where no neighbour waits for
+the adjoint; torch's kernels always defer.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 from ..kernels import DeferredWeightGrads
 from .timing import StageTimer
 
-WEIGHT_GRADS = ("deferred", "inline")
+WEIGHT_GRADS = ("auto", "deferred", "inline")
 
 
 def direction_groups(comm):
@@ -47,7 +50,7 @@ def direction_groups(comm):
 class PipelineStage:
     """Rank `rank` of `size` holding `shard` (an ``ODEResNet`` shard), talking over `comm`."""
 
-    def __init__(self, shard, comm, device=None, weight_grads: str = "deferred"):
+    def __init__(self, shard, comm, device=None, weight_grads: str = "auto"):
         if weight_grads not in WEIGHT_GRADS:
             raise ValueError(f"weight_grads must be one of {', '.join(WEIGHT_GRADS)}, got {weight_grads!r}")
         self.shard, self.comm = shard, comm
@@ -56,8 +59,9 @@ class PipelineStage:
         self.states, self.adjoints = direction_groups(comm) if self.ordered and comm.size > 1 else (comm, comm)
         self.early_receives = not self.ordered
         self.timer = StageTimer(device or comm.device)
-        self.deferred = DeferredWeightGrads() if weight_grads == "deferred" else None
         self.rank, self.size = comm.rank, comm.size
+        self.deferred = (DeferredWeightGrads(waited=self.rank > 0, kernels_choose=weight_grads == "auto")
+                         if weight_grads != "inline" else None)
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.device = device or comm.device
         self.dtype = next(shard.parameters()).dtype

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ..kernels import auto_defers
 from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
 from ..multilevel.mgopt import CycleSetup
@@ -53,7 +54,7 @@ class Layout:
     schedule: str = "1f1b"
     coarse_layout: str = "gather"
     min_blocks_per_rank: int = 16
-    weight_grads: str = "deferred"
+    weight_grads: str = "auto"
     backend: str = "gloo"
     ranks_per_node: int | None = None   # None: profile.cores (a full node, not oversubscribed)
     background: float = 0.0             # other processes busy on each node (a shared machine)
@@ -198,10 +199,14 @@ def shard_parameters(spec: ModelSpec, a: int, b: int) -> int:
     return total
 
 
-def kernel_name(spec: ModelSpec, weight_grads: str) -> str:
+def kernel_name(spec: ModelSpec, weight_grads: str, device: str = "cpu", width: int = 0, waited: bool = True) -> str:
+    """The profile's kernel for a chunk of `width` on a stage that a neighbour waits on (`waited`):
+    deferred weight gradients ("dense") as ``PipelineStage`` routes them, else "dense-inline"."""
     if spec.conv:
         return "conv"
-    return "dense" if weight_grads == "deferred" and spec.stepper == "euler" else "dense-inline"
+    if spec.stepper != "euler" or weight_grads == "inline":
+        return "dense-inline"
+    return "dense" if weight_grads == "deferred" or auto_defers(device, width, waited) else "dense-inline"
 
 
 @dataclass
@@ -219,12 +224,22 @@ class StageCost:
             self._memo[rows] = self._compute(rows)
         return self._memo[rows]
 
+    def kernels(self) -> list[str]:
+        """The profile's kernel of each chunk of the stage (deferred or inline weight gradients)."""
+        return [kernel_name(self.spec, self.weight_grads, self.profile.device, self.spec.stages[stage].width,
+                            waited=self.a > 0) for stage, _ in _stage_ranges(self.spec, self.a, self.b)]
+
+    @property
+    def deferred(self) -> bool:
+        """Some chunk forms its weight gradients after the backward (a W action per micro-batch)."""
+        return "dense" in self.kernels()
+
     def _compute(self, rows):
         prof, spec = self.profile, self.spec
-        kern = prof.kernel(kernel_name(spec, self.weight_grads))
         scale = 2.0 if spec.stepper == "rk2" else 1.0      # two F evaluations per step (estimate)
         f = bw = w = 0.0
-        for stage, n in _stage_ranges(spec, self.a, self.b):
+        for (stage, n), name in zip(_stage_ranges(spec, self.a, self.b), self.kernels()):
+            kern = prof.kernel(name)
             x = {"n": n, "b": rows, "v": spec.stages[stage].width, "s": _pixels(spec, stage)}
             f += scale * kern.time(0, **x)
             bw += scale * kern.time(1, **x)

@@ -77,7 +77,7 @@ def _structures(work: Workload, ranks: int, backend: str, schedules, coarse_layo
 
 
 def candidates(work: Workload, ranks: int, backend: str, microbatches=None, schedules=SCHEDULE_CHOICES,
-               coarse_layouts=None, min_blocks=None, weight_grads: str = "deferred",
+               coarse_layouts=None, min_blocks=None, weight_grads: str = "auto",
                ranks_per_node: int | None = None, data_parallel=None, background: float = 0.0,
                max_microbatches: int = MAX_MICROBATCHES) -> list[Layout]:
     """Every candidate layout: D x P, M (powers of two the batch allows, or `microbatches`),
@@ -146,7 +146,7 @@ def _greedy(work, profile, structures, microbatches, cache, key, max_microbatche
 def plan(work: Workload, ranks: int, profile: Profile, backend: str | None = None, local: bool = False,
          memory_per_rank: float | None = None, search: str = "auto", ranks_per_node: int | None = None,
          background: float = 0.0, microbatches=None, schedules=SCHEDULE_CHOICES, coarse_layouts=None,
-         min_blocks=None, weight_grads: str = "deferred", data_parallel=None,
+         min_blocks=None, weight_grads: str = "auto", data_parallel=None,
          max_microbatches: int = MAX_MICROBATCHES) -> list[dict]:
     """Ranked records (best first) for `ranks` ranks. `local`: every rank on this one node (more
     ranks than cores share them); else `ranks_per_node` (default: the profile's cores per node).

@@ -198,6 +198,6 @@ def _memory(levs, work, acts, dbytes, world) -> list:
 
 
 def serial_prediction(work: Workload, profile: Profile, backend: str = "gloo", schedule: str = "1f1b",
-                      weight_grads: str = "deferred") -> Prediction:
+                      weight_grads: str = "auto") -> Prediction:
     """One rank, one micro-batch: the reference for efficiencies."""
     return predict(work, Layout(1, 1, 1, schedule, "gather", 1, weight_grads, backend), profile)

@@ -31,7 +31,6 @@ from .costs import (
     Workload,
     _split_sizes,
     _stage_ranges,
-    kernel_name,
     shard_parameters,
     shared_entries,
     state_elements,
@@ -240,7 +239,6 @@ class _Gradient:
         P, D, M = lev.ranks, lev.shares, layout.microbatches     # D: the batch's shares
         self.P, self.D, self.M = P, D, M
         self.dbytes = DTYPE_BYTES[work.dtype]
-        self.deferred = kernel_name(lev.spec, layout.weight_grads) == "dense"
         self.base = programs.reserve_messages(2 * max(P - 1, 0) * M)
         self.lbase = programs.reserve_links(2 * P)
         self.hbase = min(programs.handle_id(j, "grad-allreduce") for j in range(P)) if D > 1 else -1
@@ -264,21 +262,23 @@ class _Gradient:
         return (j if alone else None, self.actions[1][j], ck, id(fwd), id(bwd), j == 0, j == self.P - 1)
 
     def stage_costs(self, a, b):
-        """Per micro-batch: forward, backward, weight-gradient seconds, kept and adjoint bytes."""
+        """Per micro-batch: forward, backward, weight-gradient seconds, kept and adjoint bytes; and
+        whether the stage defers weight gradients (a W action after each backward)."""
         key = (_stage_ranges(self.lev.spec, a, b), a == 0, b == self.lev.spec.total_blocks)
         if key not in self.costs:
             sc = StageCost(self.lev.spec, a, b, self.ctx.profile, self.layout.weight_grads)
             rows = self.rows.tolist()
             per = {r: (sc.forward(r), sc.backward(r), sc.weight(r), *sc.activation_bytes(r, self.dbytes))
                    for r in set(rows)}
-            self.costs[key] = [np.array([per[r][i] for r in rows]) for i in range(5)]
+            self.costs[key] = [np.array([per[r][i] for r in rows]) for i in range(5)] + [sc.deferred]
         return self.costs[key]
 
-    def tail_rows(self, j, p):
-        """Rows after the pipeline: .grad written, the data group's all-reduce (the last rank's with
-        its loss) started and awaited, Level.gradient's bookkeeping, the layer group's all-reduce."""
+    def tail_rows(self, j, p, deferred=True):
+        """Rows after the pipeline: the deferred weight gradients written to .grad, the data group's
+        all-reduce (the last rank's with its loss) started and awaited, Level.gradient's
+        bookkeeping, the layer group's all-reduce."""
         prof, D, P = self.ctx.profile, self.D, self.P
-        rows = [(COMPUTE, KIND["other"], prof.step_cost("finish", p=p), -1, "finish")]
+        rows = [(COMPUTE, KIND["other"], prof.step_cost("finish", p=p) if deferred else 0.0, -1, "finish")]
         if D > 1:
             data_group = [self.lev.world_rank(d, j) for d in range(D)]
             nbytes = (p + (j == P - 1)) * self.dbytes
@@ -293,14 +293,14 @@ class _Gradient:
         """Append the rows of ranks J (same action list, costs and links); returns their peak bytes."""
         j0, lev = J[0], self.lev
         a, b = lev.partition.range(j0)
-        f, bw, w, keep, gas = self.stage_costs(a, b)
+        f, bw, w, keep, gas, deferred = self.stage_costs(a, b)
         fwd, bwd = self.links(j0)
         pp = _Pipe(j0, self.P, self.M, self.base, self.rows, f, bw, w, fwd, bwd,
                    (self.lbase + 2 * j0, self.lbase + 2 * j0 + 1),
-                   state_elements(lev.spec, b) * self.dbytes, state_elements(lev.spec, a) * self.dbytes, self.deferred)
+                   state_elements(lev.spec, b) * self.dbytes, state_elements(lev.spec, a) * self.dbytes, deferred)
         is_f, mb = self.actions[0][j0]
         code, kind, x, y, key, link = _pipeline_rows(pp, is_f, mb)
-        tail = self.tail_rows(j0, shard_parameters(lev.spec, a, b))
+        tail = self.tail_rows(j0, shard_parameters(lev.spec, a, b), deferred)
         code = np.concatenate([code, [t[0] for t in tail]])
         kind = np.concatenate([kind, [t[1] for t in tail]])
         x = np.concatenate([x, [t[2] for t in tail]])
@@ -315,9 +315,9 @@ class _Gradient:
         link = link + d * np.where(code == SEND, 2, 0)
         names = None
         if self.programs.labelled:
-            names = _pipeline_labels(j0, self.P, is_f, mb, self.deferred) + [t[4] for t in tail]
+            names = _pipeline_labels(j0, self.P, is_f, mb, deferred) + [t[4] for t in tail]
         self.programs.extend_ranks(J, code, kind, x, y, key, link, names)
-        return _peak_bytes(is_f, mb, keep, gas, self.deferred)
+        return _peak_bytes(is_f, mb, keep, gas, deferred)
 
 
 def simulate_gradient(lev: LevelLayout, work: Workload, layout: Layout, ctx: Context,

@@ -16,9 +16,10 @@ from parml.parallel.executor import LayerParallel
 
 torch.set_num_threads(1)
 
-# (schedule, micro-batches, dtype, weight gradients): deferred is the default, inline the ablation
+# (schedule, micro-batches, dtype, weight gradients): deferred everywhere (the fused kernel's deferred
+# path inside the pipeline), inline, and auto (the default; at these widths the fused kernel inline)
 CASES = ([(s, m, d, "deferred") for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
-         + [(s, 3, "float64", "inline") for s in ("gpipe", "1f1b")])
+         + [(s, 3, "float64", wg) for s in ("gpipe", "1f1b") for wg in ("inline", "auto")])
 
 
 def _grads_worker(comm):

@@ -40,7 +40,7 @@ def test_deferred_weight_gradients_leave_no_state_behind():
                         else (grads["inline"][key],)):
             close(a, b, 1e-12, f"deferred vs inline {key}")
     assert lp.stage.deferred is None
-    with pytest.raises(ValueError, match="weight_grads must be one of deferred, inline"):
+    with pytest.raises(ValueError, match="weight_grads must be one of auto, deferred, inline"):
         LayerParallel(build_model(SPEC, seed=2), SelfComm(), "gpipe", 1, weight_grads="later")
 
 
@@ -54,10 +54,24 @@ def test_deferred_weight_gradients_keep_the_schedules_memory_bound(kernel, sched
     backpropagated: (held rows + adjoint rows) x (6 blocks x width 4 + 5 blocks x width 5) x 8 bytes.
     The fused kernel stores whole tiles (32 samples at least), so each micro-batch holds 32 rows."""
     x, y = data(torch.float64)
-    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), schedule, 4, kernel=kernel)
+    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), schedule, 4, kernel=kernel,
+                       weight_grads="deferred")
     for _ in range(2):                   # the second step runs on recycled buffers
         lp.forward_backward(x, y)
     assert lp.stage.deferred.peak_bytes == (held_rows + adjoint_rows) * (6 * 4 + 5 * 5) * 8
+    _, _, ref_grads = serial(torch.float64)
+    assert check_rank_grads(local_grads(lp.model), ref_grads, 1e-10) == ALL_BLOCKS
+
+
+@pytest.mark.parametrize("kernel, deferred", [("fused", False), ("torch", True)])
+def test_auto_weight_gradients_on_one_rank(kernel, deferred):
+    """--weight-grads auto (the default): on the first (here the only) rank nobody waits for the
+    adjoint, so the fused kernel forms every weight gradient inline and the sink stays empty;
+    torch's kernel still defers (one batched GEMM per chunk). Gradients equal the reference."""
+    x, y = data(torch.float64)
+    lp = LayerParallel(build_model(SPEC, seed=2, dtype=torch.float64), SelfComm(), "1f1b", 4, kernel=kernel)
+    lp.forward_backward(x, y)
+    assert (lp.stage.deferred.peak_bytes > 0) == deferred
     _, _, ref_grads = serial(torch.float64)
     assert check_rank_grads(local_grads(lp.model), ref_grads, 1e-10) == ALL_BLOCKS
 

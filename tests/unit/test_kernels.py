@@ -234,6 +234,35 @@ def test_layer_parallel_stage_with_deferred_sink():
         _close(got[name].grad, ref[name], 1e-12, name)
 
 
+@needs_numba
+@pytest.mark.parametrize("kernels_choose, waited", [(True, False), (True, True), (False, False)])
+def test_which_chunks_defer_their_weight_gradients(kernels_choose, waited):
+    """``ChunkKernel`` hands a chunk to the stage's sink unless the sink lets kernels choose and the
+    kernel declines: the fused kernel defers only where a neighbour waits and the chunk is wider than
+    ``FUSED_INLINE_MAX_WIDTH`` (a width-4 and a width-12 chunk here); torch's always. Either way the
+    weight gradients equal autograd's."""
+    spec = ModelSpec(2, 3, (StageSpec(4, 5), StageSpec(12, 3)))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    _, ref = _model_loss_grads(spec, None, torch.float64, x, labels)
+    for kernel in ("fused", "torch"):
+        model = build_model(spec, seed=4, dtype=torch.float64)
+        sink = DeferredWeightGrads(waited=waited, kernels_choose=kernels_choose)
+        for k in pk.attach_kernels(model, kernel):
+            k.sink = sink
+        model.loss(model(x), labels, reduction="sum").div(40).backward()
+        deferred = sorted(c.weight.shape[1] for c, *_ in sink._pending[0].values()) if sink._pending else []
+        if kernel == "torch" or not kernels_choose:
+            assert deferred == [4, 12], (kernel, deferred)
+        else:
+            assert deferred == ([12] if waited else []), deferred
+        sink.finish()
+        got = dict(model.named_parameters())
+        for name in ref:
+            _close(got[name].grad, ref[name], 1e-12, f"{kernel} {name}")
+
+
 # --- selection and fall-back ---------------------------------------------------------------------
 
 def test_select_kernel_choices():

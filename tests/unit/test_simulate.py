@@ -63,8 +63,8 @@ def timeline(pr, rank):
 def test_two_rank_1f1b_timeline_by_hand():
     # F = 1, B = 2, W = 0.5 per action, latency 0.25, free bandwidth. 1F1B, P = 2, M = 2:
     # stage 0 runs F0 F1 B0 B1, stage 1 runs F0 B0 F1 B1 (warm-up min(P-s-1, M)).
-    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.25),
-                 keep_run=True)
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b", weight_grads="deferred"),
+                 hand_profile(1, 2, 0.5, 0.25), keep_run=True)
     assert timeline(pr, 1) == [("1F0", 1.25, 2.25), ("1B0", 2.25, 4.25), ("1W0", 4.25, 4.75),
                                ("1F1", 4.75, 5.75), ("1B1", 5.75, 7.75), ("1W1", 7.75, 8.25)]
     assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.0), ("0B0", 4.5, 6.5), ("0W0", 6.5, 7.0),
@@ -75,12 +75,26 @@ def test_two_rank_1f1b_timeline_by_hand():
     assert pr.step_ranks[0].wait == pytest.approx(2.5 + 1.0)
 
 
+def test_auto_weight_gradients_defer_where_the_kernel_does():
+    """--weight-grads auto (the default) as ``ChunkKernel`` routes it on CPU: the fused kernel (up to
+    width 16) computes weight gradients inline (B = 2 + 0.5, no W) up to width 8 and on the first
+    rank, and defers them from width 9 where a neighbour waits; wider chunks (torch) always defer."""
+    prof = hand_profile(1, 2, 0.5, 0.25)
+    narrow = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), prof, keep_run=True)
+    assert timeline(narrow, 1) == [("1F0", 1.25, 2.25), ("1B0", 2.25, 4.75), ("1F1", 4.75, 5.75),
+                                   ("1B1", 5.75, 8.25)]
+    assert timeline(narrow, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.0), ("0B0", 5.0, 7.5), ("0B1", 8.5, 11.0)]
+    for width, rank0, rank1 in ((12, False, True), (32, True, True)):
+        pr = predict(Workload(dense(width, 2), batch=4), Layout(1, 2, 2, "1f1b"), prof, keep_run=True)
+        assert [any("W" in a for a, _, _ in timeline(pr, r)) for r in (0, 1)] == [rank0, rank1], width
+
+
 def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
     # As above, plus LogP's o: the sender posts for 0.125 before each message leaves, the receiver
     # spends 0.0625 on it once it is there (CommCost.overhead / .receive), both before its next action.
     prof = hand_profile(1, 2, 0.5, 0.25)
     prof.comm["gloo"].overhead, prof.comm["gloo"].receive = 0.125, 0.0625
-    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b"), prof, keep_run=True)
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "1f1b", weight_grads="deferred"), prof, keep_run=True)
     assert timeline(pr, 0) == [("0F0", 0.0, 1.0), ("0F1", 1.125, 2.125), ("0B0", 4.875, 6.875),
                                ("0W0", 6.875, 7.375), ("0B1", 8.5625, 10.5625), ("0W1", 10.5625, 11.0625)]
     assert timeline(pr, 1) == [("1F0", 1.4375, 2.4375), ("1B0", 2.4375, 4.4375), ("1W0", 4.5625, 5.0625),
@@ -91,8 +105,8 @@ def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
 def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
     # F = 0.25, B = 1, W = 0.5; latency 0.25; each message 16 bytes at 32 B/s = 0.5 s on the wire,
     # so rank 0's second state queues behind the first on the link.
-    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "gpipe"), hand_profile(0.25, 1, 0.5, 0.25, 32.0),
-                 keep_run=True)
+    pr = predict(Workload(dense(2, 2), batch=4), Layout(1, 2, 2, "gpipe", weight_grads="deferred"),
+                 hand_profile(0.25, 1, 0.5, 0.25, 32.0), keep_run=True)
     assert timeline(pr, 0)[:2] == [("0F0", 0.0, 0.25), ("0F1", 0.25, 0.5)]
     assert timeline(pr, 1) == [("1F0", 1.0, 1.25), ("1F1", 1.5, 1.75), ("1B0", 1.75, 2.75), ("1W0", 2.75, 3.25),
                                ("1B1", 3.25, 4.25), ("1W1", 4.25, 4.75)]
@@ -104,8 +118,8 @@ def test_two_rank_gpipe_timeline_with_bandwidth_and_link_queueing():
 
 def test_three_rank_1f1b_timeline_by_hand():
     # F = 1, B = 2, W = 0.5, latency 0.5. Stage 0: F0 F1 B0 B1; stage 1: F0 F1 B0 B1; stage 2: F0 B0 F1 B1.
-    pr = predict(Workload(dense(2, 3), batch=4), Layout(1, 3, 2, "1f1b"), hand_profile(1, 2, 0.5, 0.5),
-                 keep_run=True)
+    pr = predict(Workload(dense(2, 3), batch=4), Layout(1, 3, 2, "1f1b", weight_grads="deferred"),
+                 hand_profile(1, 2, 0.5, 0.5), keep_run=True)
     assert timeline(pr, 0) == [("0F0", 0, 1), ("0F1", 1, 2), ("0B0", 9, 11), ("0W0", 11, 11.5),
                                ("0B1", 12.5, 14.5), ("0W1", 14.5, 15)]
     assert timeline(pr, 1) == [("1F0", 1.5, 2.5), ("1F1", 2.5, 3.5), ("1B0", 6.5, 8.5), ("1W0", 8.5, 9),
