@@ -158,5 +158,17 @@ def test_poll_backoff_and_deadline():
         pcomm.base.poll_until(never, time.monotonic() + 0.2, boom)
     elapsed = time.monotonic() - t0
     assert 0.2 <= elapsed < 1.0
-    # with the back-off capped at ~1 ms, 0.2 s means a few hundred polls, not millions
-    assert len(calls) < 1000
+    # after the first YIELD_SECONDS, with the back-off capped at ~1 ms, 0.2 s means a few hundred
+    # polls, not millions
+    late = [t for t in calls if t > t0 + pcomm.base.YIELD_SECONDS]
+    assert 100 < len(late) < 1000
+
+
+def test_a_short_poll_yields_the_core_and_never_sleeps(monkeypatch):
+    """A partner that answers within the first polls is met at once: the waiting rank yields its core
+    between polls (back at once when no other process wants it) instead of sleeping past the answer."""
+    slept, yielded, answers = [], [], iter([False] * 4 + [True])
+    monkeypatch.setattr(pcomm.base.time, "sleep", slept.append)
+    monkeypatch.setattr(pcomm.base.os, "sched_yield", lambda: yielded.append(1))
+    pcomm.base.poll_until(lambda: next(answers), time.monotonic() + 60.0, lambda: None)
+    assert slept == [] and len(yielded) == 4
