@@ -76,6 +76,7 @@ class LayerParallel:
         self.device = torch.device(device) if device is not None else comm.device
         self.model = (model if comm.size == 1 else model.shard(start, stop)).to(self.device)
         self.kernels = attach_kernels(self.model, kernel)
+        self._params = list(self.model.parameters())   # walking the modules costs ~0.1 ms a step
         if getattr(comm, "ordered_p2p", False) and comm.size > 1:
             try:       # a tag-blind transport needs equal send and receive orders per direction
                 check_message_order(self.schedule.actions(comm.size, microbatches))
@@ -110,7 +111,7 @@ class LayerParallel:
         total = x.shape[0]
         x, y = self._share(x), self._share(y)
         check_microbatches(x.shape[0], self.microbatches)
-        for p in self.model.parameters():
+        for p in self._params:
             p.grad = None
         synchronize(self.device)              # CUDA: time this step's work only
         self.stage.collect_times()
@@ -155,7 +156,7 @@ class LayerParallel:
             # after the last adjoint went out; each chunk's sum starts once its gradients are final
             self.stage.flush_weight_grads(reducer.ready if reducer is not None else None)
             if reducer is not None:            # the last rank's share of the loss rides in the last bucket
-                reducer.flush(self.model.parameters(), loss if self.stage.last else None)
+                reducer.flush(self._params, loss if self.stage.last else None)
         except BaseException:
             if reducer is not None:
                 reducer.discard()
