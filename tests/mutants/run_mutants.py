@@ -34,7 +34,9 @@ TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.p
          "parml/parallel/executor.py": EXECUTOR_TESTS, "parml/parallel/stage.py": EXECUTOR_TESTS,
          "parml/parallel/transfer.py": MOVER_TESTS, "parml/training/checkpoint.py": CHECKPOINT_TESTS,
          "parml/parallel/replicas.py": MESH_TESTS, "parml/parallel/layout.py": MESH_TRAINING_TESTS,
-         "parml/training/build.py": MESH_TRAINING_TESTS}
+         "parml/training/build.py": MESH_TRAINING_TESTS,
+         "parml/kernels/__init__.py": ["tests/unit/test_kernels.py", "tests/unit/test_executor.py"],
+         "parml/comm/base.py": ["tests/unit/test_comm.py"]}
 
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
@@ -134,6 +136,25 @@ MUTANTS = {
                                      "replica=0)",
                                      "every replica of a redundant level counts as replica 0, so every one "
                                      "writes its level's optimizer state into the checkpoint"),
+    # --weight-grads auto: the fused kernel forms weight gradients inline where deferring only costs
+    "fused-kernel-always-defers": ("parml/kernels/__init__.py",
+                                   "return waited and width > FUSED_INLINE_MAX_WIDTH",
+                                   "return True",
+                                   "the fused kernel defers every chunk's weight gradients (exact, 2.8x the "
+                                   "backward's cost at width 3)"),
+    "fused-kernel-defers-on-the-first-rank": ("parml/kernels/__init__.py",
+                                              "return waited and width > FUSED_INLINE_MAX_WIDTH",
+                                              "return width > FUSED_INLINE_MAX_WIDTH",
+                                              "the fused kernel defers wide chunks on a first rank, where "
+                                              "nobody waits for the adjoint"),
+    "tikhonov-unweighted": ("parml/multilevel/mgopt.py",
+                            "reg = sum(w * v * v for w, v in zip(self._w, norms[:n]))",
+                            "reg = sum(v * v for v in norms[:n])",
+                            "the level objective's Tikhonov term without β and the block weight"),
+    "mpi-waits-sleep-at-once": ("parml/comm/base.py",
+                                "if now - start < YIELD_SECONDS:",
+                                "if False:",
+                                "a wait sleeps from its first poll (and oversleeps the partner's arrival)"),
 }
 
 
