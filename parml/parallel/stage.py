@@ -60,9 +60,9 @@ class PipelineStage:
         self.early_receives = not self.ordered
         self.timer = StageTimer(device or comm.device)
         self.rank, self.size = comm.rank, comm.size
-        self.deferred = (DeferredWeightGrads(waited=self.rank > 0, kernels_choose=weight_grads == "auto")
-                         if weight_grads != "inline" else None)
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        self.deferred = (DeferredWeightGrads(waited=not self.first, kernels_choose=weight_grads == "auto")
+                         if weight_grads != "inline" else None)
         self.device = device or comm.device
         self.dtype = next(shard.parameters()).dtype
         self._held = {}        # micro-batch -> (input, output or loss)

@@ -199,7 +199,7 @@ def shard_parameters(spec: ModelSpec, a: int, b: int) -> int:
     return total
 
 
-def kernel_name(spec: ModelSpec, weight_grads: str, device: str = "cpu", width: int = 0, waited: bool = True) -> str:
+def kernel_name(spec: ModelSpec, weight_grads: str, device: str, width: int, waited: bool) -> str:
     """The profile's kernel for a chunk of `width` on a stage that a neighbour waits on (`waited`):
     deferred weight gradients ("dense") as ``PipelineStage`` routes them, else "dense-inline"."""
     if spec.conv:

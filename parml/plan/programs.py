@@ -273,7 +273,7 @@ class _Gradient:
             self.costs[key] = [np.array([per[r][i] for r in rows]) for i in range(5)] + [sc.deferred]
         return self.costs[key]
 
-    def tail_rows(self, j, p, deferred=True):
+    def tail_rows(self, j, p, deferred):
         """Rows after the pipeline: the deferred weight gradients written to .grad, the data group's
         all-reduce (the last rank's with its loss) started and awaited, Level.gradient's
         bookkeeping, the layer group's all-reduce."""
