@@ -158,10 +158,6 @@ def _like(y: torch.Tensor, n: int, v: int) -> torch.Tensor:
     return y.new_empty(1, 1).expand(n, v)
 
 
-def _np_dtype(dtype):
-    return np.float32 if dtype == torch.float32 else np.float64
-
-
 @functools.cache
 def _empty(ndim: int, dtype):
     """A shared empty array of `ndim` dims ("not stored" for the kernels; never written)."""
@@ -173,21 +169,20 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-class FusedDense(torch.autograd.Function):
-    """y_K of a chunk of stacked dense blocks, fused; ``deferred`` is (sink, chunk) or None.
+class ChunkRun:
+    """One fused forward of a chunk of stacked dense blocks and, where it trains, its backward:
+    numpy in and out, and the stored states the two share. ``FusedDense`` wraps it for autograd;
+    ``network.NetworkGradient`` calls it directly, with no autograd around it.
 
-    Small arrays come from numpy (``torch.from_numpy``): a torch op costs ~10-20 µs of dispatch
-    here, which at batch 250 was a tenth of the chunk's time."""
+    `x` is a [B, v] numpy array; `weight`, `bias` tensors; ``deferred`` (sink, chunk) or None."""
 
-    @staticmethod
-    def forward(ctx, y, weight, bias, h, activation, stepper, deferred):
+    def __init__(self, x, weight, bias, h, activation, stepper, train, deferred=None):
         nd = _load_numba()
         K, v = weight.shape[0], weight.shape[1]
-        x, W, b = _contiguous(y), _contiguous(weight), _contiguous(bias)
-        B, dt = x.shape[0], _np_dtype(x.dtype)
+        W, b = _contiguous(weight), _contiguous(bias)
+        B, dt = x.shape[0], x.dtype.type
         rk2 = stepper == "rk2"
         act, step = ACTIVATION_CODES[activation], STEPPER_CODES[stepper]
-        train = any(ctx.needs_input_grad[:3])
         keep = train and keep_activations(activation, v)
         tile = tile_size(v, B, torch.get_num_threads())
         ntiles = (B + tile - 1) // tile
@@ -196,59 +191,88 @@ class FusedDense(torch.autograd.Function):
         if not train:
             Y = None
         elif deferred is not None:
-            Y = _feature_major(deferred[0].buffer(_like(x, n_y, v), K), K, v, n_y)
+            Y = _feature_major(deferred[0].buffer(_like(weight, n_y, v), K), K, v, n_y)
         else:
-            Y = POOL.take((K, v, n_y), x.dtype)
-        S = POOL.take((K, 1 + rk2, v, P), x.dtype) if keep else None
-        out = np.empty((B, v), dt)
+            Y = POOL.take((K, v, n_y), weight.dtype)
+        S = POOL.take((K, 1 + rk2, v, P), weight.dtype) if keep else None
+        self.out = np.empty((B, v), dt)
         arrays = (W.numpy(), b.numpy(), _empty(3, dt) if Y is None else Y.numpy(),
                   _empty(4, dt) if S is None else S.numpy())
-        c = _consts(h, x.dtype)
+        c = _consts(h, weight.dtype)
         n = _threads(ntiles)
-        args = (x.numpy(), arrays[0], arrays[1], c, step, act, tile)
+        args = (x, arrays[0], arrays[1], c, step, act, tile)
         if n == 1:
-            nd.forward(*args, 0, ntiles, out, arrays[2], arrays[3])
+            nd.forward(*args, 0, ntiles, self.out, arrays[2], arrays[3])
         else:
-            nd.forward_parallel(*args, n, out, arrays[2], arrays[3])
+            nd.forward_parallel(*args, n, self.out, arrays[2], arrays[3])
         if train:
-            ctx.save_for_backward(weight, bias)   # version checks: an in-place update before backward raises
-            ctx.keep = (W, b, Y, S)               # the tensors behind ``arrays``
-            ctx.arrays, ctx.c = arrays, c
-            ctx.meta = (h, act, step, tile, n_y, deferred)
-        return torch.from_numpy(out)
+            self.keep = (W, b, Y, S)               # the tensors behind ``arrays``
+            self.arrays, self.c = arrays, c
+            self.meta = (h, act, step, tile, n_y, deferred)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(self, g, gw=None, gb=None):
+        """(gin, ∂W, ∂b) from g = dL/dy_K, numpy [B, v]; ∂W, ∂b are None where a deferred sink takes
+        them. Inline, they are added to `gw`, `gb` where given (zeroed by the caller), else fresh."""
         nd = _load_numba()
-        ctx.saved_tensors   # noqa: B018 - raises if weight/bias were modified in place
-        h, act, step, tile, n_y, deferred = ctx.meta
-        (W, _, Y, S), (Wn, bn, Yn, Sn), c = ctx.keep, ctx.arrays, ctx.c
-        g = _contiguous(g)
+        h, act, step, tile, n_y, deferred = self.meta
+        (W, _, Y, S), (Wn, bn, Yn, Sn), c = self.keep, self.arrays, self.c
         B, v = g.shape
-        K, dt = W.shape[0], _np_dtype(g.dtype)
+        K, dt = W.shape[0], g.dtype.type
         gin = np.empty((B, v), dt)
         ntiles = (B + tile - 1) // tile
         n = _threads(ntiles)
         if deferred is not None:
             sink, chunk = deferred
-            G = _feature_major(sink.buffer(_like(g, n_y, v), K), K, v, n_y)
-            Gn, gw, gb = G.numpy(), np.empty((n, 0, 1, 1), dt), np.empty((n, 0, 1), dt)
+            G = _feature_major(sink.buffer(_like(W, n_y, v), K), K, v, n_y)
+            Gn, gwp, gbp = G.numpy(), np.empty((n, 0, 1, 1), dt), np.empty((n, 0, 1), dt)
+        elif n == 1 and gw is not None:
+            Gn, gwp, gbp = _empty(3, dt), gw[None], gb[None]
         else:
-            Gn, gw, gb = _empty(3, dt), np.zeros((n, K, v, v), dt), np.zeros((n, K, v), dt)
-        args = (g.numpy(), Wn, bn, c, step, act, tile)
+            Gn, gwp, gbp = _empty(3, dt), np.zeros((n, K, v, v), dt), np.zeros((n, K, v), dt)
+        args = (g, Wn, bn, c, step, act, tile)
         if n == 1:
-            nd.backward(*args, 0, ntiles, Yn, Sn, gin, Gn, gw[0], gb[0])
+            nd.backward(*args, 0, ntiles, Yn, Sn, gin, Gn, gwp[0], gbp[0])
         else:
-            nd.backward_parallel(*args, n, Yn, Sn, gin, Gn, gw, gb)
-        del ctx.keep, ctx.arrays
+            nd.backward_parallel(*args, n, Yn, Sn, gin, Gn, gwp, gbp)
+        del self.keep, self.arrays
         if S is not None:
             POOL.give(S)
         if deferred is not None:
             sink.add(chunk, Y.transpose(1, 2), G.transpose(1, 2), h)
-            return torch.from_numpy(gin), None, None, None, None, None, None
+            return gin, None, None
         POOL.give(Y)
-        gw, gb = (gw[0], gb[0]) if n == 1 else (gw.sum(0), gb.sum(0))
+        if gw is None:
+            return gin, *((gwp[0], gbp[0]) if n == 1 else (gwp.sum(0), gbp.sum(0)))
+        if n > 1:
+            gw += gwp.sum(0)
+            gb += gbp.sum(0)
+        return gin, gw, gb
+
+
+class FusedDense(torch.autograd.Function):
+    """y_K of a chunk of stacked dense blocks, fused (``ChunkRun``); ``deferred`` is (sink, chunk)
+    or None.
+
+    Small arrays come from numpy (``torch.from_numpy``): a torch op costs ~10-20 µs of dispatch
+    here, which at batch 250 was a tenth of the chunk's time."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, h, activation, stepper, deferred):
+        train = any(ctx.needs_input_grad[:3])
+        run = ChunkRun(_contiguous(y).numpy(), weight, bias, h, activation, stepper, train, deferred)
+        if train:
+            ctx.save_for_backward(weight, bias)   # version checks: an in-place update before backward raises
+            ctx.run = run
+        return torch.from_numpy(run.out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        ctx.saved_tensors   # noqa: B018 - raises if weight/bias were modified in place
+        gin, gw, gb = ctx.run.backward(_contiguous(g).numpy())
+        del ctx.run
+        if gw is None:
+            return torch.from_numpy(gin), None, None, None, None, None, None
         return torch.from_numpy(gin), torch.from_numpy(gw), torch.from_numpy(gb), None, None, None, None
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..kernels import attach_kernels
+from ..kernels.network import NetworkGradient
 from .layout import Partition, batch_share, check_microbatches, partition_blocks
 from .schedule import ScheduleError, check_message_order, get_schedule
 from .sharding import assemble_state, shard_state
@@ -83,7 +84,10 @@ class LayerParallel:
             except ScheduleError as e:
                 raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
-        self.reducer = GradientReducer(self.data) if self.data is not None else None
+        # one rank holding the whole dense model: loss and gradients without autograd, into one
+        # flat buffer that the data group sums in one all-reduce (``kernels.network``)
+        self.network = NetworkGradient.build(self.model, self.kernels) if comm.size == 1 else None
+        self.reducer = GradientReducer(self.data) if self.data is not None and self.network is None else None
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
 
@@ -117,12 +121,20 @@ class LayerParallel:
         self.stage.collect_times()
         t0 = time.perf_counter()
         c0, w0, s0 = self.stage.compute_seconds, self.stage.wait_seconds, self.stage.send_seconds
-        loss = self._pipeline(x.to(self.device), y.to(self.device), total)
-        self.stage.finish_sends()
-        synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
-        t1 = time.perf_counter()
-        if self.reducer is not None:
-            self.reducer.wait()         # the gradient sums (and the loss's) over the data group
+        if self.network is not None:
+            loss, flat = self.network(x, y, total, self.microbatches)
+            self.stage.compute_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            if self.data is not None:          # the gradients and the loss, summed in place
+                self.data.allreduce(flat)
+            loss = flat[-1] if self.data is not None else loss
+        else:
+            loss = self._pipeline(x.to(self.device), y.to(self.device), total)
+            self.stage.finish_sends()
+            synchronize(self.device)        # CUDA: the step's kernels are done (a no-op on CPU)
+            t1 = time.perf_counter()
+            if self.reducer is not None:
+                self.reducer.wait()         # the gradient sums (and the loss's) over the data group
         t2 = time.perf_counter()
         mine = local() if local is not None else None
         t3 = time.perf_counter()

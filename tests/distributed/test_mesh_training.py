@@ -63,7 +63,7 @@ def run_cycles(comm, key):
     vcycle = build_vcycle(_cfg(D, levels, m, schedule, mbpr, layout, interpolation), data, comm)
     losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(CYCLES)]
     # per level: layer ranks, replicas, redundant, and whether this rank sums gradients over replicas
-    shape = [(lv.ranks, lv.replicas, lv.redundant, lev is not None and lev.executor.reducer is not None)
+    shape = [(lv.ranks, lv.replicas, lv.redundant, lev is not None and lev.executor.data is not None)
              for lv, lev in zip(vcycle.plans, vcycle.levels)]
     val = vcycle.levels[-1].executor.evaluate(data.x_val, data.y_val)
     return losses, vcycle.levels[-1].executor.gather_state(), vcycle.work_units, shape, val

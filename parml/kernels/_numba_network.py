@@ -1,0 +1,142 @@
+"""numba kernels for the two ends of a dense network (``network.NetworkGradient``): the opening
+y_0 = x Qᵀ and its weight gradient, and the head with the data loss, forward and adjoint in one
+pass over the samples. Per sample the work is a few dozen multiply-adds, where a numpy or torch op
+costs 9-35 µs of dispatch and a temporary array each (batch 2000, width 3).
+
+The losses return Σ_n ℓ_n in float64 and write scale · ∂(Σ_n ℓ_n)/∂(state) in the states' dtype."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_FM = {"reassoc", "contract"}     # vectorised sums over the samples; no NaN/inf assumptions
+_OPTS = {"cache": True, "nogil": True, "fastmath": _FM}
+
+
+@njit(**_OPTS)
+def opening(x, Q, y0):
+    """y0[n, i] = Σ_j Q[i, j] x[n, j]."""
+    B, d = x.shape
+    v = Q.shape[0]
+    for n in range(B):
+        for i in range(v):
+            s = 0.0
+            for j in range(d):
+                s += Q[i, j] * x[n, j]
+            y0[n, i] = s
+
+
+@njit(**_OPTS)
+def opening_grad(gin, x, gQ):
+    """gQ[i, j] += Σ_n gin[n, i] x[n, j] (summed in float64)."""
+    B, d = x.shape
+    v = gQ.shape[0]
+    acc = np.zeros((v, d))
+    for n in range(B):
+        for i in range(v):
+            a = float(gin[n, i])
+            for j in range(d):
+                acc[i, j] += a * x[n, j]
+    for i in range(v):
+        for j in range(d):
+            gQ[i, j] += acc[i, j]
+
+
+@njit(**_OPTS)
+def _logits(y, H, c):
+    """Z[j, n] = c_j + Σ_i H[j, i] y[n, i] in float64, class-major so the sample loops vectorise."""
+    B, v = y.shape
+    C = H.shape[0]
+    Z = np.empty((C, B))
+    for j in range(C):
+        Zj = Z[j]
+        for n in range(B):
+            Zj[n] = c[j]
+        for i in range(v):
+            a = float(H[j, i])
+            for n in range(B):
+                Zj[n] += a * y[n, i]
+    return Z
+
+
+@njit(**_OPTS)
+def _head_adjoint(y, H, G, gH, gc, gy):
+    """From G[j, n] = ∂ℓ/∂z[n, j]: gH += G y, gc += Σ_n G[:, n] (float64 sums), gy = Gᵀ H."""
+    B, v = y.shape
+    C = H.shape[0]
+    for n in range(B):
+        for i in range(v):
+            gy[n, i] = 0.0
+    for j in range(C):
+        Gj = G[j]
+        s = 0.0
+        for n in range(B):
+            s += Gj[n]
+        gc[j] += s
+        for i in range(v):
+            s = 0.0
+            for n in range(B):
+                s += Gj[n] * y[n, i]
+            gH[j, i] += s
+            a = float(H[j, i])
+            for n in range(B):
+                gy[n, i] += a * Gj[n]
+
+
+@njit(**_OPTS)
+def head_cross_entropy(y, H, c, target, scale, gH, gc, gy):
+    """z_n = H y_n + c; Σ_n logsumexp(z_n) - z_n[t_n] (torch's ``cross_entropy``, reduction sum).
+    With g_n = scale (softmax(z_n) - e_{t_n}) = scale ∂ℓ_n/∂z_n: gH += Σ_n g_n y_nᵀ, gc += Σ_n g_n,
+    gy[n] = Hᵀ g_n."""
+    B = y.shape[0]
+    C = H.shape[0]
+    for n in range(B):
+        if target[n] < 0 or target[n] >= C:
+            raise ValueError("cross_entropy: a target class is outside [0, number of classes)")
+    Z = _logits(y, H, c)
+    M = Z[0].copy()
+    for j in range(1, C):
+        Zj = Z[j]
+        for n in range(B):
+            M[n] = max(M[n], Zj[n])
+    total = 0.0
+    for n in range(B):
+        total -= Z[target[n], n]
+    S = np.zeros(B)
+    for j in range(C):
+        Zj = Z[j]
+        for n in range(B):
+            e = math.exp(Zj[n] - M[n])
+            Zj[n] = e
+            S[n] += e
+    for n in range(B):
+        total += math.log(S[n]) + M[n]
+        S[n] = scale / S[n]
+    for j in range(C):          # Z becomes G
+        Zj = Z[j]
+        for n in range(B):
+            Zj[n] *= S[n]
+    for n in range(B):
+        Z[target[n], n] -= scale
+    _head_adjoint(y, H, Z, gH, gc, gy)
+    return total
+
+
+@njit(**_OPTS)
+def head_squared_error(y, H, c, target, scale, gH, gc, gy):
+    """z_n = H y_n + c; Σ_n ‖z_n - target_n‖² (torch's ``mse_loss``, reduction sum), adjoints as in
+    ``head_cross_entropy`` with ∂ℓ_n/∂z_n = 2 (z_n - target_n)."""
+    B = y.shape[0]
+    C = H.shape[0]
+    Z = _logits(y, H, c)
+    total = 0.0
+    for j in range(C):
+        Zj = Z[j]
+        for n in range(B):
+            d = Zj[n] - target[n, j]
+            total += d * d
+            Zj[n] = 2.0 * scale * d
+    _head_adjoint(y, H, Z, gH, gc, gy)
+    return total
