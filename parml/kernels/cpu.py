@@ -30,6 +30,7 @@ import torch
 ACTIVATION_CODES = {"relu": 0, "tanh": 1, "sigmoid": 2}
 STEPPER_CODES = {"euler": 0, "rk2": 1}
 DTYPES = (torch.float32, torch.float64)
+NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @functools.lru_cache(maxsize=1)

@@ -152,9 +152,10 @@ class Level:
         self.mask = block_mask(self.model)
         self.scale = [1.0 / h for h in step_sizes(self.model)] if metric == "l2" else None
         self.beta, self.block_weight, self.cost = beta, block_weight, cost
-        # the Tikhonov weight of each parameter, and twice it (its gradient 2wθ)
+        # the Tikhonov weight of each parameter; the parameters by weight (block or shared), whose
+        # gradients 2wθ are added with one multi-tensor op per weight
         self._w = [beta * (block_weight if is_block else 1.0) for is_block in self.mask]
-        self._twice_w = [2.0 * w for w in self._w]
+        self._by_weight = [([i for i, x in enumerate(self._w) if x == w], 2.0 * w) for w in sorted(set(self._w))]
         self.optimizer = make_optimizer(self.params)
         self.stats = LevelStats()
         self.number = number
@@ -189,10 +190,13 @@ class Level:
         def local() -> torch.Tensor:
             """This rank's Tikhonov term and non-finite flag, summed by the executor, in a few
             multi-tensor ops for all parameters: per-parameter ops took 0.21 ms of a coarse level's
-            1.2 ms gradient, these take 0.09 ms."""
+            1.2 ms gradient, these take ~0.1 ms."""
             d = [p.detach() for p in self.params]
             g = [p.grad.detach() for p in self.params]
-            grads.extend(torch._foreach_add(g, torch._foreach_mul(d, self._twice_w)))
+            grads.extend(g)
+            for idx, twice_w in self._by_weight:
+                for i, t in zip(idx, torch._foreach_add([g[i] for i in idx], [d[i] for i in idx], alpha=twice_w)):
+                    grads[i] = t
             # ‖θ_i‖ and max |∇_i| (inf or nan where any entry is) of every parameter, read at once
             norms = torch.stack(torch._foreach_norm(d) + torch._foreach_norm(grads, ord=math.inf)).tolist()
             n = len(d)
