@@ -80,6 +80,9 @@ def check_coverage(spec: ModelSpec, rows_per_rank: list, bounds) -> None:
 # --- the dense network: two stages (widths 4, 5), K = 11 ----------------------------------------------
 
 SPEC = ModelSpec(2, 3, (StageSpec(4, 6), StageSpec(5, 5)), T=1.0, activation="tanh")
+# one stage of width 4: every shard trains without autograd (kernels.NetworkGradient) under the
+# default --weight-grads auto, the whole model on one rank, a shard on each rank of a pipeline
+ONE_STAGE = ModelSpec(2, 3, (StageSpec(4, 11),), T=1.0, activation="tanh")
 BATCH = 13
 ALL_BLOCKS = all_blocks(SPEC)
 
@@ -89,13 +92,13 @@ def data(dtype, n: int = BATCH):
     return torch.randn(n, 2, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
 
 
-def serial(dtype):
+def serial(dtype, spec=SPEC):
     """The independent reference (tests/reference.py: a plain step-by-step loop, no fused chunk, no
     executor) in float64 from the `dtype` model's initial values: (loss, accuracy, gradients by name)."""
-    params = {n: t.detach().to(torch.float64) for n, t in build_model(SPEC, seed=2, dtype=dtype).state_dict().items()}
+    params = {n: t.detach().to(torch.float64) for n, t in build_model(spec, seed=2, dtype=dtype).state_dict().items()}
     x, y = data(dtype)                   # the same values as the run's (float32 draws differ from float64)
     x = x.to(torch.float64)
-    kw = dict(T=SPEC.T, activation=SPEC.activation)
+    kw = dict(T=spec.T, activation=spec.activation)
     loss, grads = reference.value_and_grad(params, x, y, **kw)
     with torch.no_grad():
         acc = float((reference.forward(params, x, **kw).argmax(1) == y).double().mean())

@@ -11,6 +11,10 @@ Three implementations behind one interface, ``Kernel.apply(chunk, y, sink) -> y_
 - ``fused`` on CUDA (``cuda_graphs.GraphedKernel``): the reference chunk captured in CUDA graphs
   per (chunk, shape) and micro-batch in flight, so a replay is one launch instead of thousands.
 
+Around them, ``network.NetworkGradient`` trains a one-stage dense model or pipeline shard on CPU
+without autograd (opening, fused chunk, head and loss as numpy / numba calls), where every weight
+gradient stays inline: at width 3 autograd's nodes cost more than the arithmetic.
+
 ``select_kernel(name, device, dtype, width, ...)`` picks one for ``--kernel auto|torch|fused`` and
 says why when ``auto`` does not pick the fused one. The model keeps the reference step-by-step
 loop; ``attach_kernels(model, name)`` routes each dense chunk through its kernel from outside

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import FUSED_CPU, cpu
+from . import AUTO_BATCH_LIMITS, FUSED_CPU, cpu
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,84 +35,133 @@ def _load_ends():
 OPENING_LOOP_MAX_FEATURES = 32
 
 
-class NetworkGradient:
-    """``(loss, flat) = grad(x, y, total, microbatches)`` for `model`, a whole single-stage dense
-    ``ODEResNet`` whose chunk runs the fused CPU kernel (``build`` says whether one fits).
+def auto_network(spec, device_type: str) -> bool:
+    """Whether one rank holding all of `spec` computes it through ``NetworkGradient`` under
+    ``--kernel auto`` where the compiled kernels load (the planner's model of ``build``): one dense
+    stage on CPU, narrow enough that auto always picks the fused kernel."""
+    return (device_type == "cpu" and not spec.conv and len(spec.stages) == 1
+            and spec.stages[0].width <= AUTO_BATCH_LIMITS[0][0])
 
-    loss = Σ_n ℓ(x_n, y_n) / total (float64); every parameter's ``.grad`` is set to its view of
-    `flat`, whose last entry is the loss in the parameters' dtype. Micro-batches are run one after
-    the other and their gradients summed, as the pipeline does on one rank (the memory bound)."""
+
+class NetworkGradient:
+    """Forward and adjoint of `model`, a one-stage dense ``ODEResNet`` or a shard of one whose chunk
+    runs the fused CPU kernel (``build`` says whether one fits): [opening] → blocks → [head, loss].
+
+    A step: ``begin()`` gives every parameter's ``.grad`` a view of a fresh flat buffer (its last
+    entry free for the loss); ``forward(m, inp, y, total)`` runs micro-batch m from the data (first
+    shard) or the received state and returns (Σ ℓ / total on the last shard, else None; y_b on the
+    others, else None); ``backward(m, g)`` takes dL/dy_b (None on the last shard, whose head already
+    formed it) and returns dL/dy_a (None on the first shard), adding m's gradients to the buffer.
+    ``grad(x, y, total, microbatches)`` is a whole model's step on one rank: (loss, flat)."""
 
     def __init__(self, model):
         self.model = model
+        self.first, self.last = model.opening is not None, model.head is not None
         self.chunk = model.chunks[0]
-        self.params = [model.opening.weight, self.chunk.weight, self.chunk.bias, model.head.weight,
-                       model.head.bias]
+        self.params = ([model.opening.weight] if self.first else []) + [self.chunk.weight, self.chunk.bias] + \
+            ([model.head.weight, model.head.bias] if self.last else [])
         ends = [0]
         for p in self.params:
             ends.append(ends[-1] + p.numel())
         self.spans = list(zip(ends, ends[1:]))
         self.numel = ends[-1]
+        self.dtype = self.chunk.weight.dtype
         self.regression = model.spec.task == "regression"
+        self.flat = None
+        self._grads = None          # numpy views of flat, per parameter (``begin``)
+        self._held = {}
 
     @staticmethod
     def build(model, kernels) -> "NetworkGradient | None":
-        """A ``NetworkGradient`` where `model` is whole, dense, one stage, on CPU, with its chunk
-        on the fused kernel (`kernels`: what ``attach_kernels`` returned); else None."""
+        """A ``NetworkGradient`` where `model` (a model or shard) is dense, one stage, on CPU, with its
+        chunk on the fused kernel (`kernels`: its chunks' ``ChunkKernel``s); else None."""
         spec = model.spec
-        whole = (model.start, model.stop) == (0, spec.total_blocks)
-        if not whole or spec.conv or len(spec.stages) != 1 or len(model.chunks) != 1 or model.projections:
+        if spec.conv or len(spec.stages) != 1 or len(model.chunks) != 1 or model.projections:
             return None
         if len(kernels) != 1 or kernels[0].impl is not FUSED_CPU or model.chunks[0].kernel is not kernels[0]:
             return None
         opening, head = model.opening, model.head
-        if type(opening) is not nn.Linear or opening.bias is not None or type(head) is not nn.Linear or head.bias is None:
+        if opening is not None and (type(opening) is not nn.Linear or opening.bias is not None):
+            return None
+        if head is not None and (type(head) is not nn.Linear or head.bias is None):
             return None
         if any(p.device.type != "cpu" or p.dtype != model.chunks[0].weight.dtype for p in model.parameters()):
             return None
         return NetworkGradient(model)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, total: int, microbatches: int = 1):
-        ends = _load_ends()
-        dtype = self.params[0].dtype
-        # numpy views and torch.from_numpy: a torch view costs 4 µs, a numpy one 0.6 (x 5 per call)
-        flat = torch.from_numpy(np.zeros(self.numel + 1, cpu.NP_DTYPES[dtype]))
+    def begin(self) -> torch.Tensor:
+        """Start a step: zeroed gradients, each parameter's ``.grad`` a view of the returned buffer."""
+        # numpy views and torch.from_numpy: a torch view costs 4 µs, a numpy one 0.6 (x 5 per step)
+        flat = torch.from_numpy(np.zeros(self.numel + 1, cpu.NP_DTYPES[self.dtype]))
         flat_np = flat.numpy()
-        grads = [flat_np[a:b].reshape(p.shape) for p, (a, b) in zip(self.params, self.spans)]
-        for p, g in zip(self.params, grads):
+        self._grads = [flat_np[a:b].reshape(p.shape) for p, (a, b) in zip(self.params, self.spans)]
+        for p, g in zip(self.params, self._grads):
             p.grad = torch.from_numpy(g)
-        gQ, gW, gb, gH, gc = grads
-        Q, H, c = (p.detach().numpy() for p in (self.params[0], self.params[3], self.params[4]))
-        ch = self.chunk
-        small = Q.shape[1] <= OPENING_LOOP_MAX_FEATURES
-        scale = 1.0 / total
-        loss = 0.0
-        x = x.detach() if x.dtype == dtype else x.detach().to(dtype)
-        y = y.detach()
-        parts = zip(x.tensor_split(microbatches), y.tensor_split(microbatches)) if microbatches > 1 else [(x, y)]
-        for x_m, y_m in parts:
-            x_m = x_m.contiguous()
-            xn = x_m.numpy()
-            if small:
+        self.flat = flat
+        self._held.clear()
+        return flat
+
+    def forward(self, m, inp: torch.Tensor, y: torch.Tensor | None, total: int):
+        if self._grads is None:
+            raise RuntimeError("NetworkGradient.forward before begin(): a training step starts with begin()")
+        ends, ch = _load_ends(), self.chunk
+        inp = inp.detach()
+        x = (inp if inp.dtype == self.dtype else inp.to(self.dtype)).contiguous()
+        xn = x.numpy()
+        if self.first:
+            Q = self.params[0].detach()
+            if Q.shape[1] <= OPENING_LOOP_MAX_FEATURES:
                 y0 = np.empty((xn.shape[0], Q.shape[0]), xn.dtype)
-                ends.opening(xn, Q, y0)
+                ends.opening(xn, Q.numpy(), y0)
             else:       # torch's BLAS, under torch's thread count: numpy's would start a thread per core
-                y0 = torch.mm(x_m, self.params[0].detach().T).numpy()
-            run = cpu.ChunkRun(y0, ch.weight, ch.bias, ch.h, ch.activation, ch.stepper, True)
-            out = run.out
-            gy = np.empty_like(out)
-            if self.regression:
-                loss += ends.head_squared_error(out, H, c, _targets(y_m, (out.shape[0], H.shape[0]), dtype), scale,
-                                                gH, gc, gy)
-            else:
-                loss += ends.head_cross_entropy(out, H, c, y_m.contiguous().numpy(), scale, gH, gc, gy)
-            gin, _, _ = run.backward(gy, gW, gb)
-            if small:
-                ends.opening_grad(gin, xn, gQ)
-            else:
-                self.params[0].grad.addmm_(torch.from_numpy(gin).T, x_m)
-        loss *= scale
-        flat_np[-1] = loss
+                y0 = torch.mm(x, Q.T).numpy()
+        else:
+            y0 = xn
+        run = cpu.ChunkRun(y0, ch.weight, ch.bias, ch.h, ch.activation, ch.stepper, True)
+        out = run.out
+        if not self.last:
+            self._held[m] = (run, x, None)
+            return None, torch.from_numpy(out)
+        H, c = self.params[-2].detach().numpy(), self.params[-1].detach().numpy()
+        gH, gc = self._grads[-2], self._grads[-1]
+        gy, scale = np.empty_like(out), 1.0 / total
+        y = y.detach()
+        if self.regression:
+            loss = ends.head_squared_error(out, H, c, _targets(y, (out.shape[0], H.shape[0]), self.dtype), scale,
+                                           gH, gc, gy)
+        else:
+            loss = ends.head_cross_entropy(out, H, c, y.contiguous().numpy(), scale, gH, gc, gy)
+        self._held[m] = (run, x, gy)
+        return loss * scale, None
+
+    def backward(self, m, g: torch.Tensor | None = None) -> torch.Tensor | None:
+        run, x, gy = self._held.pop(m)
+        i = 1 if self.first else 0
+        gin, _, _ = run.backward(gy if g is None else g.detach().contiguous().numpy(), self._grads[i],
+                                 self._grads[i + 1])
+        if not self.first:
+            return torch.from_numpy(gin)
+        if x.shape[1] <= OPENING_LOOP_MAX_FEATURES:
+            _load_ends().opening_grad(gin, x.numpy(), self._grads[0])
+        else:
+            self.params[0].grad.addmm_(torch.from_numpy(gin).T, x)
+        return None
+
+    def end(self) -> None:
+        """Forget a step that failed part-way (what its micro-batches held)."""
+        self._held.clear()
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor, total: int, microbatches: int = 1):
+        """A whole model's loss Σ_n ℓ(x_n, y_n) / total (float64) and its gradients in the returned
+        flat buffer (each ``.grad`` a view), whose last entry holds the loss in the parameters'
+        dtype. Micro-batches run one after the other, as the pipeline runs them on one rank."""
+        flat = self.begin()
+        loss = 0.0
+        parts = zip(x.tensor_split(microbatches), y.tensor_split(microbatches)) if microbatches > 1 else [(x, y)]
+        for m, (x_m, y_m) in enumerate(parts):
+            loss += self.forward(m, x_m, y_m, total)[0]
+            self.backward(m)
+        flat.numpy()[-1] = loss
         return loss, flat
 
 

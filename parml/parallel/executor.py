@@ -85,8 +85,10 @@ class LayerParallel:
                 raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
         # one rank holding the whole dense model: loss and gradients without autograd, into one
-        # flat buffer that the data group sums in one all-reduce (``kernels.network``)
-        self.network = NetworkGradient.build(self.model, self.kernels) if comm.size == 1 else None
+        # flat buffer that the data group sums in one all-reduce (``kernels.network``); a forced
+        # ``--weight-grads deferred`` keeps the stage's deferred path
+        self.network = (NetworkGradient.build(self.model, self.kernels)
+                        if comm.size == 1 and weight_grads != "deferred" else None)
         self.reducer = GradientReducer(self.data) if self.data is not None and self.network is None else None
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
@@ -122,7 +124,7 @@ class LayerParallel:
         t0 = time.perf_counter()
         c0, w0, s0 = self.stage.compute_seconds, self.stage.wait_seconds, self.stage.send_seconds
         if self.network is not None:
-            loss, flat = self.network(x, y, total, self.microbatches)
+            loss, flat = self.network.grad(x, y, total, self.microbatches)
             self.stage.compute_seconds += time.perf_counter() - t0
             t1 = time.perf_counter()
             if self.data is not None:          # the gradients and the loss, summed in place
@@ -151,6 +153,7 @@ class LayerParallel:
         """This rank's action list over the micro-batches of (x, y); starts the gradient sums."""
         xs, ys = x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stage.begin_step()
         self.stage.post_receives([x_m.shape[0] for x_m in xs])
         self.stage.deferring(True)
         reducer = self.reducer

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import DeferredWeightGrads
+from ..kernels.network import NetworkGradient
 from .timing import StageTimer
 
 WEIGHT_GRADS = ("auto", "deferred", "inline")
@@ -65,6 +66,12 @@ class PipelineStage:
                          if weight_grads != "inline" else None)
         self.device = device or comm.device
         self.dtype = next(shard.parameters()).dtype
+        # a one-stage dense shard whose weight gradients stay inline: trained without autograd
+        # (``kernels.NetworkGradient``: ~0.3 ms less per micro-batch and stage at width 3)
+        chunks = shard.block_chunks()
+        inline = weight_grads == "inline" or (weight_grads == "auto" and all(
+            c.kernel is not None and not c.kernel.impl.defers(c.weight.shape[1], not self.first) for c in chunks))
+        self.manual = NetworkGradient.build(shard, [c.kernel for c in chunks]) if inline else None
         self._held = {}        # micro-batch -> (input, output or loss)
         self._sends = []
         self._posted = {}      # tag -> (request, buffer) of receives posted ahead
@@ -133,10 +140,17 @@ class PipelineStage:
         self.send_seconds += done.get("send", 0.0)           # posting sends: part of the wait
         self.wait_seconds += done.get("wait", 0.0) + done.get("send", 0.0)
 
+    def begin_step(self):
+        """A training step starts: where the shard trains without autograd, fresh gradients."""
+        if self.manual is not None:
+            self.manual.begin()
+
     def end_step(self):
         """Forget what a step that failed part-way left behind (stored gradients, posted receives)."""
         if self.deferred is not None:
             self.deferred.discard()
+        if self.manual is not None:
+            self.manual.end()
         self._posted.clear()
 
     def flush_weight_grads(self, done=None):
@@ -155,7 +169,9 @@ class PipelineStage:
         else:
             inp = self._recv(self.states, self.shard.state_shape(self.shard.start, x_m.shape[0]),
                              self.rank - 1, 2 * m)
-            inp.requires_grad_(train)
+            inp.requires_grad_(train and self.manual is None)
+        if train and self.manual is not None:
+            return self._forward_manual(m, inp, y_m, total)
         t0 = self.timer.start()
         with torch.set_grad_enabled(train):
             out = self.shard(inp)
@@ -167,7 +183,29 @@ class PipelineStage:
             self._held[m] = (inp, loss if self.last else out)
         return loss, out
 
+    def _forward_manual(self, m, inp, y_m, total):
+        t0 = self.timer.start()
+        loss, out = self.manual.forward(m, inp, y_m, total)
+        self.compute_seconds += self.timer.stop(t0, "compute")
+        if self.last:
+            self._held[m] = None
+            return torch.tensor(loss, dtype=torch.float64), None
+        self._send(self.states, out, self.rank + 1, 2 * m)
+        self._held[m] = out.shape
+        return None, out
+
+    def _backward_manual(self, m):
+        shape = self._held.pop(m)
+        grad = None if self.last else self._recv(self.adjoints, shape, self.rank + 1, 2 * m + 1)
+        t0 = self.timer.start()
+        gin = self.manual.backward(m, grad)
+        self.compute_seconds += self.timer.stop(t0, "compute")
+        if not self.first:
+            self._send(self.adjoints, gin, self.rank - 1, 2 * m + 1)
+
     def backward(self, m):
+        if self.manual is not None:
+            return self._backward_manual(m)
         inp, out = self._held.pop(m)
         if self.last:
             grad = None

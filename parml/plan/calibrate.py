@@ -26,11 +26,11 @@ from .. import __version__
 from ..comm import exit_process
 from ..launch import mpirun_path
 from .calibrate_comm import available_backends, comm_worker, measure_comm
-from .calibrate_compute import measure_conv, measure_kernels, measure_steps
+from .calibrate_compute import measure_conv, measure_kernels, measure_network, measure_steps
 from .profile import Profile, ProfileError
 
 __all__ = ["GRIDS", "calibrate", "comm_worker", "machine_info", "main", "measure_comm", "measure_conv",
-           "measure_kernels", "measure_steps"]
+           "measure_kernels", "measure_network", "measure_steps"]
 
 GRIDS = {
     "quick": {"widths": [4, 32], "rows": [32, 256], "blocks": [4, 16], "ends_io": [(2, 2), (64, 10)],
@@ -122,6 +122,9 @@ def _calibrate(dev, device, backends, out, quick, log, threads, grid):
     conv = measure_conv(grid, dev, log)
     if conv is not None:
         kernels["conv"] = conv
+    network = measure_network(grid, dev, log)
+    if network is not None:
+        kernels["network"] = network
     step = measure_steps(grid, dev, log)
     step["finish"] = finish
     log(f"  compute measured in {time.perf_counter() - t0:.1f} s")

@@ -16,6 +16,7 @@ import torch
 
 from ..comm import SelfComm
 from ..kernels import attach_kernels
+from ..kernels.network import NetworkGradient
 from ..model import ModelSpec, StageSpec, build_model
 from ..multilevel.hierarchy import prolongate, restrict_gradient, restrict_parameters
 from ..multilevel.mgopt import Level, level_optimizer
@@ -24,6 +25,7 @@ from ..parallel.stage import PipelineStage
 from .profile import Fit, KernelCost
 
 KERNEL_FEATURES = ["1", "n", "n*b", "n*b*v*s", "n*b*v^2*s", "n*v^2"]
+NETWORK_FEATURES = KERNEL_FEATURES + ["b"]     # the blocks, and the opening, head and loss per row
 FIRST_FEATURES = ["1", "b*v*s", "b*i*v*s"]
 LAST_FEATURES = ["1", "b*v*s", "b*o*v"]
 PARAM_FEATURES = ["1", "p"]
@@ -121,6 +123,7 @@ def _stage_timer(spec, role, n, rows, device, weight_grads, dtype=torch.float32)
     def one():
         for p in shard.parameters():
             p.grad = None
+        stage.begin_step()
         stage.post_receives([rows])
         stage.deferring(True)
         _sync(device)
@@ -204,6 +207,52 @@ def measure_kernels(grid, device, log=print):
         ends[key] = Fit.fitted(FIRST_FEATURES if key.startswith("first") else LAST_FEATURES, pts, ys, floor)
     finish = Fit.fitted(PARAM_FEATURES, *finish_pts)
     return out, ends, finish
+
+
+def _network_timer(spec, rows, device):
+    """fn() timing one ``NetworkGradient`` call (the whole model's loss and gradients on one rank)
+    as ``LayerParallel`` makes it, or None where the model does not take that path."""
+    model = build_model(spec, seed=0).to(device)
+    network = NetworkGradient.build(model, attach_kernels(model, "auto"))
+    if network is None:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, spec.in_features, generator=gen)
+    y = torch.randint(0, spec.out_features, (rows,), generator=gen)
+    clock = _clock(device)
+
+    def one():
+        t0 = clock()
+        network.grad(x, y, rows)
+        return {"F": clock() - t0}
+    return one
+
+
+def measure_network(grid, device, log=print) -> KernelCost | None:
+    """The one-rank path of a whole dense model (``kernels.NetworkGradient``): loss and every
+    gradient per call, stored as the forward of kernel "network" (no backward or weight parts);
+    None where no measured width takes it (numba missing, a GPU, only wide blocks)."""
+    pts, F = [], []
+    for v in grid["widths"]:
+        for b in grid["rows"]:
+            for n in grid["blocks"]:
+                if n * b * v * v > MAX_ELEMENTS:
+                    continue
+                fn = _network_timer(_dense_spec(v, n), b, device)
+                if fn is None:
+                    continue
+                pts.append({"n": n, "b": b, "v": v, "s": 1})
+                F.append(_median_time(fn, device, grid["min_time"], grid["max_reps"])["F"])
+    if len(pts) < len(NETWORK_FEATURES):
+        return None
+    zero = Fit.constant(0.0)
+    kc = KernelCost(Fit.fitted(NETWORK_FEATURES, pts, F), zero, zero,
+                    "one rank, whole dense model: loss and gradients without autograd (kernels.NetworkGradient)",
+                    [[p["n"], p["b"], p["v"], 1, f, 0.0, 0.0] for p, f in zip(pts, F)])
+    kc = with_width_fits(kc, False)
+    log(f"  kernel network: {len(pts)} points, fit median/max rel. error "
+        f"{kc.forward.median_rel_error:.1%}/{kc.forward.max_rel_error:.1%}")
+    return kc
 
 
 def with_width_fits(kc: KernelCost, weight: bool = True) -> KernelCost:

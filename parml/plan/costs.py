@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..kernels import auto_defers
+from ..kernels.network import auto_network
 from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
 from ..multilevel.mgopt import CycleSetup
@@ -234,9 +235,19 @@ class StageCost:
         """Some chunk forms its weight gradients after the backward (a W action per micro-batch)."""
         return "dense" in self.kernels()
 
+    @property
+    def network(self) -> bool:
+        """One rank holds the whole model and computes it without autograd (``LayerParallel``'s
+        ``NetworkGradient``), where the profile measured that path."""
+        return ((self.a, self.b) == (0, self.spec.total_blocks) and self.weight_grads != "deferred"
+                and "network" in self.profile.kernels and auto_network(self.spec, self.profile.device))
+
     def _compute(self, rows):
         prof, spec = self.profile, self.spec
         scale = 2.0 if spec.stepper == "rk2" else 1.0      # two F evaluations per step (estimate)
+        if self.network:             # loss and every gradient in one call: all of it is the F row
+            n, v = spec.total_blocks, spec.stages[0].width
+            return scale * prof.kernel("network").time(0, n=n, b=rows, v=v, s=1), 0.0, 0.0
         f = bw = w = 0.0
         for (stage, n), name in zip(_stage_ranges(spec, self.a, self.b), self.kernels()):
             kern = prof.kernel(name)

@@ -9,7 +9,7 @@ stage was compared exactly once.
 import pytest
 import torch
 
-from cases import RTOL, SPEC, check_coverage, check_rank_grads, close_scalar, data, local_grads, serial
+from cases import ONE_STAGE, RTOL, SPEC, check_coverage, check_rank_grads, close_scalar, data, local_grads, serial
 from multiproc import run_ranks
 from parml.model import build_model
 from parml.parallel.executor import LayerParallel
@@ -20,18 +20,24 @@ torch.set_num_threads(1)
 # path inside the pipeline), inline, and auto (the default; at these widths the fused kernel inline)
 CASES = ([(s, m, d, "deferred") for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
          + [(s, 3, "float64", wg) for s in ("gpipe", "1f1b") for wg in ("inline", "auto")])
+# the one-stage network, whose shards train without autograd (kernels.NetworkGradient) under auto
+ONE_STAGE_CASES = [(s, m, d, "auto", "one-stage") for s in ("gpipe", "1f1b") for m in (1, 3) for d in ("float64", "float32")]
+SPECS = {"two-stage": SPEC, "one-stage": ONE_STAGE}
 
 
 def _grads_worker(comm):
     results = {}
-    for schedule, m, dtype, wg in CASES:
+    for schedule, m, dtype, wg, *name in CASES + ONE_STAGE_CASES:
         dt = getattr(torch, dtype)
-        lp = LayerParallel(build_model(SPEC, seed=2, dtype=dt), comm, schedule, m, weight_grads=wg)
+        spec = SPECS[name[0] if name else "two-stage"]
+        lp = LayerParallel(build_model(spec, seed=2, dtype=dt), comm, schedule, m, weight_grads=wg)
+        manual = lp.network is not None or lp.stage.manual is not None
         x, y = data(dt)
         lp.forward_backward(x, y)               # twice: the second step reuses the deferred buffers
         loss = lp.forward_backward(x, y)
         val_loss, acc = lp.evaluate(x, y)
-        results[(schedule, m, dtype, wg)] = (loss, val_loss, acc, local_grads(lp.model), lp.partition.bounds)
+        results[(schedule, m, dtype, wg, *name)] = (loss, val_loss, acc, local_grads(lp.model), lp.partition.bounds,
+                                                    manual)
     return results
 
 
@@ -39,21 +45,22 @@ def _grads_worker(comm):
 @pytest.mark.parametrize("backend,nprocs", [("gloo", 1), ("gloo", 2), ("gloo", 4), ("mpi", 1), ("mpi", 2), ("mpi", 4)])
 def test_loss_and_every_gradient_equal_serial(backend, nprocs):
     ranks = run_ranks("tests.distributed.test_executor:_grads_worker", nprocs, backend, timeout=150)
-    reference = {d: serial(getattr(torch, d)) for d in ("float64", "float32")}
-    for case in CASES:
-        dtype = case[2]
-        ref_loss, ref_acc, ref_grads = reference[dtype]
+    reference = {(d, name): serial(getattr(torch, d), spec) for d in ("float64", "float32") for name, spec in SPECS.items()}
+    for case in CASES + ONE_STAGE_CASES:
+        dtype, name = case[2], (case[4] if len(case) > 4 else "two-stage")
+        ref_loss, ref_acc, ref_grads = reference[(dtype, name)]
         rtol = RTOL[dtype]
         rows, shared = [], set()
         for rank, res in enumerate(ranks):
-            loss, val_loss, acc, grads, bounds = res[case]
+            loss, val_loss, acc, grads, bounds, manual = res[case]
             close_scalar(loss, ref_loss, rtol, f"{case} rank {rank} loss")
             close_scalar(val_loss, ref_loss, rtol, f"{case} rank {rank} evaluate")
             assert acc == ref_acc
+            assert manual == (name == "one-stage"), (case, rank)       # which path computed it
             rows.append(check_rank_grads(grads, ref_grads, rtol))
             shared |= {k for k in grads if isinstance(k, str)}
         # every block of every stage was compared on exactly one rank, every shared parameter somewhere
-        check_coverage(SPEC, rows, bounds)
+        check_coverage(SPECS[name], rows, bounds)
         assert shared == {n for n in ref_grads if not n.startswith("chunks.")}
 
 

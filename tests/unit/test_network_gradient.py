@@ -10,6 +10,7 @@ from parml.kernels import attach_kernels
 from parml.kernels.network import NetworkGradient
 from parml.model import ModelSpec, StageSpec, build_model
 from parml.parallel.executor import LayerParallel
+from parml.parallel.stage import PipelineStage
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -58,7 +59,7 @@ def test_loss_and_gradients_equal_autograd(dtype, task, activation, stepper, mic
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loss, flat = network(x, y, x.shape[0], microbatches)
+        loss, flat = network.grad(x, y, x.shape[0], microbatches)
     finally:
         torch.set_num_threads(before)
     rtol = RTOL[dtype]
@@ -77,7 +78,7 @@ def test_gradients_equal_the_independent_reference(features):
     model = build_model(spec, seed=1, dtype=torch.float64)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     want_loss, want = reference.value_and_grad(params, x, y, T=spec.T, activation=spec.activation)
-    loss, _ = NetworkGradient.build(model, attach_kernels(model, "auto"))(x, y, x.shape[0])
+    loss, _ = NetworkGradient.build(model, attach_kernels(model, "auto")).grad(x, y, x.shape[0])
     assert loss == pytest.approx(want_loss, rel=1e-12)
     for name, p in model.named_parameters():
         _close(p.grad, want[name], 1e-10, name)
@@ -90,9 +91,9 @@ def test_a_share_of_the_batch_is_scaled_by_the_whole_batch():
     x, y = _data(spec, torch.float64, batch=40)
     model = build_model(spec, seed=4, dtype=torch.float64)
     network = NetworkGradient.build(model, attach_kernels(model, "fused"))
-    parts = [network(xs, ys, 40) for xs, ys in zip(x.tensor_split(2), y.tensor_split(2))]
+    parts = [network.grad(xs, ys, 40) for xs, ys in zip(x.tensor_split(2), y.tensor_split(2))]
     summed = parts[0][1] + parts[1][1]
-    _, whole = network(x, y, 40)
+    _, whole = network.grad(x, y, 40)
     assert torch.allclose(summed, whole, rtol=1e-12, atol=1e-15)
 
 
@@ -102,19 +103,75 @@ def test_a_target_outside_the_classes_is_refused():
     y[5] = spec.out_features
     model = build_model(spec, seed=4, dtype=torch.float64)
     with pytest.raises(ValueError, match="target class is outside"):
-        NetworkGradient.build(model, attach_kernels(model, "fused"))(x, y, x.shape[0])
+        NetworkGradient.build(model, attach_kernels(model, "fused")).grad(x, y, x.shape[0])
 
 
-@pytest.mark.parametrize("what", ["torch kernel", "shard", "two stages"])
-def test_only_whole_one_stage_models_on_the_fused_kernel_qualify(what):
-    spec = _spec(stages=(StageSpec(3, 4), StageSpec(4, 4))) if what == "two stages" else _spec()
+@pytest.mark.parametrize("what", ["torch kernel", "two stages", "conv"])
+def test_only_one_stage_dense_models_on_the_fused_kernel_qualify(what):
+    if what == "conv":
+        spec = ModelSpec(2 * 4 * 4, 3, (StageSpec(2, 3, "conv"),), input_shape=(2, 4, 4))
+    else:
+        spec = _spec(stages=(StageSpec(3, 4), StageSpec(4, 4))) if what == "two stages" else _spec()
     model = build_model(spec, seed=0)
-    if what == "shard":
-        model = model.shard(0, 5)
     kernels = attach_kernels(model, "torch" if what == "torch kernel" else "fused")
     assert NetworkGradient.build(model, kernels) is None
     whole = build_model(_spec(), seed=0)
     assert NetworkGradient.build(whole, attach_kernels(whole, "fused")) is not None
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_three_shards_chained_by_hand_equal_autograd(microbatches):
+    """A pipeline of three shards (opening + blocks, blocks, blocks + head and loss) passed states
+    forward and adjoints back by hand, micro-batch by micro-batch (GPipe order)."""
+    spec = _spec(blocks=9)
+    x, y = _data(spec, torch.float64, batch=31)
+    want_loss, want = _autograd(spec, torch.float64, x, y)
+    full = build_model(spec, seed=4, dtype=torch.float64)
+    shards = [full.shard(a, b) for a, b in ((0, 3), (3, 7), (7, 9))]
+    nets = [NetworkGradient.build(s, attach_kernels(s, "fused")) for s in shards]
+    assert [(n.first, n.last) for n in nets] == [(True, False), (False, False), (False, True)]
+    for n in nets:
+        n.begin()
+    loss = 0.0
+    parts = list(zip(x.tensor_split(microbatches), y.tensor_split(microbatches)))
+    for m, (x_m, y_m) in enumerate(parts):
+        h = x_m
+        for n in nets:
+            value, h = n.forward(m, h, y_m, x.shape[0])
+        loss += value
+    for m in range(len(parts)):
+        g = None
+        for n in reversed(nets):
+            g = n.backward(m, g)
+        assert g is None                       # the first shard sends no adjoint
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    got = {}
+    for s in shards:
+        for name, p in s.named_parameters():
+            if name.startswith("chunks."):
+                got.setdefault(name, []).append(p.grad)
+            else:
+                got[name] = p.grad
+    for name, g in got.items():
+        _close(torch.cat(g) if isinstance(g, list) else g, want[name], 1e-10, name)
+
+
+def test_pipeline_stages_train_without_autograd_where_weight_gradients_stay_inline():
+    """``PipelineStage`` uses it where no chunk defers: up to width 8 everywhere under auto, and
+    on the first rank at any fused width; a deferring chunk (width 12 where a neighbour waits) or a
+    forced ``--weight-grads deferred`` keeps autograd and the deferred sink."""
+    class Fake(SelfComm):
+        def __init__(self, rank, size):
+            super().__init__()
+            self.rank, self.size = rank, size
+
+    for width, rank, wg, manual in ((3, 1, "auto", True), (12, 0, "auto", True), (12, 1, "auto", False),
+                                    (3, 1, "deferred", False), (12, 1, "inline", True)):
+        full = build_model(_spec(width=width, blocks=4), seed=0)
+        shard = full.shard(2 * rank, 2 * rank + 2)
+        attach_kernels(shard, "auto")
+        stage = PipelineStage(shard, Fake(rank, 2), weight_grads=wg)
+        assert (stage.manual is not None) == manual, (width, rank, wg)
 
 
 def test_one_rank_takes_it_and_a_pipeline_does_not():

@@ -13,7 +13,7 @@ from parml.parallel.transfer import _pieces
 from parml.training.build import plan_run
 from parml.plan.planner import workload_for
 from parml.parallel.layout import Partition
-from parml.plan.profile import Fit, uniform_profile
+from parml.plan.profile import Fit, KernelCost, uniform_profile
 from parml.plan.simulate import (
     Context,
     Layout,
@@ -87,6 +87,30 @@ def test_auto_weight_gradients_defer_where_the_kernel_does():
     for width, rank0, rank1 in ((12, False, True), (32, True, True)):
         pr = predict(Workload(dense(width, 2), batch=4), Layout(1, 2, 2, "1f1b"), prof, keep_run=True)
         assert [any("W" in a for a, _, _ in timeline(pr, r)) for r in (0, 1)] == [rank0, rank1], width
+
+
+def test_one_rank_whole_models_cost_the_measured_network_path():
+    """``LayerParallel`` on one rank computes a whole narrow dense model without autograd
+    (``kernels.NetworkGradient``): where the profile measured that path ("network": 7 per call
+    here), a one-rank stage costs it per micro-batch and nothing else; a pipeline stage, a forced
+    ``--weight-grads deferred``, a wide model and a profile without it keep the kernel rows."""
+    prof = hand_profile(1, 2, 0.5, 0.25)
+    zero = Fit.constant(0.0)
+    prof.kernels["network"] = KernelCost(Fit.constant(7.0), zero, zero)
+    work = Workload(dense(3, 2), batch=4)
+    for layout, want in ((Layout(1, 1, 1), [("0F0", 0.0, 7.0)]),
+                         (Layout(1, 1, 2), [("0F0", 0.0, 7.0), ("0F1", 7.0, 14.0)]),
+                         (Layout(2, 1, 1), [("0F0", 0.0, 7.0)])):
+        assert timeline(predict(work, layout, prof, keep_run=True), 0) == want, layout
+    assert predict(work, Layout(2, 1, 1), prof).step_seconds == 7.0 + 0.25       # then the data all-reduce
+    deferred = predict(work, Layout(1, 1, 1, weight_grads="deferred"), prof, keep_run=True)
+    assert [a for a, _, _ in timeline(deferred, 0)] == ["0F0", "0B0", "0W0"]
+    pipeline = predict(work, Layout(1, 2, 1), prof, keep_run=True)
+    assert timeline(pipeline, 0)[0] == ("0F0", 0.0, 1.0)
+    wide = predict(Workload(dense(32, 2), batch=4), Layout(1, 1, 1), prof, keep_run=True)
+    assert [a for a, _, _ in timeline(wide, 0)] == ["0F0", "0B0", "0W0"]
+    del prof.kernels["network"]
+    assert timeline(predict(work, Layout(1, 1, 1), prof, keep_run=True), 0) == [("0F0", 0.0, 2.0), ("0B0", 2.0, 7.0)]
 
 
 def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
