@@ -16,13 +16,15 @@ import torch
 
 from ..comm import SelfComm
 from ..kernels import attach_kernels
-from ..kernels.network import NetworkGradient
+from ..kernels import FUSED_INLINE_MAX_WIDTH
+from ..kernels.cpu import available as fused_available
+from ..kernels.network import NetworkGradient, auto_network
 from ..model import ModelSpec, StageSpec, build_model
 from ..multilevel.hierarchy import prolongate, restrict_gradient, restrict_parameters
 from ..multilevel.mgopt import Level, level_optimizer
 from ..parallel.executor import LayerParallel
 from ..parallel.stage import PipelineStage
-from .profile import Fit, KernelCost
+from .profile import NETWORK_IO, Fit, KernelCost
 
 KERNEL_FEATURES = ["1", "n", "n*b", "n*b*v*s", "n*b*v^2*s", "n*v^2"]
 NETWORK_FEATURES = KERNEL_FEATURES + ["b"]     # the blocks, and the opening, head and loss per row
@@ -188,23 +190,25 @@ def measure_kernels(grid, device, log=print):
     n = min(grid["blocks"])
     roles = ("middle", "first", "last")
     ends_scale = []
+    ends_pts.update({f"{key}_manual": ([], []) for key in list(ends_pts)})
     for i_f, o_f in grid["ends_io"]:
         for v in grid["ends_widths"]:
             for b in grid["ends_rows"]:
                 spec = _dense_spec(v, 3 * n, i_f, o_f)
+                manual_ends = auto_network(spec, device.type) and v <= FUSED_INLINE_MAX_WIDTH and fused_available()[0]
                 measured = _interleaved([_stage_timer(spec, r, n, b, device, "deferred") for r in roles], device,
                                         grid["min_time"], 3 * grid["max_reps"], 3 * 5)
                 times = dict(zip(roles, measured))
-                for role, extra in (("first", {"i": i_f}), ("last", {"o": o_f})):
-                    for k in ("F", "B"):
-                        diff = times[role][k] - times["middle"][k]
-                        ends_pts[f"{role}_{k}"][0].append({"b": b, "v": v, "s": 1, **extra})
-                        ends_pts[f"{role}_{k}"][1].append(max(diff, 0.0))
-                        ends_scale.append(times["middle"][k])
+                _add_ends(ends_pts, "", times, b, v, i_f, o_f, ends_scale)
+                if manual_ends:        # the same shards without autograd (``PipelineStage.manual``)
+                    measured = _interleaved([_stage_timer(spec, r, n, b, device, "inline") for r in roles],
+                                            device, grid["min_time"], 3 * grid["max_reps"], 3 * 5)
+                    _add_ends(ends_pts, "_manual", dict(zip(roles, measured)), b, v, i_f, o_f, ends_scale)
     ends = {}
     floor = statistics.median(ends_scale)   # errors relative to a rank's time, not to the difference
     for key, (pts, ys) in ends_pts.items():
-        ends[key] = Fit.fitted(FIRST_FEATURES if key.startswith("first") else LAST_FEATURES, pts, ys, floor)
+        if pts:
+            ends[key] = Fit.fitted(FIRST_FEATURES if key.startswith("first") else LAST_FEATURES, pts, ys, floor)
     finish = Fit.fitted(PARAM_FEATURES, *finish_pts)
     return out, ends, finish
 
@@ -238,7 +242,7 @@ def measure_network(grid, device, log=print) -> KernelCost | None:
             for n in grid["blocks"]:
                 if n * b * v * v > MAX_ELEMENTS:
                     continue
-                fn = _network_timer(_dense_spec(v, n), b, device)
+                fn = _network_timer(_dense_spec(v, n, *NETWORK_IO), b, device)
                 if fn is None:
                     continue
                 pts.append({"n": n, "b": b, "v": v, "s": 1})
@@ -253,6 +257,16 @@ def measure_network(grid, device, log=print) -> KernelCost | None:
     log(f"  kernel network: {len(pts)} points, fit median/max rel. error "
         f"{kc.forward.median_rel_error:.1%}/{kc.forward.max_rel_error:.1%}")
     return kc
+
+
+def _add_ends(ends_pts, suffix, times, b, v, i_f, o_f, scale):
+    """The first and last roles' extra time over the middle one: the opening, the head and loss."""
+    for role, extra in (("first", {"i": i_f}), ("last", {"o": o_f})):
+        for k in ("F", "B"):
+            diff = times[role][k] - times["middle"][k]
+            ends_pts[f"{role}_{k}{suffix}"][0].append({"b": b, "v": v, "s": 1, **extra})
+            ends_pts[f"{role}_{k}{suffix}"][1].append(max(diff, 0.0))
+            scale.append(times["middle"][k])
 
 
 def with_width_fits(kc: KernelCost, weight: bool = True) -> KernelCost:

@@ -17,7 +17,7 @@ from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
 from ..multilevel.mgopt import CycleSetup
 from ..parallel.layout import COARSE_LAYOUTS, Partition, plan_mesh  # noqa: F401 (COARSE_LAYOUTS: re-exported)
-from .profile import Profile
+from .profile import NETWORK_IO, Profile
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
@@ -236,6 +236,15 @@ class StageCost:
         return "dense" in self.kernels()
 
     @property
+    def manual(self) -> bool:
+        """The stage trains without autograd (``PipelineStage.manual``): one narrow dense stage on the
+        fused kernel whose weight gradients stay inline."""
+        spec, device = self.spec, self.profile.device
+        if self.weight_grads == "deferred" or not auto_network(spec, device):
+            return False
+        return self.weight_grads == "inline" or not auto_defers(device, spec.stages[0].width, self.a > 0)
+
+    @property
     def network(self) -> bool:
         """One rank holds the whole model and computes it without autograd (``LayerParallel``'s
         ``NetworkGradient``), where the profile measured that path."""
@@ -247,7 +256,15 @@ class StageCost:
         scale = 2.0 if spec.stepper == "rk2" else 1.0      # two F evaluations per step (estimate)
         if self.network:             # loss and every gradient in one call: all of it is the F row
             n, v = spec.total_blocks, spec.stages[0].width
-            return scale * prof.kernel("network").time(0, n=n, b=rows, v=v, s=1), 0.0, 0.0
+            t = scale * prof.kernel("network").time(0, n=n, b=rows, v=v, s=1)
+            # calibrated with NETWORK_IO inputs and outputs: the ends' fits say what other sizes add
+            i, o = NETWORK_IO
+            first, cal_first = ({"b": rows, "v": v, "s": 1, "i": k} for k in (spec.in_features, i))
+            last, cal_last = ({"b": rows, "v": v, "s": 1, "o": k} for k in (spec.out_features, o))
+            for k in ("F", "B"):
+                t += prof.end_cost("first", k, True, **first) - prof.end_cost("first", k, True, **cal_first)
+                t += prof.end_cost("last", k, True, **last) - prof.end_cost("last", k, True, **cal_last)
+            return max(t, 0.0), 0.0, 0.0
         f = bw = w = 0.0
         for (stage, n), name in zip(_stage_ranges(spec, self.a, self.b), self.kernels()):
             kern = prof.kernel(name)
@@ -258,13 +275,13 @@ class StageCost:
         if self.a == 0:
             x = {"b": rows, "v": spec.stages[0].width, "s": _pixels(spec, 0),
                      "i": spec.input_shape[0] if spec.conv else spec.in_features}
-            f += prof.end_cost("first", "F", **x)
-            bw += prof.end_cost("first", "B", **x)
+            f += prof.end_cost("first", "F", self.manual, **x)
+            bw += prof.end_cost("first", "B", self.manual, **x)
         if self.b == spec.total_blocks:
             last = len(spec.stages) - 1
             x = {"b": rows, "v": spec.stages[last].width, "s": _pixels(spec, last), "o": spec.out_features}
-            f += prof.end_cost("last", "F", **x)
-            bw += prof.end_cost("last", "B", **x)
+            f += prof.end_cost("last", "F", self.manual, **x)
+            bw += prof.end_cost("last", "B", self.manual, **x)
         return f, bw, w
 
     def forward(self, rows):

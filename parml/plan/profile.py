@@ -43,6 +43,10 @@ def _g(x, k, default=1.0):
 
 # variables: n blocks, b rows, v width/channels, s pixels (1 dense), i in features, o out features,
 # p parameter elements, g group size, B bytes
+# the inputs and outputs of the models on which kernel "network" (``kernels.NetworkGradient``, the
+# whole model on one rank) is calibrated; other sizes add the end fits' difference (``StageCost``)
+NETWORK_IO = (8, 4)
+
 FEATURES = {
     "1": lambda x: 1.0,
     "n": lambda x: _g(x, "n"),
@@ -241,8 +245,10 @@ class Profile:
                                f"{', '.join(sorted(self.comm)) or 'none'})")
         return self.comm[name]
 
-    def end_cost(self, role: str, kind: str, **x) -> float:
-        fit = self.ends.get(f"{role}_{kind}")
+    def end_cost(self, role: str, kind: str, manual: bool = False, **x) -> float:
+        """The opening's (role "first") or the head and loss's ("last") extra seconds; `manual`: on a
+        shard trained without autograd (``PipelineStage.manual``), where the profile measured it."""
+        fit = (self.ends.get(f"{role}_{kind}_manual") if manual else None) or self.ends.get(f"{role}_{kind}")
         return fit(**x) if fit is not None else 0.0
 
     def step_cost(self, what: str, **x) -> float:

@@ -69,5 +69,7 @@ def test_calibrate_quick_compute(tmp_path):
     assert k.forward(n=8, b=64, v=16) > 0 and k.backward(n=8, b=64, v=16) > 0
     assert k.forward.points > 0 and len(k.measured) == k.forward.points
     assert back.date and prof.step["update"](p=1000) > 0
+    # the ends again on shards trained without autograd (width 4 <= 8): each end's fit, both kinds
+    assert {f"{r}_{k}{m}" for r in ("first", "last") for k in "FB" for m in ("", "_manual")} == set(back.ends)
     pr = predict(Workload(dense(8, 16), batch=32), Layout(1, 1, 2), back)
     assert pr.step_seconds > 0

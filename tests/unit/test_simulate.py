@@ -113,6 +113,17 @@ def test_one_rank_whole_models_cost_the_measured_network_path():
     assert timeline(predict(work, Layout(1, 1, 1), prof, keep_run=True), 0) == [("0F0", 0.0, 2.0), ("0B0", 2.0, 7.0)]
 
 
+def test_shards_trained_without_autograd_pay_their_own_ends():
+    """The opening's extra cost as calibrated on shards without autograd ("first_F_manual") where
+    ``PipelineStage.manual`` holds (width 3 under auto), the autograd one elsewhere (deferred)."""
+    prof = hand_profile(1, 2, 0.5, 0.25)
+    prof.ends.update({"first_F": Fit.constant(5.0), "first_F_manual": Fit.constant(0.5)})
+    work = Workload(dense(3, 2), batch=4)
+    auto = predict(work, Layout(1, 2, 1), prof, keep_run=True)
+    deferred = predict(work, Layout(1, 2, 1, weight_grads="deferred"), prof, keep_run=True)
+    assert timeline(auto, 0)[0] == ("0F0", 0.0, 1.5) and timeline(deferred, 0)[0] == ("0F0", 0.0, 6.0)
+
+
 def test_two_rank_1f1b_timeline_with_message_cpu_on_both_ends():
     # As above, plus LogP's o: the sender posts for 0.125 before each message leaves, the receiver
     # spends 0.0625 on it once it is there (CommCost.overhead / .receive), both before its next action.
