@@ -1,4 +1,5 @@
-"""The loss and every gradient of a whole dense ODE ResNet on CPU, with no autograd around them.
+"""The loss and every gradient of a one-stage dense ODE ResNet on CPU, or of a pipeline shard of
+one, with no autograd around them.
 
 At width 3 a coarse level's gradient is ~0.1 ms of arithmetic inside ~0.9 ms of dispatch: autograd
 nodes for the opening, the fused chunk, the head and the cross-entropy, the engine, and the
@@ -6,12 +7,14 @@ accumulation into ``.grad`` (circles, 16 blocks, batch 2000: 0.70 ms for the mod
 backward against 0.10 ms in the kernel). A V-cycle takes 28 such gradients, so on one process this
 was a fifth of the cycle and on a data replica, whose arithmetic is half, a third.
 
-Where one rank holds the whole model (one process; each replica of a one-rank layer group; a
-redundant coarse level) ``NetworkGradient`` computes eq. (3)-(8) and their adjoint directly: the
-opening and the head as numpy matmuls, the blocks through the fused kernel (``cpu.ChunkRun``), the
-loss and its gradient in one numba call (``_numba_loss``). The gradients land in one flat buffer,
-each parameter's ``.grad`` a view of it, with a last slot for the loss: a data group sums all of
-it with one all-reduce and nothing is copied in or out (DDP's bucket views).
+``NetworkGradient`` computes eq. (3)-(8) and their adjoint directly: the opening as a torch matmul,
+the blocks through the fused kernel (``cpu.ChunkRun``), the head with the loss and its gradient in
+one numba call (``_numba_network``). Every compiled entry point costs ~0.25 s to load from numba's
+cache at start-up, so the opening stays a matmul. The gradients land in one flat buffer, each
+parameter's ``.grad`` a view of it, with a last slot for the loss: where one rank holds the whole
+model (one process, each replica of a one-rank layer group, a redundant coarse level) a data group
+sums all of it with one all-reduce and nothing is copied in or out (DDP's bucket views). A
+pipeline stage runs it per micro-batch (``PipelineStage.manual``).
 """
 from __future__ import annotations
 
@@ -29,10 +32,6 @@ def _load_ends():
     from . import _numba_network
     cpu.tolerate_cache_write_errors(_numba_network)
     return _numba_network
-
-
-# the opening as numba loops up to this many input features, torch's matmul (BLAS) above
-OPENING_LOOP_MAX_FEATURES = 32
 
 
 def auto_network(spec, device_type: str) -> bool:
@@ -107,16 +106,8 @@ class NetworkGradient:
         ends, ch = _load_ends(), self.chunk
         inp = inp.detach()
         x = (inp if inp.dtype == self.dtype else inp.to(self.dtype)).contiguous()
-        xn = x.numpy()
-        if self.first:
-            Q = self.params[0].detach()
-            if Q.shape[1] <= OPENING_LOOP_MAX_FEATURES:
-                y0 = np.empty((xn.shape[0], Q.shape[0]), xn.dtype)
-                ends.opening(xn, Q.numpy(), y0)
-            else:       # torch's BLAS, under torch's thread count: numpy's would start a thread per core
-                y0 = torch.mm(x, Q.T).numpy()
-        else:
-            y0 = xn
+        # the opening with torch's BLAS, under torch's thread count (numpy's starts a thread per core)
+        y0 = torch.mm(x, self.params[0].detach().T).numpy() if self.first else x.numpy()
         run = cpu.ChunkRun(y0, ch.weight, ch.bias, ch.h, ch.activation, ch.stepper, True)
         out = run.out
         if not self.last:
@@ -141,10 +132,7 @@ class NetworkGradient:
                                  self._grads[i + 1])
         if not self.first:
             return torch.from_numpy(gin)
-        if x.shape[1] <= OPENING_LOOP_MAX_FEATURES:
-            _load_ends().opening_grad(gin, x.numpy(), self._grads[0])
-        else:
-            self.params[0].grad.addmm_(torch.from_numpy(gin).T, x)
+        self.params[0].grad.addmm_(torch.from_numpy(gin).T, x)
         return None
 
     def end(self) -> None:

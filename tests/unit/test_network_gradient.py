@@ -71,7 +71,7 @@ def test_loss_and_gradients_equal_autograd(dtype, task, activation, stepper, mic
     assert all(not p.grad.any() for p in model.parameters())
 
 
-@pytest.mark.parametrize("features", [5, 40])      # the opening as numba loops, and as torch's matmul
+@pytest.mark.parametrize("features", [5, 40])
 def test_gradients_equal_the_independent_reference(features):
     spec = _spec(activation="tanh", blocks=6, features=features)
     x, y = _data(spec, torch.float64, batch=50)
