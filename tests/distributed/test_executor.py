@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 CASES = ([(s, m, d, "deferred") for s in ("gpipe", "1f1b") for m in (1, 3, 4) for d in ("float64", "float32")]
          + [(s, 3, "float64", wg) for s in ("gpipe", "1f1b") for wg in ("inline", "auto")])
 # the one-stage network, whose shards train without autograd (kernels.NetworkGradient) under auto
-ONE_STAGE_CASES = [(s, m, d, "auto", "one-stage") for s in ("gpipe", "1f1b") for m in (1, 3) for d in ("float64", "float32")]
+ONE_STAGE_CASES = [(s, m, d, "auto", "one-stage") for s in ("gpipe", "1f1b") for m in (1, 3)
+                   for d in ("float64", "float32")]
 SPECS = {"two-stage": SPEC, "one-stage": ONE_STAGE}
 
 
@@ -45,7 +46,8 @@ def _grads_worker(comm):
 @pytest.mark.parametrize("backend,nprocs", [("gloo", 1), ("gloo", 2), ("gloo", 4), ("mpi", 1), ("mpi", 2), ("mpi", 4)])
 def test_loss_and_every_gradient_equal_serial(backend, nprocs):
     ranks = run_ranks("tests.distributed.test_executor:_grads_worker", nprocs, backend, timeout=150)
-    reference = {(d, name): serial(getattr(torch, d), spec) for d in ("float64", "float32") for name, spec in SPECS.items()}
+    reference = {(d, name): serial(getattr(torch, d), spec)
+                 for d in ("float64", "float32") for name, spec in SPECS.items()}
     for case in CASES + ONE_STAGE_CASES:
         dtype, name = case[2], (case[4] if len(case) > 4 else "two-stage")
         ref_loss, ref_acc, ref_grads = reference[(dtype, name)]

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "parml"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 OPTIONAL = ("mpi4py", "sklearn", "numba", "tensorboard", "torch.utils.tensorboard", "triton",
             "matplotlib")   # matplotlib: imported where a plot is drawn (0.5 s per rank at start-up otherwise)
-LAZY = ("_numba_dense", "_numba_network")     # parml's own modules that import an optional dependency: loaded on first use
+# parml's own modules that import an optional dependency: loaded on first use
+LAZY = ("_numba_dense", "_numba_network")
 
 
 def _tree(path: Path) -> ast.Module:
