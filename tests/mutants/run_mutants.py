@@ -36,7 +36,9 @@ TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.p
          "parml/parallel/replicas.py": MESH_TESTS, "parml/parallel/layout.py": MESH_TRAINING_TESTS,
          "parml/training/build.py": MESH_TRAINING_TESTS,
          "parml/kernels/__init__.py": ["tests/unit/test_kernels.py", "tests/unit/test_executor.py"],
-         "parml/comm/base.py": ["tests/unit/test_comm.py"]}
+         "parml/comm/base.py": ["tests/unit/test_comm.py"],
+         "parml/kernels/network.py": ["tests/unit/test_network_gradient.py", "tests/distributed/test_executor.py"],
+         "parml/kernels/_numba_network.py": ["tests/unit/test_network_gradient.py"]}
 
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
@@ -155,6 +157,14 @@ MUTANTS = {
                                 "if now - start < YIELD_SECONDS:",
                                 "if False:",
                                 "a wait sleeps from its first poll (and oversleeps the partner's arrival)"),
+    "network-head-bias-gradient-dropped": ("parml/kernels/_numba_network.py", "gc[j] += s", "gc[j] += 0.0",
+                                           "the no-autograd path loses the head bias gradient"),
+    "network-middle-shard-gradient-slot": ("parml/kernels/network.py", "i = 1 if self.first else 0", "i = 1",
+                                           "a shard without an opening writes its block gradients one slot on"),
+    "network-loss-over-microbatch-rows": ("parml/kernels/network.py",
+                                          "gy, scale = np.empty_like(out), 1.0 / total",
+                                          "gy, scale = np.empty_like(out), 1.0 / out.shape[0]",
+                                          "the no-autograd loss is a mean over the micro-batch, not over the batch"),
 }
 
 
