@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..kernels import attach_kernels
-from ..kernels.network import NetworkGradient
 from .layout import Partition, batch_share, check_microbatches, partition_blocks
 from .schedule import ScheduleError, check_message_order, get_schedule
 from .sharding import assemble_state, shard_state
@@ -84,11 +83,10 @@ class LayerParallel:
             except ScheduleError as e:
                 raise ScheduleError(f"--schedule {self.schedule.name} cannot run on {comm.backend}: {e}") from None
         self.stage = PipelineStage(self.model, comm, self.device, weight_grads)
-        # one rank holding the whole dense model: loss and gradients without autograd, into one
-        # flat buffer that the data group sums in one all-reduce (``kernels.network``); a forced
-        # ``--weight-grads deferred`` keeps the stage's deferred path
-        self.network = (NetworkGradient.build(self.model, self.kernels)
-                        if comm.size == 1 and weight_grads != "deferred" else None)
+        # one rank holding the whole dense model: the stage's loss and gradients without autograd
+        # (``kernels.NetworkGradient``; not under a forced ``--weight-grads deferred``), for the whole
+        # batch at once, into one flat buffer that the data group sums in one all-reduce
+        self.network = self.stage.manual if comm.size == 1 else None
         self.reducer = GradientReducer(self.data) if self.data is not None and self.network is None else None
         self.times = StepTimes()          # the last step
         self.total = StepTimes()          # summed over every forward_backward
