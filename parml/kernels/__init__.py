@@ -12,8 +12,8 @@ Three implementations behind one interface, ``Kernel.apply(chunk, y, sink) -> y_
   per (chunk, shape) and micro-batch in flight, so a replay is one launch instead of thousands.
 
 Around them, ``network.NetworkGradient`` trains a one-stage dense model or pipeline shard on CPU
-without autograd (opening, fused chunk, head and loss as numpy / numba calls), where every weight
-gradient stays inline: at width 3 autograd's nodes cost more than the arithmetic.
+without autograd (the opening a torch matmul, the fused chunk, the head and loss one numba call),
+where every weight gradient stays inline: at width 3 autograd's nodes cost more than the arithmetic.
 
 ``select_kernel(name, device, dtype, width, ...)`` picks one for ``--kernel auto|torch|fused`` and
 says why when ``auto`` does not pick the fused one. The model keeps the reference step-by-step
@@ -181,11 +181,16 @@ class ChunkKernel:
     def name(self) -> str:
         return self.impl.name
 
-    def __call__(self, chunk, y):
-        sink = self.sink
+    def sink_for(self, chunk, sink):
+        """Where `chunk`'s weight gradients go under a stage's `sink`: the sink, or None (inline:
+        autograd writes .grad, the stage's finish adds the deferred rest) where the kernel chooses
+        (``--weight-grads auto``) and declines to defer."""
         if sink is not None and sink.kernels_choose and not self.impl.defers(chunk.weight.shape[1], sink.waited):
-            sink = None          # autograd writes .grad; the stage's finish adds the deferred rest
-        return self.impl.apply(chunk, y, sink)
+            return None
+        return sink
+
+    def __call__(self, chunk, y):
+        return self.impl.apply(chunk, y, self.sink_for(chunk, self.sink))
 
 
 def apply_chunk(chunk, y, kernel: Kernel | str = "auto", sink=None):

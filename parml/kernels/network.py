@@ -54,7 +54,6 @@ class NetworkGradient:
     ``grad(x, y, total, microbatches)`` is a whole model's step on one rank: (loss, flat)."""
 
     def __init__(self, model):
-        self.model = model
         self.first, self.last = model.opening is not None, model.head is not None
         self.chunk = model.chunks[0]
         self.params = ([model.opening.weight] if self.first else []) + [self.chunk.weight, self.chunk.bias] + \
@@ -66,7 +65,6 @@ class NetworkGradient:
         self.numel = ends[-1]
         self.dtype = self.chunk.weight.dtype
         self.regression = model.spec.task == "regression"
-        self.flat = None
         self._grads = None          # numpy views of flat, per parameter (``begin``)
         self._held = {}
 
@@ -96,7 +94,6 @@ class NetworkGradient:
         self._grads = [flat_np[a:b].reshape(p.shape) for p, (a, b) in zip(self.params, self.spans)]
         for p, g in zip(self.params, self._grads):
             p.grad = torch.from_numpy(g)
-        self.flat = flat
         self._held.clear()
         return flat
 

@@ -69,8 +69,7 @@ class PipelineStage:
         # a one-stage dense shard whose weight gradients stay inline: trained without autograd
         # (``kernels.NetworkGradient``: ~0.3 ms less per micro-batch and stage at width 3)
         chunks = shard.block_chunks()
-        inline = weight_grads == "inline" or (weight_grads == "auto" and all(
-            c.kernel is not None and not c.kernel.impl.defers(c.weight.shape[1], not self.first) for c in chunks))
+        inline = all(c.kernel is not None and c.kernel.sink_for(c, self.deferred) is None for c in chunks)
         self.manual = NetworkGradient.build(shard, [c.kernel for c in chunks]) if inline else None
         self._held = {}        # micro-batch -> (input, output or loss)
         self._sends = []

@@ -15,8 +15,7 @@ import time
 import torch
 
 from ..comm import SelfComm
-from ..kernels import attach_kernels
-from ..kernels import FUSED_INLINE_MAX_WIDTH
+from ..kernels import FUSED_INLINE_MAX_WIDTH, attach_kernels
 from ..kernels.cpu import available as fused_available
 from ..kernels.network import NetworkGradient, auto_network
 from ..model import ModelSpec, StageSpec, build_model

@@ -248,8 +248,8 @@ class StageCost:
     def network(self) -> bool:
         """One rank holds the whole model and computes it without autograd (``LayerParallel``'s
         ``NetworkGradient``), where the profile measured that path."""
-        return ((self.a, self.b) == (0, self.spec.total_blocks) and self.weight_grads != "deferred"
-                and "network" in self.profile.kernels and auto_network(self.spec, self.profile.device))
+        return ((self.a, self.b) == (0, self.spec.total_blocks) and "network" in self.profile.kernels
+                and self.manual)
 
     def _compute(self, rows):
         prof, spec = self.profile, self.spec
