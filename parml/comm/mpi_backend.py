@@ -19,6 +19,10 @@ from .base import CommError, Communicator, CompletedRequest, Request, as_bytes, 
 from .environment import local_rank, mpi_init
 
 
+#: dtypes whose CPU tensors MPI sums in place through a numpy view
+_DIRECT = (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8)
+
+
 class _PinnedPool:
     """Reusable pinned host buffers for staging CUDA tensors through MPI (pageable without CUDA)."""
 
@@ -200,9 +204,23 @@ class MPIComm(Communicator):
         return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[op]
 
     def allreduce(self, tensor, op="sum"):
+        """In place. Every rank first meets in a polled ``Ibarrier`` (the deadline and a peer that
+        never comes are caught there), then runs the blocking ``Allreduce``, which cannot hang once
+        all have arrived: Open MPI's blocking algorithms take half the time of ``Iallreduce``'s
+        (2 ranks, 100 KB: 25 µs against 46 µs; a circles V-cycle at D = 2 sums 28 gradients)."""
         self._check_open()
         self._check_op(op)
         if self.size == 1:
+            return tensor
+        if tensor.dtype in _DIRECT and tensor.device.type == "cpu" and tensor.is_contiguous() \
+                and not self.stage_host:
+            buf = tensor.reshape(-1).numpy()
+            what = f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"
+            self._collective(what, self._comm.Ibarrier)
+            t1 = time.perf_counter()
+            self._guard(what, lambda: self._comm.Allreduce(self._MPI.IN_PLACE, buf, self._mpi_op(op)))
+            self.wait_seconds += time.perf_counter() - t1     # the barrier's wait is counted inside
+            self.collective_bytes += nbytes(tensor)
             return tensor
         work_dtype = tensor.dtype
         if tensor.dtype in (torch.float16, torch.bfloat16):

@@ -252,9 +252,20 @@ def _check_timeout(comm, out):
         msg = str(info.value)
         assert "recv" in msg and "rank 1" in msg and "2 s" in msg, msg
         out["timeout_elapsed"] = elapsed
+        if comm.backend == "mpi":
+            # an all-reduce whose peer never comes times out in its guarding barrier, not in the
+            # blocking Allreduce behind it; rank 1 then completes that barrier so nothing is left
+            t0 = time.monotonic()
+            with pytest.raises(CommTimeout) as info:
+                sub.allreduce(torch.ones(3))
+            assert 1.8 <= time.monotonic() - t0 < 6.0
+            assert "allreduce(sum) of (3,)" in str(info.value), str(info.value)
+            out["allreduce_timeout"] = True
         comm.send(torch.ones(1), 1, tag=1000)
     elif comm.rank == 1:
         comm.recv(torch.empty(1), 0, tag=1000)
+        if comm.backend == "mpi":
+            sub.barrier()
 
 
 def _suite(comm, check_timeout=False):
@@ -314,6 +325,7 @@ def test_comm_suite(backend, nprocs):
         assert res["wait_seconds"] > 0
     if nprocs == 2:
         assert 1.8 <= results[0]["timeout_elapsed"] < 6.0
+        assert results[0].get("allreduce_timeout", False) == (backend == "mpi")
 
 
 @pytest.mark.timeout(60)

@@ -43,16 +43,16 @@ TESTS = {"parml/multilevel/mgopt.py": MGOPT_TESTS, "parml/multilevel/hierarchy.p
 # name: (file, old text, new text, what the bug is)
 MUTANTS = {
     "dg-dropped": ("parml/multilevel/mgopt.py",
-                   "self._cycle(i - 1, [r - c for r, c in zip(rg, g_coarse)], batch, batch_id)",
+                   "self._cycle(i - 1, torch._foreach_sub(rg, g_coarse), batch, batch_id)",
                    "self._cycle(i - 1, None, batch, batch_id)",
                    "δg dropped from the coarse objective"),
     "dg-sign": ("parml/multilevel/mgopt.py",
-                "self._cycle(i - 1, [r - c for r, c in zip(rg, g_coarse)], batch, batch_id)",
-                "self._cycle(i - 1, [c - r for r, c in zip(rg, g_coarse)], batch, batch_id)",
+                "self._cycle(i - 1, torch._foreach_sub(rg, g_coarse), batch, batch_id)",
+                "self._cycle(i - 1, torch._foreach_sub(g_coarse, rg), batch, batch_id)",
                 "δg sign flipped"),
     "dg-not-in-restricted-gradient": (
         "parml/multilevel/mgopt.py",
-        "        g = gl if dg is None else [a + b for a, b in zip(gl, dg)]\n"
+        "        g = gl if dg is None else torch._foreach_add(gl, dg)\n"
         "        if self.observer is not None:\n            self.observer(i, \"restrict\"",
         "        g = gl\n"
         "        if self.observer is not None:\n            self.observer(i, \"restrict\"",
@@ -150,8 +150,8 @@ MUTANTS = {
                                               "the fused kernel defers wide chunks on a first rank, where "
                                               "nobody waits for the adjoint"),
     "tikhonov-unweighted": ("parml/multilevel/mgopt.py",
-                            "reg = sum(w * v * v for w, v in zip(self._w, norms[:n]))",
-                            "reg = sum(v * v for v in norms[:n])",
+                            "reg = 0.5 * float(t @ theta)",
+                            "reg = float(theta @ theta)",
                             "the level objective's Tikhonov term without β and the block weight"),
     "mpi-waits-sleep-at-once": ("parml/comm/base.py",
                                 "if now - start < YIELD_SECONDS:",

@@ -175,3 +175,61 @@ def test_mgopt_reduces_the_finest_loss():
     losses = [vcycle((data.x_train, data.y_train)).loss for _ in range(6)]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.9 * losses[0]
+
+
+# --- the level's Tikhonov term on one vector ----------------------------------------------------------
+
+def test_a_cpu_levels_parameters_are_slices_of_one_vector():
+    """Level rebinds its parameters to consecutive slices of θ with their values kept; optimizer steps,
+    ``assign`` and ``load_state_dict`` write through to θ."""
+    from parml.multilevel.mgopt import _flatten
+    data = small_data()
+    lev = build_levels(cfg(), data, SelfComm())[0][-1]
+    ref = build_model(cfg().spec_for(data), seed=cfg().seed, dtype=torch.float64)
+    for p, q in zip(lev.params, ordered_parameters(ref)):
+        assert torch.equal(p.detach(), q.detach())
+    theta = torch.from_numpy(lev._theta)
+    assert theta.numel() == sum(p.numel() for p in lev.params)
+    assert torch.equal(theta, torch.cat([p.detach().reshape(-1) for p in lev.params]))
+    lev.gradient((data.x_train, data.y_train), 0)
+    lev.smooth(1, None, (data.x_train, data.y_train), 0)
+    lev.add([torch.ones_like(p) for p in lev.params])
+    lev.model.load_state_dict({k: v + 1 for k, v in lev.model.state_dict().items()})
+    assert torch.equal(theta, torch.cat([p.detach().reshape(-1) for p in lev.params]))
+    assert _flatten([torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)]) is None
+
+
+@pytest.mark.parametrize("bad", [None, "nan_grad", "inf_grad", "nan_param"])
+def test_the_tikhonov_term_on_one_vector_equals_the_per_parameter_one(bad):
+    """``_tikhonov_flat`` (CPU) and ``_tikhonov_lists`` (other devices) against β Σ w‖θ_i‖² and
+    ∇ + 2βwθ written out, and both flag a non-finite gradient."""
+    from parml.multilevel.mgopt import _flatten, _tikhonov_flat, _tikhonov_lists
+    gen = torch.Generator().manual_seed(3)
+    shapes, w = [(4, 3, 3), (4, 3), (3, 2), (2,)], [0.2, 0.2, 1e-3, 1e-3]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    if bad == "nan_grad":
+        grads[2][1, 0] = math.nan
+    elif bad == "inf_grad":
+        grads[0][3, 2, 1] = -math.inf
+    elif bad == "nan_param":
+        params[1].data[0, 0] = math.nan
+    want_reg = sum(wi * float((p.detach() ** 2).sum()) for wi, p in zip(w, params))
+    want = [g + 2 * wi * p.detach() for g, wi, p in zip(grads, w, params)]
+    by_weight = [([0, 1], 0.4), ([2, 3], 2e-3)]
+    lists: list = []
+    reg_l, finite_l = _tikhonov_lists([p.detach() for p in params], grads, w, by_weight, lists)
+    theta = _flatten(params)
+    twice_w = torch.cat([torch.full((p.numel(),), 2 * wi, dtype=torch.float64) for p, wi in zip(params, w)]).numpy()
+    flat: list = []
+    reg_f, finite_f = _tikhonov_flat(theta, twice_w, grads, flat)
+    assert finite_l == finite_f == (bad is None)      # a NaN in θ reaches ∇ + 2βwθ too
+    if bad == "nan_param":
+        assert math.isnan(reg_l) and math.isnan(reg_f)
+        return
+    assert reg_l == pytest.approx(want_reg, rel=1e-12) and reg_f == pytest.approx(want_reg, rel=1e-12)
+    for a, b, c in zip(flat, lists, want):
+        assert a.shape == c.shape
+        if bad is None:
+            close(a, c, 1e-14, "flat")
+            close(b, c, 1e-14, "lists")
