@@ -118,6 +118,51 @@ def test_both_storage_policies(monkeypatch, keep):
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("stepper", ["euler", "rk2"])
+def test_segmented_chunks_are_bitwise_the_whole_chunk(monkeypatch, dtype, stepper):
+    """A chunk whose stored states pass ``SEGMENT_ABOVE_BYTES`` keeps only each segment's input and
+    reruns the segment in the backward: bitwise the unsegmented result (autograd Function and the
+    inline call), for segments that do and do not divide K, one and several tiles; against the
+    reference too. Chunks that keep σ, defer or run threads are never segmented."""
+    from parml.kernels.network import NetworkGradient  # noqa: F401 (the inline caller of ChunkRun)
+    whole = {}
+    for B, v, K in [(37, 3, 7), (2100, 3, 5), (1100, 8, 9)]:      # one tile, two tiles (padded), two
+        x, W, b, w_out = _case(B, v, K, dtype, seed=K)
+        monkeypatch.setattr(cpu, "SEGMENT_ABOVE_BYTES", 1 << 40)
+        whole[B] = _fused_grads(x, W, b, w_out, 0.3, "relu", stepper, False)
+        ref = _ref_grads(x, W, b, w_out, 0.3, "relu", stepper)
+        for per in (1, 2, 3):                 # segments of 32 blocks at least: K = 5..9 -> force smaller
+            monkeypatch.setattr(cpu, "SEGMENT_ABOVE_BYTES", 0)
+            monkeypatch.setattr(cpu, "segment_blocks", lambda blocks, *a, per=per: min(per, blocks))
+            run = cpu.ChunkRun(x.t().contiguous().numpy(), W, b, 0.3, "relu", stepper, True)
+            assert run.segments == [(k, min(k + per, K)) for k in range(0, K, per)]
+            got = _fused_grads(x, W, b, w_out, 0.3, "relu", stepper, False)
+            for name, a, r, rr in zip(("y_K", "input adjoint", "weight grad", "bias grad"), got, whole[B], ref):
+                assert torch.equal(a, r), f"{name} B={B} K={K} per={per}"
+                _close(a, rr, RTOL[dtype], f"{name} B={B} K={K} per={per}")
+            gw, gb = torch.zeros_like(W).numpy(), torch.zeros_like(b).numpy()
+            gin, _, _ = run.backward(w_out.numpy().copy(), gw, gb)     # inline into given buffers
+            assert torch.equal(torch.from_numpy(gin), whole[B][1].t().contiguous())
+            assert torch.equal(torch.from_numpy(gw), whole[B][2]) and torch.equal(torch.from_numpy(gb), whole[B][3])
+        monkeypatch.undo()
+    # never segmented: σ kept (tanh), deferred weight gradients, evaluation only
+    monkeypatch.setattr(cpu, "SEGMENT_ABOVE_BYTES", 0)
+    x, W, b, _ = _case(40, 3, 6, dtype, seed=1)
+    xn = x.t().contiguous().numpy()
+    assert cpu.ChunkRun(xn, W, b, 0.3, "tanh", stepper, True).segments is None
+    assert cpu.ChunkRun(xn, W, b, 0.3, "relu", stepper, False).segments is None
+    sink = DeferredWeightGrads()
+    chunk = BlockChunk(W.clone(), b.clone(), 0.3, "relu", stepper)
+    assert cpu.ChunkRun(xn, W, b, 0.3, "relu", stepper, True, (sink, chunk)).segments is None
+    # the rule: whole below the threshold, ~SEGMENT_BYTES of states per segment above it
+    monkeypatch.undo()
+    assert cpu.segment_blocks(512, 3, 2016, 4) == 512
+    assert cpu.segment_blocks(2048, 3, 2016, 4) == cpu.SEGMENT_BYTES // (3 * 2016 * 4)
+    assert cpu.segment_blocks(2048, 3, 1024, 8) == cpu.SEGMENT_BYTES // (3 * 1024 * 8)
+
+
+@needs_numba
 @pytest.mark.parametrize("stepper", ["euler", "rk2"])
 def test_deferred_microbatches_and_buffer_reuse(stepper):
     """A stage's flow: 3 micro-batches per step, flush after each backward, 3 steps; the sink's
