@@ -1,10 +1,13 @@
-"""The fused CPU kernel as an autograd Function: one numba call per chunk forward and backward.
+"""The fused CPU kernel as an autograd Function: one numba call per chunk forward and backward (a few
+where a chunk runs in segments).
 
 A chunk of K stacked dense blocks (Euler or midpoint RK2, relu / tanh / sigmoid, float32 / float64)
 is one autograd node. The forward streams tiles of the batch through all K blocks (``_numba_dense``)
 and keeps y_k (feature-major, [K, v, B]); the stage activations σ(z) are kept too, except for relu
 at tiny widths, where recomputing z = W y + b in the backward is cheaper than the memory traffic
-(``keep_activations``). The backward returns the input adjoint and the weight gradients, either
+(``keep_activations``). Where the kept y_k would not fit the last-level cache, the chunk runs in
+segments that keep only their inputs, and the backward reruns each before its adjoint
+(``segment_blocks``). The backward returns the input adjoint and the weight gradients, either
 inline (summed inside the kernel) or — with a deferred sink — as per-block adjoints handed to the
 sink, which forms them with one batched matmul.
 
