@@ -36,7 +36,7 @@ GRIDS = {
     "quick": {"widths": [4, 32], "rows": [32, 256], "blocks": [4, 16], "ends_io": [(2, 2), (64, 10)],
               "ends_widths": [4, 32], "ends_rows": [32, 256], "conv": [], "min_time": 0.004, "max_reps": 5,
               "p2p_bytes": [8, 65536, 1 << 20], "p2p_reps": 20, "groups": "two"},
-    "full": {"widths": [3, 10, 32, 128, 512], "rows": [16, 128, 500, 2000], "blocks": [4, 32, 256, 2048],
+    "full": {"widths": [3, 10, 32, 128, 512], "rows": [16, 128, 500, 1000, 2000], "blocks": [4, 32, 256, 1024, 2048],
              "ends_io": [(2, 2), (64, 10), (784, 10)], "ends_widths": [3, 32, 128], "ends_rows": [64, 1000],
              "conv": [(4, 7), (16, 14), (8, 28)], "min_time": 0.03, "max_reps": 11,
              "p2p_bytes": [8, 1024, 16384, 262144, 1 << 20, 4 << 20], "p2p_reps": 100, "groups": "all"},
