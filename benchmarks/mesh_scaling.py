@@ -54,8 +54,8 @@ LAYOUTS = {2: [Layout(1, 1), Layout(2, 1), Layout(2, 1, "redundant", 256), Layou
            4: [Layout(1, 4), Layout(1, 4, "replicate"), Layout(2, 2), Layout(2, 2, "replicate"),
                Layout(2, 2, "redundant", 256)]}
 FOUR_RANK_WORKLOADS = ["circles-vcycle"]          # launch B: the coarse layouts on the V-cycle
-FULL = {"blocks": TrainConfig().blocks, "repeats": 3, "steps": {"circles-gd": 10, "circles-vcycle": 3, "mnist-sgd": 3},
-        "warm": 1, "target_runs": True, "max_cycles": 60, "launch_timeout": 3 * 3600}
+FULL = {"blocks": TrainConfig().blocks, "repeats": 3, "steps": {"circles-gd": 10, "circles-vcycle": 10, "mnist-sgd": 3},
+        "warm": 2, "target_runs": True, "max_cycles": 60, "launch_timeout": 3 * 3600}
 QUICK = {**FULL, "blocks": 128, "repeats": 1, "steps": {"circles-gd": 4, "circles-vcycle": 2, "mnist-sgd": 2},
          "max_cycles": 40, "launch_timeout": 900}
 
