@@ -124,7 +124,7 @@ def test_segmented_chunks_are_bitwise_the_whole_chunk(monkeypatch, dtype, steppe
     """A chunk whose stored states pass ``SEGMENT_ABOVE_BYTES`` keeps only each segment's input and
     reruns the segment in the backward: bitwise the unsegmented result (autograd Function and the
     inline call), for segments that do and do not divide K, one and several tiles; against the
-    reference too. Chunks that keep σ, defer or run threads are never segmented."""
+    reference too. Chunks that keep σ, defer or only evaluate are never segmented."""
     from parml.kernels.network import NetworkGradient  # noqa: F401 (the inline caller of ChunkRun)
     whole = {}
     for B, v, K in [(37, 3, 7), (2100, 3, 5), (1100, 8, 9)]:      # one tile, two tiles (padded), two
