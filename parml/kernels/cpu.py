@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +70,20 @@ def _dropping_os_errors(save):
             pass
     tolerant.tolerant = True
     return tolerant
+
+
+def _cache_dir() -> Path:
+    """Where numba writes the compiled kernels' cache (``cache=True``): beside the module."""
+    return Path(__file__).resolve().parent / "__pycache__"
+
+
+def needs_compile() -> bool:
+    """Whether this process will compile the fused kernels rather than load them (10-40 s once per
+    machine and dtype): numba's cache beside the module has no index yet, as in a fresh clone.
+    False where unsure (the cache elsewhere, ``NUMBA_CACHE_DIR``, a read-only install)."""
+    if os.environ.get("NUMBA_CACHE_DIR") or not os.access(_cache_dir().parent, os.W_OK):
+        return False
+    return not any(_cache_dir().glob("_numba_dense.*.nbi"))
 
 
 def available() -> tuple[bool, str | None]:

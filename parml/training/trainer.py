@@ -15,6 +15,7 @@ import torch
 from ..comm import CommError, CommTimeout, launcher_world_size, make_communicator
 from ..config import ConfigError, TrainConfig
 from ..data import DataError, Dataset, load_dataset
+from ..kernels import FUSED_CPU, cpu
 from ..multilevel.cascade import LR_SCHEDULES
 from ..parallel.layout import LayoutError, check_world_size, describe_mesh
 from .build import build_vcycle, plan_run, resolve_device, smallest_batch
@@ -184,9 +185,18 @@ def _start(cfg: TrainConfig, comm, data: Dataset, around_cycle=None) -> dict:
     if comm.size > 1:
         out.print(describe_mesh(vcycle.mesh, smallest_batch(data.x_train.shape[0], cfg.batch_size),
                                 cfg.microbatches))
+    if _compiles_fused_kernels(vcycle):
+        out.print("parml: compiling the fused CPU kernels for this machine (the first run only, 10-40 s; "
+                  "numba caches them)")
     if resumed is not None:
         out.print(f"resumed from {resumed['manifest']['folder']} at cycle {resumed['manifest']['cycle']}")
     return {"vcycle": vcycle, "out": out, "resumed": resumed, "clock": clock, "cascade_units": cascade_units}
+
+
+def _compiles_fused_kernels(vcycle) -> bool:
+    """Whether the first cycle will stop to compile the fused CPU kernels (said before it starts)."""
+    kernels = [k for lev in vcycle.levels if lev is not None for k in lev.executor.kernels]
+    return any(k.impl is FUSED_CPU for k in kernels) and cpu.needs_compile()
 
 
 def _finish(cfg: TrainConfig, comm, data: Dataset, run: dict, state: Phase) -> dict:

@@ -182,3 +182,29 @@ def test_run_files_are_json_and_whole(tmp_path):
     _, a = run(tmp_path, "a", checkpoint_every=3)
     assert json.loads((a / "summary.json").read_text())["cycles"] == 6
     assert not temporaries(tmp_path)
+
+
+def test_the_first_run_says_it_compiles_the_fused_kernels(tmp_path, monkeypatch, capsys):
+    """A run whose chunks take the fused CPU kernel says, before the first cycle, that it compiles
+    them where numba's cache beside the module has no index yet; not once it has, nor with
+    ``--kernel torch``."""
+    from parml.kernels import cpu
+    if not cpu.available()[0]:
+        pytest.skip(cpu.available()[1])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(cpu, "_cache_dir", lambda: cache)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    notice = "compiling the fused CPU kernels"
+    assert cpu.needs_compile()
+    run(tmp_path, "fresh", kernel="fused", max_cycles=1)
+    assert notice in capsys.readouterr().out
+    run(tmp_path, "torch", kernel="torch", max_cycles=1)
+    assert notice not in capsys.readouterr().out
+    (cache / "_numba_dense.forward-342.py311.nbi").write_bytes(b"")
+    assert not cpu.needs_compile()
+    run(tmp_path, "cached", kernel="fused", max_cycles=1)
+    assert notice not in capsys.readouterr().out
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
+    (cache / "_numba_dense.forward-342.py311.nbi").unlink()
+    assert not cpu.needs_compile()           # the cache lives elsewhere: unsure, so silent
