@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..kernels import auto_defers
+from ..kernels import AUTO_BATCH_LIMITS, auto_defers
+from ..kernels.cpu import keep_activations, segment_blocks
 from ..kernels.network import auto_network
 from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
@@ -294,10 +295,20 @@ class StageCost:
         return self._parts(rows)[2]
 
     def activation_bytes(self, rows, dtype_bytes):
-        """Saved states of one micro-batch (y_k and σ_k per block) and the adjoint buffer of B."""
+        """Saved states of one micro-batch and the adjoint buffer of B: y_k and σ_k per block and the
+        blocks' adjoints, except where the fused CPU kernel (every dense width up to 16 under
+        ``--kernel auto``) keeps its weight gradients inline: there no adjoints, σ_k only where
+        ``cpu.keep_activations`` keeps it, and a chunk run in segments (``cpu.segment_blocks``)
+        holds each segment's input and one segment's y_k."""
         held = gas = 0
-        for stage, n in _stage_ranges(self.spec, self.a, self.b):
+        for (stage, n), name in zip(_stage_ranges(self.spec, self.a, self.b), self.kernels()):
             per = rows * math.prod(self.spec.stage_state_shape(stage)) * dtype_bytes
-            held += 2 * n * per
-            gas += n * per
+            v = self.spec.stages[stage].width
+            if name == "dense-inline" and self.profile.device == "cpu" and v <= AUTO_BATCH_LIMITS[0][0]:
+                keep = keep_activations(self.spec.activation, v)
+                seg = n if keep or self.profile.threads != 1 else segment_blocks(n, v, rows, dtype_bytes)
+                held += (2 * n if keep else n if seg == n else -(-n // seg) + seg) * per
+            else:               # and per-block adjoints for the weight gradients formed after B
+                held += 2 * n * per
+                gas += n * per
         return held, gas

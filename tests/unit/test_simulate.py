@@ -391,3 +391,27 @@ def test_level_layouts_are_the_runs_mesh(coarse):
         assert [(lv.partition, lv.replicas, lv.stride, lv.redundant) for lv in sim] == \
             [(lv.partition, lv.replicas, lv.stride, lv.redundant) for lv in mesh.levels]
         assert [lv.spec.total_blocks for lv in sim] == [128 >> (5 - i) for i in range(1, 6)]
+
+
+def test_activation_memory_follows_what_the_kernels_keep():
+    """Per micro-batch and block, in units of one state (rows · width · bytes): the fused CPU kernel
+    with inline weight gradients keeps y_k (relu at width 3 recomputes σ) and, past
+    ``cpu.SEGMENT_ABOVE_BYTES``, only each segment's input and one segment; it keeps σ too above
+    width 8; deferred weight gradients (and widths past the fused kernel's) keep y_k, σ_k and the
+    blocks' adjoints."""
+    from parml.kernels.cpu import segment_blocks
+    from parml.plan.costs import StageCost
+    prof = uniform_profile()
+
+    def units(spec, rows, weight_grads="auto", a=0):
+        held, gas = StageCost(spec, a, spec.total_blocks, prof, weight_grads).activation_bytes(rows, 4)
+        per = rows * spec.stages[0].width * 4
+        return held / per, gas / per
+
+    assert units(dense(3, 64), 100) == (64, 0)                    # y_k only, far below the threshold
+    seg = segment_blocks(2048, 3, 2000, 4)
+    assert 32 < seg < 2048 and units(dense(3, 2048), 2000) == (-(-2048 // seg) + seg, 0)
+    assert units(dense(3, 2048), 100) == (2048, 0)                # 2.5 MB of states: one piece
+    assert units(dense(12, 64), 100) == (128, 0)                  # σ kept above width 8
+    assert units(dense(3, 64), 100, "deferred") == (128, 64)      # the deferred sink's adjoints
+    assert units(dense(64, 64), 100) == (128, 64)                 # wider: torch's kernel, deferred
