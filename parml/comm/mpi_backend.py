@@ -213,7 +213,7 @@ class MPIComm(Communicator):
         if self.size == 1:
             return tensor
         if tensor.dtype in _DIRECT and tensor.device.type == "cpu" and tensor.is_contiguous() \
-                and not self.stage_host:
+                and not self._staged(tensor):
             buf = tensor.reshape(-1).numpy()
             what = f"allreduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"
             self._collective(what, self._comm.Ibarrier)

@@ -154,11 +154,18 @@ def select_kernel(name: str, device, dtype: torch.dtype, width: int, stepper: st
     return TORCH, f"width {width} >= {AUTO_MAX_WIDTH}: GEMM-bound blocks, torch's matmuls are faster"
 
 
+def auto_fused(device_type: str, width: int) -> bool:
+    """Whether ``--kernel auto`` runs a dense chunk of `width` on `device_type` through the fused CPU
+    kernel at every batch size, where the compiled kernels load (the planner's model of
+    ``select_kernel``): on CPU up to the first width of ``AUTO_BATCH_LIMITS``."""
+    return device_type == "cpu" and width <= AUTO_BATCH_LIMITS[0][0]
+
+
 def auto_defers(device_type: str, width: int, waited: bool) -> bool:
     """Whether ``--weight-grads auto`` defers a dense chunk of `width` under ``--kernel auto`` on
     `device_type`, where the compiled kernels load (the planner's model of ``ChunkKernel``): the
-    fused kernel up to width 16 on CPU decides by ``FusedCPUKernel.defers``; the others defer."""
-    if device_type == "cpu" and width <= AUTO_BATCH_LIMITS[0][0]:
+    fused kernel (``auto_fused``) decides by ``FusedCPUKernel.defers``; the others defer."""
+    if auto_fused(device_type, width):
         return FUSED_CPU.defers(width, waited)
     return True
 
@@ -217,4 +224,4 @@ def attach_kernels(model, kernel: Kernel | str = "auto") -> list[ChunkKernel]:
 
 __all__ = ["AUTO_MAX_WIDTH", "FUSED_CPU", "FUSED_INLINE_MAX_WIDTH", "KERNELS", "TORCH", "ChunkKernel",
            "DeferredWeightGrads", "EulerDense", "Kernel", "KernelFallbackWarning", "TorchKernel", "apply_chunk",
-           "attach_kernels", "auto_defers", "kernel_for", "select_kernel"]
+           "attach_kernels", "auto_defers", "auto_fused", "kernel_for", "select_kernel"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import AUTO_BATCH_LIMITS, FUSED_CPU, cpu
+from . import FUSED_CPU, auto_fused, cpu
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,8 +38,7 @@ def auto_network(spec, device_type: str) -> bool:
     """Whether one rank holding all of `spec` computes it through ``NetworkGradient`` under
     ``--kernel auto`` where the compiled kernels load (the planner's model of ``build``): one dense
     stage on CPU, narrow enough that auto always picks the fused kernel."""
-    return (device_type == "cpu" and not spec.conv and len(spec.stages) == 1
-            and spec.stages[0].width <= AUTO_BATCH_LIMITS[0][0])
+    return not spec.conv and len(spec.stages) == 1 and auto_fused(device_type, spec.stages[0].width)
 
 
 class NetworkGradient:

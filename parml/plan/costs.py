@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..kernels import AUTO_BATCH_LIMITS, auto_defers
+from ..kernels import auto_defers, auto_fused
 from ..kernels.cpu import keep_activations, segment_blocks
 from ..kernels.network import auto_network
 from ..model import ModelSpec
@@ -304,7 +304,7 @@ class StageCost:
         for (stage, n), name in zip(_stage_ranges(self.spec, self.a, self.b), self.kernels()):
             per = rows * math.prod(self.spec.stage_state_shape(stage)) * dtype_bytes
             v = self.spec.stages[stage].width
-            if name == "dense-inline" and self.profile.device == "cpu" and v <= AUTO_BATCH_LIMITS[0][0]:
+            if name == "dense-inline" and auto_fused(self.profile.device, v):
                 keep = keep_activations(self.spec.activation, v)
                 seg = n if keep or self.profile.threads != 1 else segment_blocks(n, v, rows, dtype_bytes)
                 held += (2 * n if keep else n if seg == n else -(-n // seg) + seg) * per
