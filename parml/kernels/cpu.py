@@ -109,7 +109,7 @@ def tile_size(width: int, batch: int, threads: int = 1) -> int:
 
 
 #: a chunk whose kept states y_k would exceed this is run in segments (``segment_blocks``)
-SEGMENT_ABOVE_BYTES = 16 << 20
+SEGMENT_ABOVE_BYTES = 4 << 20
 #: the states one segment keeps at a time
 SEGMENT_BYTES = 3 << 20
 
@@ -122,8 +122,14 @@ def segment_blocks(blocks: int, width: int, columns: int, itemsize: int) -> int:
     of 512 blocks take 2.7 ms, of 1024 blocks 7.6 ms, of 2048 blocks 18.2 ms. So past
     ``SEGMENT_ABOVE_BYTES`` the forward keeps only each segment's input, and the backward reruns a
     segment (states of ~``SEGMENT_BYTES``, which stay in cache) before its adjoint: 2048 blocks
-    13.2 ms (batch 1000: 7.2 → 5.9 ms), for one more forward's arithmetic. Below it a segmented
-    pass only adds that forward (512 blocks: 3.2 ms). Returns `blocks` for no segments."""
+    13.2 ms (batch 1000: 7.2 → 5.9 ms), for one more forward's arithmetic.
+
+    The threshold is well below the cache: in a V-cycle the other levels run between two gradients
+    of a level and evict its buffers, so a whole chunk writes its states cold, and data replicas on
+    the same chip share the cache. Width 3, circles V-cycle, 3 launches each: one process 75.7-79.2
+    ms (16 MiB) against 74.2-76.2 ms (4 MiB), the (2, 1) mesh cycle 42.0-43.8 against 38.2-38.8 ms
+    (fastest of 40). Repeating one chunk in a warm cache favours whole chunks up to ~12 MiB (512 x
+    2000: 2.7 against 3.1 ms); a V-cycle does not. Returns `blocks` for no segments."""
     per_block = width * columns * itemsize
     if blocks * per_block <= SEGMENT_ABOVE_BYTES:
         return blocks

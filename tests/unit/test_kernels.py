@@ -157,7 +157,8 @@ def test_segmented_chunks_are_bitwise_the_whole_chunk(monkeypatch, dtype, steppe
     assert cpu.ChunkRun(xn, W, b, 0.3, "relu", stepper, True, (sink, chunk)).segments is None
     # the rule: whole below the threshold, ~SEGMENT_BYTES of states per segment above it
     monkeypatch.undo()
-    assert cpu.segment_blocks(512, 3, 2016, 4) == 512
+    assert cpu.segment_blocks(128, 3, 2016, 4) == 128                     # 3.1 MB: whole
+    assert cpu.segment_blocks(512, 3, 1000, 4) == cpu.SEGMENT_BYTES // (3 * 1000 * 4)   # 6.1 MB
     assert cpu.segment_blocks(2048, 3, 2016, 4) == cpu.SEGMENT_BYTES // (3 * 2016 * 4)
     assert cpu.segment_blocks(2048, 3, 1024, 8) == cpu.SEGMENT_BYTES // (3 * 1024 * 8)
 
