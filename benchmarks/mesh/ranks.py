@@ -1,10 +1,13 @@
 """The rank code of the mesh study (a harness entry): every layout of the launch's size on every
-workload, in an order rotated each repeat, then circles' V-cycle trained to the target per layout.
+workload, interleaved step by step, then circles' V-cycle trained to the target per layout.
 
 A step is timed inside the run: ``build_vcycle`` (as ``parml train`` builds it) and its calls, with
 wall and CPU seconds and the seconds blocked in every communicator the rank holds; the (1, 1)
-layout runs on rank 0 alone (a ``SelfComm``) while the others wait in a barrier. Rank 0 gathers
-every rank's rows and emits one ``Sample`` per (workload, layout, repeat).
+layout runs on rank 0 alone (a ``SelfComm``) while the others wait in a barrier. Every layout is
+built once per workload and the steps interleave: each round runs every layout's next step, in an
+order rotated every repeat, so a slow spell of the machine (the cache and memory are shared with
+whatever else runs on the host) falls on all layouts alike instead of on one layout's block of
+steps. Rank 0 gathers every rank's rows and emits one ``Sample`` per (workload, layout, repeat).
 """
 from __future__ import annotations
 
@@ -48,33 +51,64 @@ def _batches(data, cfg: TrainConfig, count: int) -> list:
     return out[:count]
 
 
-def measure(comm, cfg: TrainConfig, data, steps: int, warm: int) -> list[StepRow]:
-    """`warm` untimed, then `steps` timed V-cycle (GD step) calls on this rank."""
-    vcycle = build_vcycle(cfg, data, comm)
-    comms = vcycle.groups.communicators()
-    rows = []
-    for i, (batch, bid) in enumerate(_batches(data, cfg, warm + steps)):
-        w0, c0, t0 = sum(c.wait_seconds for c in comms), time.process_time(), time.perf_counter()
-        res = vcycle(batch, bid)
-        wall = time.perf_counter() - t0
-        if i >= warm:
-            rows.append(StepRow(wall, time.process_time() - c0, sum(c.wait_seconds for c in comms) - w0,
-                                list(res.level_seconds), os.getloadavg()[0]))
-    return rows
+def _step(comm, run, batch, bid) -> StepRow:
+    """One timed V-cycle (GD step) on this rank: `run` is (vcycle, its communicators)."""
+    vcycle, comms = run
+    w0, c0, t0 = sum(c.wait_seconds for c in comms), time.process_time(), time.perf_counter()
+    res = vcycle(batch, bid)
+    wall = time.perf_counter() - t0
+    return StepRow(wall, time.process_time() - c0, sum(c.wait_seconds for c in comms) - w0,
+                   list(res.level_seconds), os.getloadavg()[0])
+
+
+def _built(cfg: TrainConfig, data):
+    def build(c):
+        vcycle = build_vcycle(cfg, data, c)
+        return vcycle, vcycle.groups.communicators()
+    return build
 
 
 def on_layout(comm, lay: Layout, run):
-    """`run(c)` on the layout's communicator: the whole launch, or (1, 1) on rank 0 alone."""
+    """`run(c)` on the layout's communicator: the whole launch, or (1, 1) on rank 0 alone (the
+    others wait in a barrier; their result is None)."""
     if lay.D * lay.P == comm.size:
         return run(comm)
     result = run(SelfComm(timeout=comm.timeout, device=comm.device)) if comm.rank == 0 else None
-    comm.barrier()
+    comm.barrier()     # the ranks outside slept here, polling every ~1 ms: they leave up to 1 ms late
+    comm.barrier()     # so meet once more, all awake, and start the next step together
     return result
 
 
 def rotated(layouts: list, rep: int) -> list:
     k = rep % len(layouts)
     return layouts[k:] + layouts[:k]
+
+
+def measure(comm, job: MeshJob, name: str, data) -> dict:
+    """Every layout of `job` on workload `name`: built once, `job.warm` untimed steps each, then
+    `job.repeats` x `job.steps[name]` timed rounds; a round runs every layout's next step (the
+    same batch for all), in the order ``rotated`` for the repeat. {(layout index, repeat): rows of
+    this rank (None where it is not in the layout)}."""
+    cfgs = [config(name, job, lay) for lay in job.layouts]
+    runs = [on_layout(comm, lay, _built(cfg, data)) for lay, cfg in zip(job.layouts, cfgs)]
+    steps = job.steps[name]
+    plan = _batches(data, cfgs[0], job.warm + job.repeats * steps)
+    rows = {(k, rep): [] for k in range(len(runs)) for rep in range(job.repeats)}
+
+    def one(k, batch, bid):
+        return on_layout(comm, job.layouts[k], lambda c: _step(c, runs[k], batch, bid))
+
+    for batch, bid in plan[:job.warm]:
+        for k in range(len(runs)):
+            one(k, batch, bid)
+    for rep in range(job.repeats):
+        order = rotated(list(range(len(runs))), rep)
+        for batch, bid in plan[job.warm + rep * steps: job.warm + (rep + 1) * steps]:
+            for k in order:
+                row = one(k, batch, bid)
+                if row is not None:
+                    rows[(k, rep)].append(row)
+    return {key: (r or None) for key, r in rows.items()}
 
 
 def to_target(comm, cfg: TrainConfig, data, world: int, lay: Layout, rep: int) -> Target | None:
@@ -88,25 +122,27 @@ def to_target(comm, cfg: TrainConfig, data, world: int, lay: Layout, rep: int) -
 
 def run_launch(job: MeshJob, comm, emit) -> None:
     datas: dict = {}
-    for rep in range(job.repeats):
-        order = rotated(job.layouts, rep)
-        for name in job.workloads:
-            for lay in order:
-                cfg = config(name, job, lay)
-                if name not in datas:
-                    datas[name] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, flatten=True)
-                rows = on_layout(comm, lay, lambda c: measure(c, cfg, datas[name], job.steps[name], job.warm))
-                gathered = comm.allgather_object(rows)
-                if comm.rank == 0:
-                    emit(Sample(comm.size, name, lay, rep, gathered))
-                    print(f"[{comm.size} ranks] {name:14s} {lay.shape} {lay.label:14s} repeat {rep}: "
-                          f"{1e3 * min(r.wall for r in gathered[0]):.1f} ms/step (fastest)", flush=True)
-        if not job.target_runs:
+    for name in job.workloads:
+        cfg = config(name, job, job.layouts[0])
+        datas[name] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, flatten=True)
+        if comm.rank == 0:
+            print(f"[{comm.size} ranks] {name}: {len(job.layouts)} layouts, interleaved, "
+                  f"{job.repeats} x {job.steps[name]} steps each", flush=True)
+        gathered = comm.allgather_object(measure(comm, job, name, datas[name]))
+        if comm.rank != 0:
             continue
-        if "circles-vcycle" not in datas:
-            datas["circles-vcycle"] = load_dataset("circles", None, seed=0, flatten=True)
-        data = datas["circles-vcycle"]
-        for lay in order:
+        for rep in range(job.repeats):
+            for k in rotated(list(range(len(job.layouts))), rep):
+                lay = job.layouts[k]
+                ranks = [mine[(k, rep)] for mine in gathered]
+                emit(Sample(comm.size, name, lay, rep, ranks))
+                print(f"[{comm.size} ranks] {name:14s} {lay.shape} {lay.label:14s} repeat {rep}: "
+                      f"{1e3 * min(r.wall for r in ranks[0]):.1f} ms/step (fastest)", flush=True)
+    if not job.target_runs:
+        return
+    data = datas.get("circles-vcycle") or load_dataset("circles", None, seed=0, flatten=True)
+    for rep in range(job.repeats):
+        for lay in rotated(job.layouts, rep):
             run_name = f"t{rep}-{lay.D}x{lay.P}-{lay.coarse}{lay.min_blocks or ''}-{comm.size}"
             cfg = config("circles-vcycle", job, lay, target_accuracy=1.0, max_cycles=job.max_cycles,
                          out=job.runs_dir, run_name=run_name, overwrite=True)

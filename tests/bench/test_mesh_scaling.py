@@ -79,3 +79,43 @@ def test_mesh_report_only_redraws_the_same_report(mesh_run, tmp_path):
     assert (tmp_path / "mesh_scaling.md").read_text() == (out / "mesh_scaling.md").read_text()
     assert png_width(tmp_path / "mesh_scaling.png") > 800
     assert (tmp_path / "results.json").read_bytes() == (out / "results.json").read_bytes()   # numbers untouched
+
+
+def test_layouts_interleave_step_by_step(monkeypatch):
+    """``measure`` builds every layout once and runs their steps in rounds: every layout sees the
+    same batches, a round runs each layout once, in the order rotated for the repeat (so a slow
+    spell of the machine falls on all layouts alike); warm-up steps are not recorded."""
+    from types import SimpleNamespace
+
+    from benchmarks.mesh import ranks
+    from benchmarks.mesh.records import Layout, MeshJob
+    from parml.comm import SelfComm
+    from parml.data import load_dataset
+
+    calls, built = [], []
+
+    class Cycle:                      # stands in for build_vcycle's V-cycle: records its calls
+        def __init__(self, cfg, data, comm):
+            self.k, self.groups = len(built), SimpleNamespace(communicators=lambda: [])
+            built.append(cfg)
+
+        def __call__(self, batch, bid):
+            calls.append((self.k, bid, batch[0].shape[0]))
+            return SimpleNamespace(level_seconds=[0.001])
+
+    monkeypatch.setattr(ranks, "build_vcycle", Cycle)
+    layouts = [Layout(1, 1), Layout(1, 1, "replicate"), Layout(1, 1, "redundant", 256)]
+    job = MeshJob(["mnist-sgd"], layouts, 16, 2, {"mnist-sgd": 3}, 1, False, 1, "torch", None, None)
+    x = load_dataset("circles", None, seed=0, flatten=True)
+    data = SimpleNamespace(x_train=x.x_train[:2500], y_train=x.y_train[:2500])
+    rows = ranks.measure(SelfComm(), job, "mnist-sgd", data)       # mini-batches of 1000: ids (epoch, i)
+    assert [c.coarse_layout for c in built] == ["gather", "replicate", "redundant"]
+    assert sorted(rows) == [(k, rep) for k in range(3) for rep in range(2)]
+    assert all(len(r) == 3 for r in rows.values())
+    warm, timed = calls[:3], calls[3:]
+    assert [k for k, _, _ in warm] == [0, 1, 2] and len({b for _, b, _ in warm}) == 1
+    order = {0: [0, 1, 2], 1: [1, 2, 0]}
+    for i, rnd in enumerate(timed[j:j + 3] for j in range(0, len(timed), 3)):
+        assert [k for k, _, _ in rnd] == order[i // 3], i
+        assert len({(b, n) for _, b, n in rnd}) == 1, i               # one batch per round
+    assert len({b for _, b, _ in timed}) == 6                          # a new batch every round
