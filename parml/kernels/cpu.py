@@ -95,14 +95,19 @@ def available() -> tuple[bool, str | None]:
     return True, None
 
 
-def tile_size(width: int, batch: int, threads: int = 1) -> int:
+def tile_size(width: int, batch: int, threads: int = 1, recompute: bool = False) -> int:
     """Samples per tile. Each inner loop runs over a tile, and its fixed cost (set-up, overlap
     checks, remainder) is paid per block and tile, so tiles are as long as L2 allows: the six
     [v, tile] buffers of the backward within ~200 KiB, i.e. at most 8192 / v samples (power of
     two, 64..2048; measured at batch 2000: width 3 tile 2000 vs 256 1.6x, width 32 256 vs 32 1.6x).
+    A backward that recomputes σ (`recompute`, ``keep_activations``) runs best on half that: chunk
+    forward and backward from a cold cache, relu, batch 2000, width 3 6.9 → 6.3 ms (1024 blocks),
+    width 8 9.7 → 8.0 ms (256 blocks); the circles V-cycle 75-76 → 69-71 ms. Where σ is stored
+    the halved tile is slower (tanh, width 3: 30.9 → 33.5 ms; relu, width 12: 20.9 → 24.0 ms).
     The batch is split into equal tiles, at least one per thread, each a multiple of 32 samples
     (8-wide vectors, 4 in flight): the loops then have no scalar remainder (the last tile is padded)."""
-    cap = 1 << max(6, min(11, (8192 // max(width, 1)).bit_length() - 1))
+    budget = 4096 if recompute else 8192
+    cap = 1 << max(6, min(11, (budget // max(width, 1)).bit_length() - 1))
     ntiles = max((batch + cap - 1) // cap, min(threads, (batch + 31) // 32))
     per_tile = (batch + ntiles - 1) // ntiles
     return max(32, (per_tile + 31) // 32 * 32)
@@ -231,7 +236,7 @@ class ChunkRun:
         rk2 = stepper == "rk2"
         act, step = ACTIVATION_CODES[activation], STEPPER_CODES[stepper]
         keep = train and keep_activations(activation, v)
-        tile = tile_size(v, B, torch.get_num_threads())
+        tile = tile_size(v, B, torch.get_num_threads(), not keep_activations(activation, v))
         ntiles = (B + tile - 1) // tile
         P = ntiles * tile                          # stored columns: the batch padded to whole tiles
         n_y = 2 * P if (rk2 and deferred is not None) else P

@@ -190,6 +190,30 @@ def test_deferred_microbatches_and_buffer_reuse(stepper):
     assert sink.pending() == 0
 
 
+def test_tile_rule():
+    """Tiles of at most 8192 / v samples (a power of two), half that where the backward recomputes
+    σ; equal tiles, multiples of 32, at least one per thread."""
+    assert cpu.tile_size(3, 2000) == 2016 and cpu.tile_size(3, 2000, recompute=True) == 1024
+    assert cpu.tile_size(8, 2000) == 1024 and cpu.tile_size(8, 2000, recompute=True) == 512
+    assert cpu.tile_size(12, 2000) == 512 and cpu.tile_size(32, 2000) == 256
+    assert cpu.tile_size(3, 1000, recompute=True) == 1024 and cpu.tile_size(3, 40) == 64
+    assert cpu.tile_size(3, 2000, threads=4, recompute=True) == 512
+
+
+@needs_numba
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_tiles_follow_the_storage_policy(act):
+    """relu at width 3 recomputes σ and runs batch 2000 in two tiles, tanh stores it and runs one;
+    both against the reference."""
+    x, W, b, w_out = _case(2000, 3, 3, torch.float64, seed=4)
+    run = cpu.ChunkRun(x.t().contiguous().numpy(), W, b, 0.3, act, "euler", True)
+    assert run.meta[3] == (1024 if act == "relu" else 2016)
+    ref = _ref_grads(x, W, b, w_out, 0.3, act, "euler")
+    for name, a, r in zip(("y_K", "input adjoint", "weight grad", "bias grad"),
+                          _fused_grads(x, W, b, w_out, 0.3, act, "euler", False), ref):
+        _close(a, r, 1e-12, f"{name} {act}")
+
+
 @needs_numba
 @pytest.mark.parametrize("stepper", ["euler", "rk2"])
 def test_threads_split_the_batch(stepper):
