@@ -6,9 +6,9 @@
 
 Launch A, 2 ranks (gloo): the layouts (D, P) = (1, 1) (rank 0 alone on a SelfComm while rank 1
 waits in a barrier: one process), (2, 1), (2, 1) with ``--coarse-layout redundant
---min-blocks-per-rank 256``, (1, 2) and (1, 2) with ``--coarse-layout replicate``, interleaved step
-by step (each round runs every layout's next step on the same batch, in an order rotated every
-repeat), on
+--min-blocks-per-rank 256``, (1, 2) and (1, 2) with ``--coarse-layout replicate``, interleaved in
+rounds (each round runs every layout for one untimed step and up to 5 timed ones, on the same
+batches, in an order rotated every repeat), on
 
 * ``circles-gd``: the paper's circles setup (K = 2048, width 3, full batch 2000, lr 0.1, β 1e-4), one GD step;
 * ``circles-vcycle``: the same with the default 8-level V-cycle [(1),1,1,1,2,2,2,{2}];

@@ -1,13 +1,13 @@
 """The rank code of the mesh study (a harness entry): every layout of the launch's size on every
-workload, interleaved step by step, then circles' V-cycle trained to the target per layout.
+workload, interleaved in short rounds, then circles' V-cycle trained to the target per layout.
 
 A step is timed inside the run: ``build_vcycle`` (as ``parml train`` builds it) and its calls, with
 wall and CPU seconds and the seconds blocked in every communicator the rank holds; the (1, 1)
 layout runs on rank 0 alone (a ``SelfComm``) while the others wait in a barrier. Every layout is
-built once per workload and the steps interleave: each round runs every layout's next step, in an
-order rotated every repeat, so a slow spell of the machine (the cache and memory are shared with
-whatever else runs on the host) falls on all layouts alike instead of on one layout's block of
-steps. Rank 0 gathers every rank's rows and emits one ``Sample`` per (workload, layout, repeat).
+built once per workload and their steps interleave in short rounds (``measure``), in an order
+rotated every repeat, so a slow spell of the machine (the cache and memory are shared with whatever
+else runs on the host) falls on all layouts alike instead of on one layout's steps. Rank 0 gathers
+every rank's rows and emits one ``Sample`` per (workload, layout, repeat).
 """
 from __future__ import annotations
 
@@ -84,11 +84,18 @@ def rotated(layouts: list, rep: int) -> list:
     return layouts[k:] + layouts[:k]
 
 
+#: timed steps of one layout in a row; each run of them follows one untimed step of the same layout
+BLOCK = 5
+
+
 def measure(comm, job: MeshJob, name: str, data) -> dict:
     """Every layout of `job` on workload `name`: built once, `job.warm` untimed steps each, then
-    `job.repeats` x `job.steps[name]` timed rounds; a round runs every layout's next step (the
-    same batch for all), in the order ``rotated`` for the repeat. {(layout index, repeat): rows of
-    this rank (None where it is not in the layout)}."""
+    per repeat ``job.steps[name]`` timed steps of each, in rounds: a round runs every layout, in
+    the order ``rotated`` for the repeat, for one untimed step and up to ``BLOCK`` timed ones on
+    the same batches for all. The untimed step brings the layout's buffers back into the cache
+    after the other layouts, as its previous cycle would in a training run; short rounds spread a
+    slow spell of the host over all layouts. {(layout index, repeat): rows of this rank (None
+    where it is not in the layout)}."""
     cfgs = [config(name, job, lay) for lay in job.layouts]
     runs = [on_layout(comm, lay, _built(cfg, data)) for lay, cfg in zip(job.layouts, cfgs)]
     steps = job.steps[name]
@@ -103,11 +110,14 @@ def measure(comm, job: MeshJob, name: str, data) -> dict:
             one(k, batch, bid)
     for rep in range(job.repeats):
         order = rotated(list(range(len(runs))), rep)
-        for batch, bid in plan[job.warm + rep * steps: job.warm + (rep + 1) * steps]:
+        mine = plan[job.warm + rep * steps: job.warm + (rep + 1) * steps]
+        for block in (mine[i:i + BLOCK] for i in range(0, steps, BLOCK)):
             for k in order:
-                row = one(k, batch, bid)
-                if row is not None:
-                    rows[(k, rep)].append(row)
+                one(k, *block[0])                        # untimed: this layout's buffers back in cache
+                for batch, bid in block:
+                    row = one(k, batch, bid)
+                    if row is not None:
+                        rows[(k, rep)].append(row)
     return {key: (r or None) for key, r in rows.items()}
 
 

@@ -81,10 +81,11 @@ def test_mesh_report_only_redraws_the_same_report(mesh_run, tmp_path):
     assert (tmp_path / "results.json").read_bytes() == (out / "results.json").read_bytes()   # numbers untouched
 
 
-def test_layouts_interleave_step_by_step(monkeypatch):
-    """``measure`` builds every layout once and runs their steps in rounds: every layout sees the
-    same batches, a round runs each layout once, in the order rotated for the repeat (so a slow
-    spell of the machine falls on all layouts alike); warm-up steps are not recorded."""
+def test_layouts_interleave_in_rounds(monkeypatch):
+    """``measure`` builds every layout once and runs their steps in rounds: each layout, in the
+    order rotated for the repeat, takes one untimed step and then up to ``BLOCK`` timed ones on the
+    same batches as every other layout (so a slow spell of the machine falls on all layouts alike);
+    warm-up steps and the untimed step of a round are not recorded."""
     from types import SimpleNamespace
 
     from benchmarks.mesh import ranks
@@ -100,10 +101,11 @@ def test_layouts_interleave_step_by_step(monkeypatch):
             built.append(cfg)
 
         def __call__(self, batch, bid):
-            calls.append((self.k, bid, batch[0].shape[0]))
+            calls.append((self.k, bid))
             return SimpleNamespace(level_seconds=[0.001])
 
     monkeypatch.setattr(ranks, "build_vcycle", Cycle)
+    monkeypatch.setattr(ranks, "BLOCK", 2)
     layouts = [Layout(1, 1), Layout(1, 1, "replicate"), Layout(1, 1, "redundant", 256)]
     job = MeshJob(["mnist-sgd"], layouts, 16, 2, {"mnist-sgd": 3}, 1, False, 1, "torch", None, None)
     x = load_dataset("circles", None, seed=0, flatten=True)
@@ -111,11 +113,14 @@ def test_layouts_interleave_step_by_step(monkeypatch):
     rows = ranks.measure(SelfComm(), job, "mnist-sgd", data)       # mini-batches of 1000: ids (epoch, i)
     assert [c.coarse_layout for c in built] == ["gather", "replicate", "redundant"]
     assert sorted(rows) == [(k, rep) for k in range(3) for rep in range(2)]
-    assert all(len(r) == 3 for r in rows.values())
-    warm, timed = calls[:3], calls[3:]
-    assert [k for k, _, _ in warm] == [0, 1, 2] and len({b for _, b, _ in warm}) == 1
-    order = {0: [0, 1, 2], 1: [1, 2, 0]}
-    for i, rnd in enumerate(timed[j:j + 3] for j in range(0, len(timed), 3)):
-        assert [k for k, _, _ in rnd] == order[i // 3], i
-        assert len({(b, n) for _, b, n in rnd}) == 1, i               # one batch per round
-    assert len({b for _, b, _ in timed}) == 6                          # a new batch every round
+    assert all(len(r) == 3 for r in rows.values())                   # the timed steps only
+    ids = [bid for _, bid in calls]
+    warm, rest = calls[:3], calls[3:]
+    assert [k for k, _ in warm] == [0, 1, 2] and len({b for _, b in warm}) == 1
+    expect = []                       # repeat 0: batches 1-3, repeat 1: batches 4-6, blocks of 2 and 1
+    for rep, order in ((0, [0, 1, 2]), (1, [1, 2, 0])):
+        for block in ([1 + 3 * rep, 2 + 3 * rep], [3 + 3 * rep]):
+            for k in order:
+                expect += [(k, block[0])] + [(k, b) for b in block]
+    plan = sorted(set(ids), key=ids.index)                            # batch ids in order of first use
+    assert [(k, plan.index(b)) for k, b in rest] == expect
