@@ -150,7 +150,7 @@ def run_launch(job: MeshJob, comm, emit) -> None:
                       f"{1e3 * min(r.wall for r in ranks[0]):.1f} ms/step (fastest)", flush=True)
     if not job.target_runs:
         return
-    data = datas.get("circles-vcycle") or load_dataset("circles", None, seed=0, flatten=True)
+    data = datas["circles-vcycle"] if "circles-vcycle" in datas else load_dataset("circles", None, seed=0, flatten=True)
     for rep in range(job.repeats):
         for lay in rotated(job.layouts, rep):
             run_name = f"t{rep}-{lay.D}x{lay.P}-{lay.coarse}{lay.min_blocks or ''}-{comm.size}"
