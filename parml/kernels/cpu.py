@@ -235,8 +235,9 @@ class ChunkRun:
         B, dt = x.shape[0], x.dtype.type
         rk2 = stepper == "rk2"
         act, step = ACTIVATION_CODES[activation], STEPPER_CODES[stepper]
-        keep = train and keep_activations(activation, v)
-        tile = tile_size(v, B, torch.get_num_threads(), not keep_activations(activation, v))
+        stores = keep_activations(activation, v)   # σ kept for a backward (else recomputed there)
+        keep = train and stores
+        tile = tile_size(v, B, torch.get_num_threads(), not stores)
         ntiles = (B + tile - 1) // tile
         P = ntiles * tile                          # stored columns: the batch padded to whole tiles
         n_y = 2 * P if (rk2 and deferred is not None) else P
