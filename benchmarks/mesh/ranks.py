@@ -136,7 +136,7 @@ def run_launch(job: MeshJob, comm, emit) -> None:
         cfg = config(name, job, job.layouts[0])
         datas[name] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, flatten=True)
         if comm.rank == 0:
-            print(f"[{comm.size} ranks] {name}: {len(job.layouts)} layouts, interleaved, "
+            print(f"[{comm.size} ranks] {name}: {len(job.layouts)} layouts in rounds, "
                   f"{job.repeats} x {job.steps[name]} steps each", flush=True)
         gathered = comm.allgather_object(measure(comm, job, name, datas[name]))
         if comm.rank != 0:
