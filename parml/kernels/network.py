@@ -45,10 +45,10 @@ class NetworkGradient:
     """Forward and adjoint of `model`, a one-stage dense ``ODEResNet`` or a shard of one whose chunk
     runs the fused CPU kernel (``build`` says whether one fits): [opening] → blocks → [head, loss].
 
-    A step: ``begin()`` gives every parameter's ``.grad`` a view of a fresh flat buffer (its last
-    entry free for the loss); ``forward(m, inp, y, total)`` runs micro-batch m from the data (first
-    shard) or the received state and returns (Σ ℓ / total on the last shard, else None; y_b on the
-    others, else None); ``backward(m, g)`` takes dL/dy_b (None on the last shard, whose head already
+    A step: ``begin()`` gives every parameter's ``.grad`` a view of a fresh flat buffer (in the order
+    of ``layout``, its last entry free for the loss); ``forward(m, inp, y, total)`` runs micro-batch
+    m from the data (first shard) or the received state and returns (Σ ℓ / total on the last shard,
+    else None; y_b on the others, else None); ``backward(m, g)`` takes dL/dy_b (None on the last shard, whose head already
     formed it) and returns dL/dy_a (None on the first shard), adding m's gradients to the buffer.
     ``grad(x, y, total, microbatches)`` is a whole model's step on one rank: (loss, flat)."""
 
@@ -57,10 +57,16 @@ class NetworkGradient:
         self.chunk = model.chunks[0]
         self.params = ([model.opening.weight] if self.first else []) + [self.chunk.weight, self.chunk.bias] + \
             ([model.head.weight, model.head.bias] if self.last else [])
-        ends = [0]
-        for p in self.params:
+        # the buffer holds the block parameters first, then the shared ones (the order of
+        # ``multilevel.hierarchy.ordered_parameters``): a level whose θ is one vector in that order
+        # adds its Tikhonov term to the buffer with no copy (``mgopt._tikhonov_flat``)
+        self.layout = [self.chunk.weight, self.chunk.bias] + [p for p in self.params if p is not self.chunk.weight
+                                                              and p is not self.chunk.bias]
+        ends, at = [0], {}
+        for p in self.layout:
+            at[id(p)] = ends[-1]
             ends.append(ends[-1] + p.numel())
-        self.spans = list(zip(ends, ends[1:]))
+        self.spans = [(at[id(p)], at[id(p)] + p.numel()) for p in self.params]
         self.numel = ends[-1]
         self.dtype = self.chunk.weight.dtype
         self.regression = model.spec.task == "regression"

@@ -160,9 +160,17 @@ class Level:
         # on the CPU every parameter is a slice of one vector θ, so the Tikhonov term, its gradient
         # and the finiteness check are a few numpy ops over all of them (``_tikhonov_flat``)
         self._theta = _flatten(self.params)
+        self._shapes = [tuple(p.shape) for p in self.params]
         if self._theta is not None:
-            self._twice_w = np.repeat(2.0 * np.array(self._w), [p.numel() for p in self.params]).astype(
+            sizes = [p.numel() for p in self.params]
+            self._twice_w = np.repeat(2.0 * np.array(self._w), sizes).astype(self._theta.dtype)
+            self._scale_flat = None if self.scale is None else np.repeat(np.array(self.scale), sizes).astype(
                 self._theta.dtype)
+        # where the executor's gradient buffer is laid out as θ (one rank holding the whole model:
+        # ``NetworkGradient.layout``), the Tikhonov term is added to it with no copy
+        layout = getattr(getattr(executor, "network", None), "layout", None)
+        self._aligned = (self._theta is not None and layout is not None and len(layout) == len(self.params)
+                         and all(a is b for a, b in zip(layout, self.params)))
         self.optimizer = make_optimizer(self.params)
         self.stats = LevelStats()
         self.number = number
@@ -193,10 +201,12 @@ class Level:
             return self._cache[1], self._cache[2]
         t0 = time.perf_counter()
         grads = []
+        self._flat = None
 
-        def local() -> torch.Tensor:
-            """This rank's Tikhonov term and non-finite flag, summed by the executor."""
-            reg, finite = self._tikhonov(grads)
+        def local(flat=None) -> torch.Tensor:
+            """This rank's Tikhonov term and non-finite flag, summed by the executor (`flat`: the
+            executor's gradient buffer where it holds the whole model)."""
+            reg, finite = self._tikhonov(grads, flat)
             return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=self.params[0].device)
 
         loss, totals = self.executor.forward_backward_sum(*batch, local)
@@ -207,16 +217,18 @@ class Level:
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0
-        self._cache = (key, loss, grads)
+        self._cache = (key, loss, grads, self._flat)
         return loss, grads
 
-    def _tikhonov(self, out: list) -> tuple[float, bool]:
-        """∇L^l = ∇(data loss) + 2βw θ into `out` (per parameter), and (β Σ w‖θ_i‖², all finite)."""
-        g = [p.grad for p in self.params]
+    def _tikhonov(self, out: list, flat=None) -> tuple[float, bool]:
+        """∇L^l = ∇(data loss) + 2βw θ into `out` (per parameter), and (β Σ w‖θ_i‖², all finite).
+        On the CPU ``self._flat`` keeps ∇L^l as one vector in θ's order (``out`` are its views)."""
         if self._theta is not None:
-            return _tikhonov_flat(self._theta, self._twice_w, g, out)
-        return _tikhonov_lists([p.detach() for p in self.params], [x.detach() for x in g], self._w,
-                               self._by_weight, out)
+            g = flat.numpy()[:-1] if flat is not None and self._aligned else [p.grad for p in self.params]
+            reg, finite, self._flat = _tikhonov_flat(self._theta, self._twice_w, g, self._shapes, out)
+            return reg, finite
+        return _tikhonov_lists([p.detach() for p in self.params], [p.grad.detach() for p in self.params],
+                               self._w, self._by_weight, out)
 
     def _raise_non_finite(self, loss, finite):
         """Every rank of the level stops together. The message names where it started: the ranks
@@ -239,10 +251,17 @@ class Level:
         """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD);
         `observe(θ, ∇L, ∇H)` sees each step's point and gradients (tests of eq. 9)."""
         first = None
+        flat_dg = None
         for _ in range(steps):
             loss, gl = self.gradient(batch, batch_id)
             first = loss if first is None else first
             t0 = time.perf_counter()
+            if observe is None and self._cache[3] is not None and type(self.optimizer) is GradientDescent:
+                if dg is not None and flat_dg is None:
+                    flat_dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
+                self._descend(self._cache[3], flat_dg)
+                self.stats.seconds += time.perf_counter() - t0
+                continue
             # list arithmetic as multi-tensor ops: ~10 µs each against ~3 µs per parameter and op
             g = gl if dg is None else torch._foreach_add(gl, dg)
             if observe is not None:
@@ -255,6 +274,18 @@ class Level:
             self._version += 1
             self.stats.seconds += time.perf_counter() - t0
         return first
+
+    def _descend(self, gl: np.ndarray, dg: np.ndarray | None) -> None:
+        """``smooth``'s step for plain GD on the CPU, θ ← θ − lr·M(∇L^l + δg) (M: the metric's 1/h
+        per block entry), as three numpy ops on θ instead of multi-tensor ops over the parameters
+        (~10 µs each; a V-cycle takes ~20 steps, a fixed cost that does not halve on a data replica)."""
+        (group,) = self.optimizer.param_groups
+        g = gl + dg if dg is not None else gl.copy()
+        if self._scale_flat is not None:
+            g *= self._scale_flat
+        g *= group["lr"]
+        self._theta -= g
+        self._version += 1
 
 
 def _flatten(params) -> np.ndarray | None:
@@ -274,21 +305,26 @@ def _flatten(params) -> np.ndarray | None:
     return flat.numpy()
 
 
-def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g: list, out: list) -> tuple[float, bool]:
+def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g, shapes: list, out: list
+                   ) -> tuple[float, bool, np.ndarray]:
     """The Tikhonov term of eq. (9)'s L^l on one vector: a handful of numpy ops for every parameter
     at once. Per-parameter torch ops took ~50 µs of a coarse level's ~250 µs gradient (circles, 16
     blocks); a V-cycle takes 28 gradients, and on a data replica they are a fixed cost that does not
-    halve with the batch. A sum is finite exactly when every entry is (float64 cannot overflow here)."""
+    halve with the batch. A sum is finite exactly when every entry is (float64 cannot overflow here).
+
+    `g`: the data-loss gradients, a list of per-parameter tensors or one vector in θ's order; `shapes`
+    the parameters' shapes. Appends each parameter's ∇L^l to `out` (views of one vector t) and
+    returns (β Σ w‖θ_i‖², finite, t)."""
     t = theta * twice_w
     reg = 0.5 * float(t @ theta)
-    t += np.concatenate([x.numpy().reshape(-1) for x in g])
+    t += g if isinstance(g, np.ndarray) else np.concatenate([x.numpy().reshape(-1) for x in g])
     finite = math.isfinite(float(t.sum(dtype=np.float64)))
     offset = 0
-    for x in g:
-        n = x.numel()
-        out.append(torch.from_numpy(t[offset:offset + n].reshape(x.shape)))
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(torch.from_numpy(t[offset:offset + n].reshape(shape)))
         offset += n
-    return reg, finite
+    return reg, finite, t
 
 
 def _tikhonov_lists(d: list, g: list, w: list, by_weight: list, out: list) -> tuple[float, bool]:

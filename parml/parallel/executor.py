@@ -116,7 +116,9 @@ class LayerParallel:
         """``forward_backward``, and `local()` — a float64 tensor of this rank's values, computed once
         its gradients are final — summed over the layer ranks in the collective that brings the loss
         from the last rank. So a step costs one collective per group: the data group's gradient
-        sums (the loss riding in the last bucket) and the layer group's loss and sums."""
+        sums (the loss riding in the last bucket) and the layer group's loss and sums. Where this rank
+        holds the whole model, `local(flat)` also gets the summed gradients as one buffer (in
+        ``network.layout`` order, the loss in its last entry)."""
         total = x.shape[0]
         x, y = self._share(x), self._share(y)
         check_microbatches(x.shape[0], self.microbatches)
@@ -156,7 +158,7 @@ class LayerParallel:
             self.data.allreduce(flat)
             loss = float(flat.numpy()[-1])
         t2 = time.perf_counter()
-        mine = local() if local is not None else None
+        mine = local(flat) if local is not None else None
         t3 = time.perf_counter()
         self.stage.compute_seconds += t1 - t0
         self.stage.wait_seconds += t2 - t1

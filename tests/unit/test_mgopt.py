@@ -2,6 +2,7 @@
 differences, work units per eq. (10), cycle notation, one level = gradient descent."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,37 @@ def test_a_cpu_levels_parameters_are_slices_of_one_vector():
     assert _flatten([torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)]) is None
 
 
+@pytest.mark.parametrize("metric", ["l2", "euclidean"])
+def test_smoothing_on_the_vector_equals_the_per_parameter_step(metric, monkeypatch):
+    """A one-rank level adds its Tikhonov term to the network's gradient buffer (laid out as θ) and
+    takes GD steps as numpy ops on θ (``Level._descend``). An observer sends ``smooth`` down the
+    per-parameter path (multi-tensor ops, ``GradientDescent.step``): 3 V-cycles of each give the
+    same iterates, and the vector path is the one taken without an observer."""
+    from parml.multilevel import mgopt
+    data = small_data()
+    batch = (data.x_train, data.y_train)
+    runs = {}
+    for path in ("vector", "lists"):
+        vc = build_vcycle(cfg(metric=metric), data, SelfComm())
+        for lev in vc.levels:
+            assert lev._aligned, "a one-rank level's θ and the network's gradient buffer share a layout"
+            assert [id(p) for p in lev.executor.network.layout] == [id(p) for p in ordered_parameters(lev.model)]
+        steps = []
+        descend = mgopt.Level._descend
+        monkeypatch.setattr(mgopt.Level, "_descend", lambda self, *a: (steps.append(1), descend(self, *a)))
+        if path == "lists":
+            vc.observer = lambda *a: None
+        losses = [vc(batch, 0).loss for _ in range(3)]
+        assert (len(steps) > 0) == (path == "vector")
+        runs[path] = (losses, [[p.detach().clone() for p in lev.params] for lev in vc.levels])
+        monkeypatch.undo()
+    (lv, pv), (ll, pl) = runs["vector"], runs["lists"]
+    assert lv == pytest.approx(ll, rel=1e-13)
+    for a, b in zip(pv, pl):
+        for x, y in zip(a, b):
+            close(x, y, 1e-12, "iterate")
+
+
 @pytest.mark.parametrize("bad", [None, "nan_grad", "inf_grad", "nan_param"])
 def test_the_tikhonov_term_on_one_vector_equals_the_per_parameter_one(bad):
     """``_tikhonov_flat`` (CPU) and ``_tikhonov_lists`` (other devices) against β Σ w‖θ_i‖² and
@@ -221,15 +253,22 @@ def test_the_tikhonov_term_on_one_vector_equals_the_per_parameter_one(bad):
     reg_l, finite_l = _tikhonov_lists([p.detach() for p in params], grads, w, by_weight, lists)
     theta = _flatten(params)
     twice_w = torch.cat([torch.full((p.numel(),), 2 * wi, dtype=torch.float64) for p, wi in zip(params, w)]).numpy()
-    flat: list = []
-    reg_f, finite_f = _tikhonov_flat(theta, twice_w, grads, flat)
-    assert finite_l == finite_f == (bad is None)      # a NaN in θ reaches ∇ + 2βwθ too
+    flat, vec = [], []
+    reg_f, finite_f, t = _tikhonov_flat(theta, twice_w, grads, shapes, flat)
+    # the gradients as one vector in θ's order (``NetworkGradient``'s buffer): the same values
+    g_vec = torch.cat([g.reshape(-1) for g in grads]).numpy()
+    reg_v, finite_v, t_v = _tikhonov_flat(theta, twice_w, g_vec, shapes, vec)
+    assert finite_l == finite_f == finite_v == (bad is None)      # a NaN in θ reaches ∇ + 2βwθ too
     if bad == "nan_param":
-        assert math.isnan(reg_l) and math.isnan(reg_f)
+        assert math.isnan(reg_l) and math.isnan(reg_f) and math.isnan(reg_v)
         return
-    assert reg_l == pytest.approx(want_reg, rel=1e-12) and reg_f == pytest.approx(want_reg, rel=1e-12)
-    for a, b, c in zip(flat, lists, want):
-        assert a.shape == c.shape
+    assert reg_l == pytest.approx(want_reg, rel=1e-12) and reg_f == reg_v == pytest.approx(want_reg, rel=1e-12)
+    for a, v, b, c in zip(flat, vec, lists, want):
+        assert a.shape == v.shape == c.shape
         if bad is None:
             close(a, c, 1e-14, "flat")
+            close(v, c, 1e-14, "vector")
             close(b, c, 1e-14, "lists")
+    if bad is None:      # the returned vector is the per-parameter results laid end to end
+        assert np.array_equal(t, torch.cat([a.reshape(-1) for a in flat]).numpy())
+        assert np.array_equal(t_v, t)
