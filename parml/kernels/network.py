@@ -48,8 +48,9 @@ class NetworkGradient:
     A step: ``begin()`` gives every parameter's ``.grad`` a view of a fresh flat buffer (in the order
     of ``layout``, its last entry free for the loss); ``forward(m, inp, y, total)`` runs micro-batch
     m from the data (first shard) or the received state and returns (Σ ℓ / total on the last shard,
-    else None; y_b on the others, else None); ``backward(m, g)`` takes dL/dy_b (None on the last shard, whose head already
-    formed it) and returns dL/dy_a (None on the first shard), adding m's gradients to the buffer.
+    else None; y_b on the others, else None); ``backward(m, g)`` takes dL/dy_b (None on the last
+    shard, whose head already formed it) and returns dL/dy_a (None on the first shard), adding m's
+    gradients to the buffer.
     ``grad(x, y, total, microbatches)`` is a whole model's step on one rank: (loss, flat)."""
 
     def __init__(self, model):
