@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..kernels import auto_defers, auto_fused
-from ..kernels.cpu import keep_activations, segment_blocks
+from ..kernels.cpu import keep_activations, segment_blocks, tile_size
 from ..kernels.network import auto_network
 from ..model import ModelSpec
 from ..multilevel.hierarchy import level_specs
@@ -299,14 +299,18 @@ class StageCost:
         blocks' adjoints, except where the fused CPU kernel (every dense width up to 16 under
         ``--kernel auto``) keeps its weight gradients inline: there no adjoints, σ_k only where
         ``cpu.keep_activations`` keeps it, and a chunk run in segments (``cpu.segment_blocks``)
-        holds each segment's input and one segment's y_k."""
+        holds each segment's input and one segment's y_k, each state of the rows padded to whole
+        tiles (``cpu.tile_size``), as ``cpu.ChunkRun`` stores them."""
         held = gas = 0
         for (stage, n), name in zip(_stage_ranges(self.spec, self.a, self.b), self.kernels()):
             per = rows * math.prod(self.spec.stage_state_shape(stage)) * dtype_bytes
             v = self.spec.stages[stage].width
             if name == "dense-inline" and auto_fused(self.profile.device, v):
                 keep = keep_activations(self.spec.activation, v)
-                seg = n if keep or self.profile.threads != 1 else segment_blocks(n, v, rows, dtype_bytes)
+                tile = tile_size(v, rows, self.profile.threads, not keep) if rows else 1
+                cols = -(-rows // tile) * tile
+                per = cols * v * dtype_bytes
+                seg = n if keep or self.profile.threads != 1 else segment_blocks(n, v, cols, dtype_bytes)
                 held += (2 * n if keep else n if seg == n else -(-n // seg) + seg) * per
             else:               # and per-block adjoints for the weight gradients formed after B
                 held += 2 * n * per

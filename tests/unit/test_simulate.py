@@ -3,6 +3,7 @@ timelines, V-cycle work units against eq. (10), transfers against transfer.Mover
 Profiles: test_profile.py; the planner: test_planner.py; calibration: tests/distributed/test_calibrate.py."""
 import math
 
+import numpy as np
 import pytest
 
 from parml.config import TrainConfig
@@ -315,11 +316,42 @@ def test_a_redundant_level_runs_the_whole_batch_without_an_allreduce():
     assert pg.level_seconds[0] < pr.level_seconds[0]       # compute-bound costs: halving the rows pays
 
 
+@pytest.mark.parametrize("width, rows, activation, blocks", [
+    (3, 100, "relu", 64), (12, 2000, "relu", 16), (3, 1000, "tanh", 32), (3, 2000, "relu", 2048)])
+def test_activation_memory_is_what_the_fused_kernel_holds(width, rows, activation, blocks):
+    """The planner's states per micro-batch against the buffers a training ``cpu.ChunkRun`` holds
+    between its forward and backward: y_k (and σ_k) exactly; run in segments, each segment's input
+    (the rows as they are) and the one segment the backward reruns (padded: within 1 %)."""
+    import dataclasses
+
+    import torch
+
+    from parml.kernels import cpu
+    from parml.plan.costs import StageCost
+    spec = dataclasses.replace(dense(width, blocks), activation=activation)
+    held, _ = StageCost(spec, 0, blocks, uniform_profile(), "auto").activation_bytes(rows, 4)
+    x = torch.randn(rows, width).numpy()
+    W, b = torch.randn(blocks, width, width) * 0.1, torch.zeros(blocks, width)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)              # the profile's thread count
+    try:
+        run = cpu.ChunkRun(x, W, b, 0.1, activation, "euler", True)
+        if run.segments is None:
+            _, _, Y, S = run.keep
+            assert held == Y.numel() * 4 + (0 if S is None else S.numel() * 4)
+        else:
+            n_y, seg = run.meta[4], run.segments[0][1]
+            assert held == pytest.approx(sum(i.nbytes for i in run.inputs) + seg * width * n_y * 4, rel=0.01)
+        run.backward(np.ones((rows, width), np.float32))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_memory_counts_the_largest_activations_of_any_level():
-    """A redundant coarse level holds the whole batch: at D = 4 its 32 blocks x 64 rows are twice
-    the finest level's 64 blocks x 16 rows, and the memory per rank says so (gathered: the finest
-    level's peak; one process: 64 blocks x 64 rows)."""
-    work = Workload(dense(2, 64), batch=64, levels=2)
+    """A redundant coarse level holds the whole batch: at D = 4 its 32 blocks x 256 rows are twice
+    the finest level's 64 blocks x 64 rows, and the memory per rank says so (gathered: the finest
+    level's peak; one process: 64 blocks x 256 rows)."""
+    work = Workload(dense(2, 64), batch=256, levels=2)
     prof = uniform_profile()
     gather = predict(work, Layout(4, 1, 1, coarse_layout="gather"), prof)
     red = predict(work, Layout(4, 1, 1, coarse_layout="redundant", min_blocks_per_rank=64), prof)
@@ -394,24 +426,28 @@ def test_level_layouts_are_the_runs_mesh(coarse):
 
 
 def test_activation_memory_follows_what_the_kernels_keep():
-    """Per micro-batch and block, in units of one state (rows · width · bytes): the fused CPU kernel
-    with inline weight gradients keeps y_k (relu at width 3 recomputes σ) and, past
+    """Per micro-batch and block, in units of one state (columns · width · bytes): the fused CPU
+    kernel with inline weight gradients keeps y_k (relu at width 3 recomputes σ) and, past
     ``cpu.SEGMENT_ABOVE_BYTES``, only each segment's input and one segment; it keeps σ too above
-    width 8; deferred weight gradients (and widths past the fused kernel's) keep y_k, σ_k and the
-    blocks' adjoints."""
+    width 8; its states hold the rows padded to whole tiles (100 rows: one tile of 128; 2000 rows:
+    two of 1024 at width 3, where σ is recomputed, and four of 512 at width 12, where it is kept).
+    Deferred weight gradients (and widths past the fused kernel's) keep y_k, σ_k and the blocks'
+    adjoints of the rows as they are."""
     from parml.kernels.cpu import segment_blocks
     from parml.plan.costs import StageCost
     prof = uniform_profile()
+    assert prof.threads == 1
 
-    def units(spec, rows, weight_grads="auto", a=0):
+    def units(spec, rows, cols, weight_grads="auto", a=0):
         held, gas = StageCost(spec, a, spec.total_blocks, prof, weight_grads).activation_bytes(rows, 4)
-        per = rows * spec.stages[0].width * 4
+        per = cols * spec.stages[0].width * 4
         return held / per, gas / per
 
-    assert units(dense(3, 64), 100) == (64, 0)                    # y_k only, far below the threshold
-    seg = segment_blocks(2048, 3, 2000, 4)
-    assert 32 < seg < 2048 and units(dense(3, 2048), 2000) == (-(-2048 // seg) + seg, 0)
-    assert units(dense(3, 2048), 100) == (2048, 0)                # 2.5 MB of states: one piece
-    assert units(dense(12, 64), 100) == (128, 0)                  # σ kept above width 8
-    assert units(dense(3, 64), 100, "deferred") == (128, 64)      # the deferred sink's adjoints
-    assert units(dense(64, 64), 100) == (128, 64)                 # wider: torch's kernel, deferred
+    assert units(dense(3, 64), 100, 128) == (64, 0)               # y_k only, far below the threshold
+    seg = segment_blocks(2048, 3, 2048, 4)
+    assert 32 < seg < 2048 and units(dense(3, 2048), 2000, 2048) == (-(-2048 // seg) + seg, 0)
+    assert units(dense(3, 2048), 100, 128) == (2048, 0)           # 3.1 MB of states: one piece
+    assert units(dense(12, 64), 100, 128) == (128, 0)             # σ kept above width 8
+    assert units(dense(12, 64), 2000, 2048) == (128, 0)
+    assert units(dense(3, 64), 100, 100, "deferred") == (128, 64)  # the deferred sink's adjoints
+    assert units(dense(64, 64), 100, 100) == (128, 64)            # wider: torch's kernel, deferred
