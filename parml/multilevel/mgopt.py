@@ -310,7 +310,7 @@ def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g, shapes: list, out:
     """The Tikhonov term of eq. (9)'s L^l on one vector: a handful of numpy ops for every parameter
     at once. Per-parameter torch ops took ~50 µs of a coarse level's ~250 µs gradient (circles, 16
     blocks); a V-cycle takes 28 gradients, and on a data replica they are a fixed cost that does not
-    halve with the batch. A sum is finite exactly when every entry is (float64 cannot overflow here).
+    halve with the batch.
 
     `g`: the data-loss gradients, a list of per-parameter tensors or one vector in θ's order; `shapes`
     the parameters' shapes. Appends each parameter's ∇L^l to `out` (views of one vector t) and
@@ -318,7 +318,7 @@ def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g, shapes: list, out:
     t = theta * twice_w
     reg = 0.5 * float(t @ theta)
     t += g if isinstance(g, np.ndarray) else np.concatenate([x.numpy().reshape(-1) for x in g])
-    finite = math.isfinite(float(t.sum(dtype=np.float64)))
+    finite = bool(np.isfinite(t).all())
     offset = 0
     for shape in shapes:
         n = math.prod(shape)
