@@ -95,7 +95,6 @@ def available() -> tuple[bool, str | None]:
     return True, None
 
 
-@functools.lru_cache(maxsize=256)        # asked once per chunk call
 def tile_size(width: int, batch: int, threads: int = 1, recompute: bool = False) -> int:
     """Samples per tile. Each inner loop runs over a tile, and its fixed cost (set-up, overlap
     checks, remainder) is paid per block and tile, so tiles are as long as L2 allows: the six

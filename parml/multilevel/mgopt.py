@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hierarchy import (block_mask, ordered_parameters, prolongate, restrict_gradient,
+from .hierarchy import (IndexTransfers, block_mask, ordered_parameters, prolongate, restrict_gradient,
                         restrict_parameters, step_sizes)
 
 
@@ -182,16 +182,33 @@ class Level:
         return [p.detach().clone() for p in self.params]
 
     def assign(self, values) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, values):
-                p.copy_(v)
+        """θ ← values: a list of tensors, or on the CPU one vector in θ's order."""
+        if isinstance(values, np.ndarray):
+            self._theta[:] = values
+        else:
+            with torch.no_grad():
+                for p, v in zip(self.params, values):
+                    p.copy_(v)
         self._version += 1
 
     def add(self, values) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, values):
-                p.add_(v)
+        """θ ← θ + values (a list, or one vector as in ``assign``)."""
+        if isinstance(values, np.ndarray):
+            self._theta += values
+        else:
+            with torch.no_grad():
+                for p, v in zip(self.params, values):
+                    p.add_(v)
         self._version += 1
+
+    def views(self, vector: np.ndarray) -> list[torch.Tensor]:
+        """One vector in θ's order as per-parameter tensors (views)."""
+        out, offset = [], 0
+        for shape in self._shapes:
+            n = math.prod(shape)
+            out.append(torch.from_numpy(vector[offset:offset + n].reshape(shape)))
+            offset += n
+        return out
 
     def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
         """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
@@ -251,7 +268,9 @@ class Level:
         """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD);
         `observe(θ, ∇L, ∇H)` sees each step's point and gradients (tests of eq. 9)."""
         first = None
-        flat_dg = None
+        flat_dg = dg if isinstance(dg, np.ndarray) else None      # δg: a list, or one vector (CPU)
+        if flat_dg is not None:
+            dg = None
         for _ in range(steps):
             loss, gl = self.gradient(batch, batch_id)
             first = loss if first is None else first
@@ -262,6 +281,8 @@ class Level:
                 self._descend(self._cache[3], flat_dg)
                 self.stats.seconds += time.perf_counter() - t0
                 continue
+            if dg is None and flat_dg is not None:
+                dg = self.views(flat_dg)
             # list arithmetic as multi-tensor ops: ~10 µs each against ~3 µs per parameter and op
             g = gl if dg is None else torch._foreach_add(gl, dg)
             if observe is not None:
@@ -363,6 +384,16 @@ class VCycle:
         setup.check(len(levels))
         self.levels, self.setup, self.interpolation = levels, setup, interpolation
         self.movers = movers
+        # where a level and the next coarser one are CPU vectors on the same ranks, the constant
+        # transfers and the cycle's arithmetic between them are numpy ops on θ (``_cycle_vectors``)
+        self._index = [None] * len(levels)
+        for i in range(1, len(levels)):
+            fine, coarse = levels[i], levels[i - 1]
+            moves = movers[i - 1] if movers else (None, None)
+            if (interpolation == "constant" and fine is not None and coarse is not None
+                    and fine._theta is not None and coarse._theta is not None
+                    and all(m is None or getattr(m, "local", False) for m in moves)):
+                self._index[i] = IndexTransfers(coarse.params, coarse.mask)
         # observer(i, kind, θ, ∇L, ∇H) with kind "pre" | "post" (each smoothing step) | "restrict" (the
         # point restricted to level i-1): lets tests check eq. (9) at run time, on every rank
         self.observer = observer
@@ -386,6 +417,10 @@ class VCycle:
         lev = self.levels[i]
         if i == 0:
             return lev.smooth(self.setup.coarsest, dg, batch, batch_id, self._watch(i, "pre"))
+        if self._index[i] is not None and self.observer is None:
+            return self._cycle_vectors(i, dg, batch, batch_id)
+        if isinstance(dg, np.ndarray):             # from a level above that ran on vectors
+            dg = lev.views(dg)
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id, self._watch(i, "pre"))
         loss, gl = lev.gradient(batch, batch_id)
@@ -416,4 +451,24 @@ class VCycle:
             after, _ = lev.executor.time_halos(correction, lev.mask, "next_first")
         lev.add(prolongate(correction, lev.mask, self.interpolation, after))
         lev.smooth(post, dg, batch, batch_id, self._watch(i, "post"))
+        return first
+
+    def _cycle_vectors(self, i, dg, batch, batch_id):
+        """``_cycle`` where level i and i-1 are CPU vectors θ on the same ranks and the transfers
+        are constant: the same steps as index maps and numpy ops on θ (``IndexTransfers``)."""
+        lev, coarse, maps = self.levels[i], self.levels[i - 1], self._index[i]
+        if dg is not None and not isinstance(dg, np.ndarray):
+            dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
+        pre, post = self.setup.steps[len(self.levels) - 1 - i]
+        first = lev.smooth(pre, dg, batch, batch_id)
+        loss, _ = lev.gradient(batch, batch_id)
+        first = loss if first is None else first
+        g = lev._cache[3] if dg is None else lev._cache[3] + dg          # ∇H^l
+        theta0 = maps.restrict_parameters(lev._theta)
+        rg = maps.restrict_gradient(g)
+        coarse.assign(theta0)
+        coarse.gradient(batch, batch_id)
+        self._cycle(i - 1, rg - coarse._cache[3], batch, batch_id)      # δg of the coarse level
+        lev.add(maps.prolongate(coarse._theta - theta0))
+        lev.smooth(post, dg, batch, batch_id)
         return first

@@ -1,10 +1,12 @@
 """Transfers between levels: restriction is the adjoint of prolongation, constant and linear
 interpolation by hand, halved levels, and chunks split at rank boundaries (time halos)."""
+import numpy as np
 import pytest
 import torch
 
-from parml.model import ModelSpec, StageSpec
-from parml.multilevel.hierarchy import level_specs, prolongate, restrict_gradient, restrict_parameters
+from parml.model import ModelSpec, StageSpec, build_model
+from parml.multilevel.hierarchy import (IndexTransfers, block_mask, level_specs, ordered_parameters, prolongate,
+                                        restrict_gradient, restrict_parameters)
 
 torch.set_num_threads(1)
 
@@ -55,3 +57,26 @@ def test_transfers_split_at_rank_boundaries_equal_the_whole(interpolation):
                                prolongate([coarse], [True], interpolation)[0], rtol=0, atol=1e-15)
     torch.testing.assert_close(torch.cat(restrict_gradient(parts_f, mask, interpolation, before, closes)),
                                restrict_gradient([fine], [True], interpolation)[0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stages", [((3, 8),), ((3, 8), (4, 4))])
+def test_index_transfers_equal_the_list_operators(stages, dtype):
+    """``IndexTransfers`` (the constant transfers as index maps on θ, one vector in
+    ``ordered_parameters`` order) give bitwise the list operators' results, laid end to end: one
+    stage, and two stages with a projection between them (block entries of two chunks first)."""
+    spec = ModelSpec(2, 2, tuple(StageSpec(w, k) for w, k in stages))
+    fine, coarse = (build_model(sp, seed=0, dtype=dtype) for sp in (spec, spec.coarsened(2)))
+    mask = block_mask(coarse)
+    assert mask == block_mask(fine) and mask.count(False) == len(mask) - 2 * len(stages)
+    maps = IndexTransfers(ordered_parameters(coarse), mask)
+    gen = torch.Generator().manual_seed(5)
+    f = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in ordered_parameters(fine)]
+    c = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in ordered_parameters(coarse)]
+
+    def vector(ts):
+        return torch.cat([t.reshape(-1) for t in ts]).numpy()
+    for got, want in ((maps.restrict_gradient(vector(f)), restrict_gradient(f, mask)),
+                      (maps.restrict_parameters(vector(f)), restrict_parameters(f, mask)),
+                      (maps.prolongate(vector(c)), prolongate(c, mask))):
+        assert got.dtype == vector(want).dtype and np.array_equal(got, vector(want))

@@ -200,28 +200,33 @@ def test_a_cpu_levels_parameters_are_slices_of_one_vector():
     assert _flatten([torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)]) is None
 
 
+@pytest.mark.parametrize("interpolation", ["constant", "linear"])
 @pytest.mark.parametrize("metric", ["l2", "euclidean"])
-def test_smoothing_on_the_vector_equals_the_per_parameter_step(metric, monkeypatch):
+def test_cycles_on_vectors_equal_the_per_parameter_cycle(metric, interpolation, monkeypatch):
     """A one-rank level adds its Tikhonov term to the network's gradient buffer (laid out as θ) and
-    takes GD steps as numpy ops on θ (``Level._descend``). An observer sends ``smooth`` down the
-    per-parameter path (multi-tensor ops, ``GradientDescent.step``): 3 V-cycles of each give the
-    same iterates, and the vector path is the one taken without an observer."""
+    takes GD steps as numpy ops on θ (``Level._descend``); with constant transfers the cycle moves
+    between levels by index maps on θ (``VCycle._cycle_vectors``). An observer sends the cycle down
+    the per-parameter path (list transfers, multi-tensor ops, ``GradientDescent.step``): 3 V-cycles
+    of each give the same iterates, and the vector paths are the ones taken without an observer."""
     from parml.multilevel import mgopt
     data = small_data()
     batch = (data.x_train, data.y_train)
     runs = {}
     for path in ("vector", "lists"):
-        vc = build_vcycle(cfg(metric=metric), data, SelfComm())
+        vc = build_vcycle(cfg(metric=metric, interpolation=interpolation), data, SelfComm())
+        assert [m is not None for m in vc._index] == [False] + [interpolation == "constant"] * 2
         for lev in vc.levels:
             assert lev._aligned, "a one-rank level's θ and the network's gradient buffer share a layout"
             assert [id(p) for p in lev.executor.network.layout] == [id(p) for p in ordered_parameters(lev.model)]
-        steps = []
-        descend = mgopt.Level._descend
-        monkeypatch.setattr(mgopt.Level, "_descend", lambda self, *a: (steps.append(1), descend(self, *a)))
+        steps, moves = [], []
+        descend, vectors = mgopt.Level._descend, mgopt.VCycle._cycle_vectors
+        monkeypatch.setattr(mgopt.Level, "_descend", lambda self, *a: (steps.append(1), descend(self, *a))[1])
+        monkeypatch.setattr(mgopt.VCycle, "_cycle_vectors", lambda self, *a: (moves.append(1), vectors(self, *a))[1])
         if path == "lists":
             vc.observer = lambda *a: None
         losses = [vc(batch, 0).loss for _ in range(3)]
         assert (len(steps) > 0) == (path == "vector")
+        assert (len(moves) > 0) == (path == "vector" and interpolation == "constant")
         runs[path] = (losses, [[p.detach().clone() for p in lev.params] for lev in vc.levels])
         monkeypatch.undo()
     (lv, pv), (ll, pl) = runs["vector"], runs["lists"]
