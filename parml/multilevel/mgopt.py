@@ -213,9 +213,19 @@ class Level:
     def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
         """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
         so the δg evaluation doubles as the coarse level's first step (eq. 10 counts it once)."""
+        loss = self._evaluate(batch, batch_id)
+        key, _, grads, flat = self._cache
+        if grads is None:          # on the CPU: views of the vector, made where a list is asked for
+            grads = self.views(flat)
+            self._cache = (key, loss, grads, flat)
+        return loss, grads
+
+    def _evaluate(self, batch, batch_id) -> float:
+        """L^l, with ∇L^l in ``self._cache`` = (key, loss, per-parameter list, vector): on the CPU
+        the vector in θ's order (the list made by ``gradient`` when asked for), elsewhere the list."""
         key = (self._version, batch_id)
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
+            return self._cache[1]
         t0 = time.perf_counter()
         grads = []
         self._flat = None
@@ -224,25 +234,28 @@ class Level:
             """This rank's Tikhonov term and non-finite flag, summed by the executor (`flat`: the
             executor's gradient buffer where it holds the whole model)."""
             reg, finite = self._tikhonov(grads, flat)
+            if self._theta is not None:
+                return torch.from_numpy(np.array([reg, 0.0 if finite else 1.0]))
             return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=self.params[0].device)
 
         loss, totals = self.executor.forward_backward_sum(*batch, local)
         reg, bad = totals.tolist()
         loss += reg
         if bad > 0 or not math.isfinite(loss):
-            self._raise_non_finite(loss, all(bool(torch.isfinite(g).all()) for g in grads))
+            self._raise_non_finite(loss, bool(np.isfinite(self._flat).all()) if self._flat is not None
+                                   else all(bool(torch.isfinite(g).all()) for g in grads))
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0
-        self._cache = (key, loss, grads, self._flat)
-        return loss, grads
+        self._cache = (key, loss, None if self._flat is not None else grads, self._flat)
+        return loss
 
     def _tikhonov(self, out: list, flat=None) -> tuple[float, bool]:
-        """∇L^l = ∇(data loss) + 2βw θ into `out` (per parameter), and (β Σ w‖θ_i‖², all finite).
-        On the CPU ``self._flat`` keeps ∇L^l as one vector in θ's order (``out`` are its views)."""
+        """∇L^l = ∇(data loss) + 2βw θ and (β Σ w‖θ_i‖², all finite): on the CPU into
+        ``self._flat``, one vector in θ's order; elsewhere into `out`, per parameter."""
         if self._theta is not None:
             g = flat.numpy()[:-1] if flat is not None and self._aligned else [p.grad for p in self.params]
-            reg, finite, self._flat = _tikhonov_flat(self._theta, self._twice_w, g, self._shapes, out)
+            reg, finite, self._flat = _tikhonov_flat(self._theta, self._twice_w, g)
             return reg, finite
         return _tikhonov_lists([p.detach() for p in self.params], [p.grad.detach() for p in self.params],
                                self._w, self._by_weight, out)
@@ -271,16 +284,20 @@ class Level:
         flat_dg = dg if isinstance(dg, np.ndarray) else None      # δg: a list, or one vector (CPU)
         if flat_dg is not None:
             dg = None
+        vector = observe is None and self._theta is not None and type(self.optimizer) is GradientDescent
         for _ in range(steps):
-            loss, gl = self.gradient(batch, batch_id)
-            first = loss if first is None else first
-            t0 = time.perf_counter()
-            if observe is None and self._cache[3] is not None and type(self.optimizer) is GradientDescent:
+            if vector:
+                loss = self._evaluate(batch, batch_id)
+                first = loss if first is None else first
+                t0 = time.perf_counter()
                 if dg is not None and flat_dg is None:
                     flat_dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
                 self._descend(self._cache[3], flat_dg)
                 self.stats.seconds += time.perf_counter() - t0
                 continue
+            loss, gl = self.gradient(batch, batch_id)
+            first = loss if first is None else first
+            t0 = time.perf_counter()
             if dg is None and flat_dg is not None:
                 dg = self.views(flat_dg)
             # list arithmetic as multi-tensor ops: ~10 µs each against ~3 µs per parameter and op
@@ -326,26 +343,18 @@ def _flatten(params) -> np.ndarray | None:
     return flat.numpy()
 
 
-def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g, shapes: list, out: list
-                   ) -> tuple[float, bool, np.ndarray]:
+def _tikhonov_flat(theta: np.ndarray, twice_w: np.ndarray, g) -> tuple[float, bool, np.ndarray]:
     """The Tikhonov term of eq. (9)'s L^l on one vector: a handful of numpy ops for every parameter
     at once. Per-parameter torch ops took ~50 µs of a coarse level's ~250 µs gradient (circles, 16
     blocks); a V-cycle takes 28 gradients, and on a data replica they are a fixed cost that does not
     halve with the batch.
 
-    `g`: the data-loss gradients, a list of per-parameter tensors or one vector in θ's order; `shapes`
-    the parameters' shapes. Appends each parameter's ∇L^l to `out` (views of one vector t) and
-    returns (β Σ w‖θ_i‖², finite, t)."""
+    `g`: the data-loss gradients, a list of per-parameter tensors or one vector in θ's order.
+    Returns (β Σ w‖θ_i‖², ∇L^l all finite, ∇L^l as one vector in θ's order)."""
     t = theta * twice_w
     reg = 0.5 * float(t @ theta)
     t += g if isinstance(g, np.ndarray) else np.concatenate([x.numpy().reshape(-1) for x in g])
-    finite = bool(np.isfinite(t).all())
-    offset = 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(torch.from_numpy(t[offset:offset + n].reshape(shape)))
-        offset += n
-    return reg, finite, t
+    return reg, bool(np.isfinite(t).all()), t
 
 
 def _tikhonov_lists(d: list, g: list, w: list, by_weight: list, out: list) -> tuple[float, bool]:
@@ -461,13 +470,13 @@ class VCycle:
             dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
-        loss, _ = lev.gradient(batch, batch_id)
+        loss = lev._evaluate(batch, batch_id)
         first = loss if first is None else first
         g = lev._cache[3] if dg is None else lev._cache[3] + dg          # ∇H^l
         theta0 = maps.restrict_parameters(lev._theta)
         rg = maps.restrict_gradient(g)
         coarse.assign(theta0)
-        coarse.gradient(batch, batch_id)
+        coarse._evaluate(batch, batch_id)
         self._cycle(i - 1, rg - coarse._cache[3], batch, batch_id)      # δg of the coarse level
         lev.add(maps.prolongate(coarse._theta - theta0))
         lev.smooth(post, dg, batch, batch_id)
