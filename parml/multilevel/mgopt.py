@@ -177,6 +177,12 @@ class Level:
         self._version = 0
         self._cache = None
 
+    @property
+    def theta(self) -> np.ndarray | None:
+        """θ, the level's parameters on this rank as one numpy vector (``ordered_parameters`` order,
+        the parameters are its slices), where they are CPU tensors of one dtype; else None."""
+        return self._theta
+
     # parameters as plain tensors
     def values(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
@@ -213,14 +219,14 @@ class Level:
     def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
         """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
         so the δg evaluation doubles as the coarse level's first step (eq. 10 counts it once)."""
-        loss = self._evaluate(batch, batch_id)
+        loss = self.evaluate(batch, batch_id)
         key, _, grads, flat = self._cache
         if grads is None:          # on the CPU: views of the vector, made where a list is asked for
             grads = self.views(flat)
             self._cache = (key, loss, grads, flat)
         return loss, grads
 
-    def _evaluate(self, batch, batch_id) -> float:
+    def evaluate(self, batch, batch_id) -> float:
         """L^l, with ∇L^l in ``self._cache`` = (key, loss, per-parameter list, vector): on the CPU
         the vector in θ's order (the list made by ``gradient`` when asked for), elsewhere the list."""
         key = (self._version, batch_id)
@@ -287,7 +293,7 @@ class Level:
         vector = observe is None and self._theta is not None and type(self.optimizer) is GradientDescent
         for _ in range(steps):
             if vector:
-                loss = self._evaluate(batch, batch_id)
+                loss = self.evaluate(batch, batch_id)
                 first = loss if first is None else first
                 t0 = time.perf_counter()
                 if dg is not None and flat_dg is None:
@@ -400,7 +406,7 @@ class VCycle:
             fine, coarse = levels[i], levels[i - 1]
             moves = movers[i - 1] if movers else (None, None)
             if (interpolation == "constant" and fine is not None and coarse is not None
-                    and fine._theta is not None and coarse._theta is not None
+                    and fine.theta is not None and coarse.theta is not None
                     and all(m is None or getattr(m, "local", False) for m in moves)):
                 self._index[i] = IndexTransfers(coarse.params, coarse.mask)
         # observer(i, kind, θ, ∇L, ∇H) with kind "pre" | "post" (each smoothing step) | "restrict" (the
@@ -470,14 +476,14 @@ class VCycle:
             dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
-        loss = lev._evaluate(batch, batch_id)
+        loss = lev.evaluate(batch, batch_id)
         first = loss if first is None else first
         g = lev._cache[3] if dg is None else lev._cache[3] + dg          # ∇H^l
-        theta0 = maps.restrict_parameters(lev._theta)
+        theta0 = maps.restrict_parameters(lev.theta)
         rg = maps.restrict_gradient(g)
         coarse.assign(theta0)
-        coarse._evaluate(batch, batch_id)
+        coarse.evaluate(batch, batch_id)
         self._cycle(i - 1, rg - coarse._cache[3], batch, batch_id)      # δg of the coarse level
-        lev.add(maps.prolongate(coarse._theta - theta0))
+        lev.add(maps.prolongate(coarse.theta - theta0))
         lev.smooth(post, dg, batch, batch_id)
         return first

@@ -19,7 +19,7 @@ from ..kernels import FUSED_INLINE_MAX_WIDTH, attach_kernels
 from ..kernels.cpu import available as fused_available
 from ..kernels.network import NetworkGradient, auto_network
 from ..model import ModelSpec, StageSpec, build_model
-from ..multilevel.hierarchy import prolongate, restrict_gradient, restrict_parameters
+from ..multilevel.hierarchy import IndexTransfers, prolongate, restrict_gradient, restrict_parameters
 from ..multilevel.mgopt import Level, level_optimizer
 from ..parallel.executor import LayerParallel
 from ..parallel.stage import PipelineStage
@@ -303,25 +303,32 @@ def measure_conv(grid, device, log=print):
 
 
 def _level_timer(lev, ex, x, y, device):
-    """fn() timing Level.gradient beyond the stage's compute, the update after a cached gradient
+    """fn() timing Level.evaluate beyond the stage's compute, the update after a cached gradient
     (Level.smooth), and one restriction / prolongation pass over the level's parameters."""
     ids, clock = iter(range(10 ** 9)), _clock(device)
+    maps = None if lev.theta is None else IndexTransfers(
+        [torch.empty(p.shape[0] // 2, *p.shape[1:]) if b else p for p, b in zip(lev.params, lev.mask)], lev.mask)
 
     def one():
         c0 = ex.stage.compute_seconds
         _sync(device)
         w0, t0 = time.perf_counter(), clock()
         bid = next(ids)
-        lev.gradient((x, y), bid)
+        lev.evaluate((x, y), bid)
         _sync(device)
         w1, t1 = time.perf_counter(), clock()
         lev.smooth(1, None, (x, y), bid)        # the gradient is cached: only the update runs
         _sync(device)
         t2 = clock()
-        vals = lev.values()
-        rp = restrict_parameters(vals, lev.mask)
-        restrict_gradient(vals, lev.mask)
-        lev.add(prolongate([r * 0 for r in rp], lev.mask))
+        if maps is not None:                    # a CPU level: index maps on θ, as ``VCycle`` runs them
+            rp = maps.restrict_parameters(lev.theta)
+            maps.restrict_gradient(lev.theta)
+            lev.add(maps.prolongate(rp * 0))
+        else:
+            vals = lev.values()
+            rp = restrict_parameters(vals, lev.mask)
+            restrict_gradient(vals, lev.mask)
+            lev.add(prolongate([r * 0 for r in rp], lev.mask))
         _sync(device)
         t3 = clock()
         # the stage counts its compute in wall seconds: scale it to this clock
@@ -331,7 +338,7 @@ def _level_timer(lev, ex, x, y, device):
 
 
 def measure_steps(grid, device, log=print):
-    """Per gradient evaluation: Level.gradient and the executor around the stage's compute; per
+    """Per gradient evaluation: Level.evaluate and the executor around the stage's compute; per
     optimizer update; per restriction/prolongation list (elementwise passes), against p."""
     pts, grad_t, upd_t, tr_t = [], [], [], []
     for v in grid["widths"][:3]:

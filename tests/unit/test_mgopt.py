@@ -189,7 +189,7 @@ def test_a_cpu_levels_parameters_are_slices_of_one_vector():
     ref = build_model(cfg().spec_for(data), seed=cfg().seed, dtype=torch.float64)
     for p, q in zip(lev.params, ordered_parameters(ref)):
         assert torch.equal(p.detach(), q.detach())
-    theta = torch.from_numpy(lev._theta)
+    theta = torch.from_numpy(lev.theta)
     assert theta.numel() == sum(p.numel() for p in lev.params)
     assert torch.equal(theta, torch.cat([p.detach().reshape(-1) for p in lev.params]))
     lev.gradient((data.x_train, data.y_train), 0)
