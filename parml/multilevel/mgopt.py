@@ -9,6 +9,11 @@ the parameters this process holds (serially, or one layer-parallel shard) and su
 of each rank over the level's ranks in the same collective (``forward_backward_sum``), and that
 gathers and fetches neighbouring rows (``allgather_object``, ``time_halos``). So one V-cycle code
 runs on one rank or on many, and this module never sees a communicator.
+
+On the CPU a level's parameters are slices of one vector θ and its gradient is one vector in the
+same order, so the Tikhonov term, the GD steps and (between levels on the same ranks, constant
+interpolation) the transfers are a few numpy ops each (``Level._descend``, ``VCycle._cycle_vectors``,
+``hierarchy.IndexTransfers``); elsewhere the same steps run on lists of tensors.
 """
 from __future__ import annotations
 
@@ -219,19 +224,20 @@ class Level:
     def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
         """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
         so the δg evaluation doubles as the coarse level's first step (eq. 10 counts it once)."""
-        loss = self.evaluate(batch, batch_id)
+        loss, _ = self.evaluate(batch, batch_id)
         key, _, grads, flat = self._cache
         if grads is None:          # on the CPU: views of the vector, made where a list is asked for
             grads = self.views(flat)
             self._cache = (key, loss, grads, flat)
         return loss, grads
 
-    def evaluate(self, batch, batch_id) -> float:
-        """L^l, with ∇L^l in ``self._cache`` = (key, loss, per-parameter list, vector): on the CPU
-        the vector in θ's order (the list made by ``gradient`` when asked for), elsewhere the list."""
+    def evaluate(self, batch, batch_id) -> tuple[float, np.ndarray | None]:
+        """``gradient`` without the per-parameter list: (L^l, ∇L^l as one vector in θ's order) on the
+        CPU, (L^l, None) elsewhere. Cached like ``gradient`` (``self._cache`` = (key, loss, list or
+        None until asked for, vector))."""
         key = (self._version, batch_id)
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+            return self._cache[1], self._cache[3]
         t0 = time.perf_counter()
         grads = []
         self._flat = None
@@ -254,7 +260,7 @@ class Level:
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0
         self._cache = (key, loss, None if self._flat is not None else grads, self._flat)
-        return loss
+        return loss, self._flat
 
     def _tikhonov(self, out: list, flat=None) -> tuple[float, bool]:
         """∇L^l = ∇(data loss) + 2βw θ and (β Σ w‖θ_i‖², all finite): on the CPU into
@@ -293,12 +299,12 @@ class Level:
         vector = observe is None and self._theta is not None and type(self.optimizer) is GradientDescent
         for _ in range(steps):
             if vector:
-                loss = self.evaluate(batch, batch_id)
+                loss, gl = self.evaluate(batch, batch_id)
                 first = loss if first is None else first
                 t0 = time.perf_counter()
                 if dg is not None and flat_dg is None:
                     flat_dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
-                self._descend(self._cache[3], flat_dg)
+                self._descend(gl, flat_dg)
                 self.stats.seconds += time.perf_counter() - t0
                 continue
             loss, gl = self.gradient(batch, batch_id)
@@ -476,14 +482,14 @@ class VCycle:
             dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
-        loss = lev.evaluate(batch, batch_id)
+        loss, gl = lev.evaluate(batch, batch_id)
         first = loss if first is None else first
-        g = lev._cache[3] if dg is None else lev._cache[3] + dg          # ∇H^l
+        g = gl if dg is None else gl + dg                                # ∇H^l
         theta0 = maps.restrict_parameters(lev.theta)
         rg = maps.restrict_gradient(g)
         coarse.assign(theta0)
-        coarse.evaluate(batch, batch_id)
-        self._cycle(i - 1, rg - coarse._cache[3], batch, batch_id)      # δg of the coarse level
+        _, g_coarse = coarse.evaluate(batch, batch_id)
+        self._cycle(i - 1, rg - g_coarse, batch, batch_id)              # δg of the coarse level
         lev.add(maps.prolongate(coarse.theta - theta0))
         lev.smooth(post, dg, batch, batch_id)
         return first
