@@ -236,6 +236,23 @@ def test_cycles_on_vectors_equal_the_per_parameter_cycle(metric, interpolation, 
             close(x, y, 1e-12, "iterate")
 
 
+def test_a_non_finite_gradient_on_the_vector_path_names_where():
+    """A NaN sample makes the loss and the data gradient NaN while θ stays finite: the one-rank level
+    (its gradient the network's buffer, laid out as θ) stops with the gradient, not the parameters,
+    named; a NaN parameter is named as such."""
+    from parml.multilevel.mgopt import NonFiniteError
+    data = small_data()
+    lev = build_levels(cfg(), data, SelfComm())[0][-1]
+    assert lev._aligned
+    x = data.x_train.clone()
+    x[3, 0] = math.nan
+    with pytest.raises(NonFiniteError, match=r"^non-finite gradient at rank 0, level 3, blocks \[0, 16\)$"):
+        lev.evaluate((x, data.y_train), 0)
+    lev.theta[5] = math.nan
+    with pytest.raises(NonFiniteError, match=r"^non-finite parameters at rank 0, level 3"):
+        lev.evaluate((data.x_train, data.y_train), 1)
+
+
 @pytest.mark.parametrize("bad", [None, "nan_grad", "inf_grad", "nan_param"])
 def test_the_tikhonov_term_on_one_vector_equals_the_per_parameter_one(bad):
     """``_tikhonov_flat`` (CPU) and ``_tikhonov_lists`` (other devices) against β Σ w‖θ_i‖² and
