@@ -224,14 +224,14 @@ class Level:
     def gradient(self, batch, batch_id) -> tuple[float, list[torch.Tensor]]:
         """(L^l, ∇L^l) at the current parameters: data loss + Tikhonov. Cached per point and batch,
         so the δg evaluation doubles as the coarse level's first step (eq. 10 counts it once)."""
-        loss, _ = self.evaluate(batch, batch_id)
+        loss, _ = self.gradient_vector(batch, batch_id)
         key, _, grads, flat = self._cache
         if grads is None:          # on the CPU: views of the vector, made where a list is asked for
             grads = self.views(flat)
             self._cache = (key, loss, grads, flat)
         return loss, grads
 
-    def evaluate(self, batch, batch_id) -> tuple[float, np.ndarray | None]:
+    def gradient_vector(self, batch, batch_id) -> tuple[float, np.ndarray | None]:
         """``gradient`` without the per-parameter list: (L^l, ∇L^l as one vector in θ's order) on the
         CPU, (L^l, None) elsewhere. Cached like ``gradient`` (``self._cache`` = (key, loss, list or
         None until asked for, vector))."""
@@ -299,7 +299,7 @@ class Level:
         vector = observe is None and self._theta is not None and type(self.optimizer) is GradientDescent
         for _ in range(steps):
             if vector:
-                loss, gl = self.evaluate(batch, batch_id)
+                loss, gl = self.gradient_vector(batch, batch_id)
                 first = loss if first is None else first
                 t0 = time.perf_counter()
                 if dg is not None and flat_dg is None:
@@ -482,13 +482,13 @@ class VCycle:
             dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
-        loss, gl = lev.evaluate(batch, batch_id)
+        loss, gl = lev.gradient_vector(batch, batch_id)
         first = loss if first is None else first
         g = gl if dg is None else gl + dg                                # ∇H^l
         theta0 = maps.restrict_parameters(lev.theta)
         rg = maps.restrict_gradient(g)
         coarse.assign(theta0)
-        _, g_coarse = coarse.evaluate(batch, batch_id)
+        _, g_coarse = coarse.gradient_vector(batch, batch_id)
         self._cycle(i - 1, rg - g_coarse, batch, batch_id)              # δg of the coarse level
         lev.add(maps.prolongate(coarse.theta - theta0))
         lev.smooth(post, dg, batch, batch_id)

@@ -303,7 +303,7 @@ def measure_conv(grid, device, log=print):
 
 
 def _level_timer(lev, ex, x, y, device):
-    """fn() timing Level.evaluate beyond the stage's compute, the update after a cached gradient
+    """fn() timing Level.gradient_vector beyond the stage's compute, the update after a cached gradient
     (Level.smooth), and one restriction / prolongation pass over the level's parameters."""
     ids, clock = iter(range(10 ** 9)), _clock(device)
     maps = None if lev.theta is None else IndexTransfers(
@@ -314,7 +314,7 @@ def _level_timer(lev, ex, x, y, device):
         _sync(device)
         w0, t0 = time.perf_counter(), clock()
         bid = next(ids)
-        lev.evaluate((x, y), bid)
+        lev.gradient_vector((x, y), bid)
         _sync(device)
         w1, t1 = time.perf_counter(), clock()
         lev.smooth(1, None, (x, y), bid)        # the gradient is cached: only the update runs
@@ -338,7 +338,7 @@ def _level_timer(lev, ex, x, y, device):
 
 
 def measure_steps(grid, device, log=print):
-    """Per gradient evaluation: Level.evaluate and the executor around the stage's compute; per
+    """Per gradient evaluation: Level.gradient_vector and the executor around the stage's compute; per
     optimizer update; per restriction/prolongation list (elementwise passes), against p."""
     pts, grad_t, upd_t, tr_t = [], [], [], []
     for v in grid["widths"][:3]:

@@ -247,10 +247,10 @@ def test_a_non_finite_gradient_on_the_vector_path_names_where():
     x = data.x_train.clone()
     x[3, 0] = math.nan
     with pytest.raises(NonFiniteError, match=r"^non-finite gradient at rank 0, level 3, blocks \[0, 16\)$"):
-        lev.evaluate((x, data.y_train), 0)
+        lev.gradient_vector((x, data.y_train), 0)
     lev.theta[5] = math.nan
     with pytest.raises(NonFiniteError, match=r"^non-finite parameters at rank 0, level 3"):
-        lev.evaluate((data.x_train, data.y_train), 1)
+        lev.gradient_vector((data.x_train, data.y_train), 1)
 
 
 @pytest.mark.parametrize("bad", [None, "nan_grad", "inf_grad", "nan_param"])
