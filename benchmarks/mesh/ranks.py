@@ -51,7 +51,7 @@ def _batches(data, cfg: TrainConfig, count: int) -> list:
     return out[:count]
 
 
-def _step(comm, run, batch, bid) -> StepRow:
+def _step(run, batch, bid) -> StepRow:
     """One timed V-cycle (GD step) on this rank: `run` is (vcycle, its communicators)."""
     vcycle, comms = run
     w0, c0, t0 = sum(c.wait_seconds for c in comms), time.process_time(), time.perf_counter()
@@ -103,7 +103,7 @@ def measure(comm, job: MeshJob, name: str, data) -> dict:
     rows = {(k, rep): [] for k in range(len(runs)) for rep in range(job.repeats)}
 
     def one(k, batch, bid):
-        return on_layout(comm, job.layouts[k], lambda c: _step(c, runs[k], batch, bid))
+        return on_layout(comm, job.layouts[k], lambda c: _step(runs[k], batch, bid))
 
     for batch, bid in plan[:job.warm]:
         for k in range(len(runs)):

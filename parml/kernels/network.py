@@ -61,8 +61,7 @@ class NetworkGradient:
         # the buffer holds the block parameters first, then the shared ones (the order of
         # ``multilevel.hierarchy.ordered_parameters``): a level whose θ is one vector in that order
         # adds its Tikhonov term to the buffer with no copy (``mgopt._tikhonov_flat``)
-        self.layout = [self.chunk.weight, self.chunk.bias] + [p for p in self.params if p is not self.chunk.weight
-                                                              and p is not self.chunk.bias]
+        self.layout = [self.chunk.weight, self.chunk.bias] + model.shared_parameters()
         ends, at = [0], {}
         for p in self.layout:
             at[id(p)] = ends[-1]

@@ -239,13 +239,13 @@ class Level:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[3]
         t0 = time.perf_counter()
-        grads = []
-        self._flat = None
+        grads, vector, finite = [], None, True
 
         def local(flat=None) -> torch.Tensor:
             """This rank's Tikhonov term and non-finite flag, summed by the executor (`flat`: the
             executor's gradient buffer where it holds the whole model)."""
-            reg, finite = self._tikhonov(grads, flat)
+            nonlocal vector, finite
+            reg, finite, vector = self._tikhonov(grads, flat)
             if self._theta is not None:
                 return torch.from_numpy(np.array([reg, 0.0 if finite else 1.0]))
             return torch.tensor([reg, 0.0 if finite else 1.0], dtype=torch.float64, device=self.params[0].device)
@@ -254,23 +254,21 @@ class Level:
         reg, bad = totals.tolist()
         loss += reg
         if bad > 0 or not math.isfinite(loss):
-            self._raise_non_finite(loss, bool(np.isfinite(self._flat).all()) if self._flat is not None
-                                   else all(bool(torch.isfinite(g).all()) for g in grads))
+            self._raise_non_finite(loss, finite)
         self.stats.gradients += 1
         self.stats.work_units += self.cost
         self.stats.seconds += time.perf_counter() - t0
-        self._cache = (key, loss, None if self._flat is not None else grads, self._flat)
-        return loss, self._flat
+        self._cache = (key, loss, None if vector is not None else grads, vector)
+        return loss, vector
 
-    def _tikhonov(self, out: list, flat=None) -> tuple[float, bool]:
-        """∇L^l = ∇(data loss) + 2βw θ and (β Σ w‖θ_i‖², all finite): on the CPU into
-        ``self._flat``, one vector in θ's order; elsewhere into `out`, per parameter."""
+    def _tikhonov(self, out: list, flat=None) -> tuple[float, bool, np.ndarray | None]:
+        """∇L^l = ∇(data loss) + 2βw θ and (β Σ w‖θ_i‖², all finite, ∇L^l as one vector in θ's order
+        on the CPU); elsewhere ∇L^l goes into `out`, per parameter, and the vector is None."""
         if self._theta is not None:
             g = flat.numpy()[:-1] if flat is not None and self._aligned else [p.grad for p in self.params]
-            reg, finite, self._flat = _tikhonov_flat(self._theta, self._twice_w, g)
-            return reg, finite
-        return _tikhonov_lists([p.detach() for p in self.params], [p.grad.detach() for p in self.params],
-                               self._w, self._by_weight, out)
+            return _tikhonov_flat(self._theta, self._twice_w, g)
+        return (*_tikhonov_lists([p.detach() for p in self.params], [p.grad.detach() for p in self.params],
+                                 self._w, self._by_weight, out), None)
 
     def _raise_non_finite(self, loss, finite):
         """Every rank of the level stops together. The message names where it started: the ranks
@@ -293,25 +291,23 @@ class Level:
         """`steps` level-optimizer steps on H^l = L^l + <δg, θ> (Algorithm 3 with plain GD);
         `observe(θ, ∇L, ∇H)` sees each step's point and gradients (tests of eq. 9)."""
         first = None
-        flat_dg = dg if isinstance(dg, np.ndarray) else None      # δg: a list, or one vector (CPU)
-        if flat_dg is not None:
-            dg = None
         vector = observe is None and self._theta is not None and type(self.optimizer) is GradientDescent
+        if steps and dg is not None:        # δg comes as a list, or on the CPU as one vector
+            if vector:
+                dg = _as_vector(dg)
+            elif isinstance(dg, np.ndarray):
+                dg = self.views(dg)
         for _ in range(steps):
             if vector:
                 loss, gl = self.gradient_vector(batch, batch_id)
                 first = loss if first is None else first
                 t0 = time.perf_counter()
-                if dg is not None and flat_dg is None:
-                    flat_dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
-                self._descend(gl, flat_dg)
+                self._descend(gl, dg)
                 self.stats.seconds += time.perf_counter() - t0
                 continue
             loss, gl = self.gradient(batch, batch_id)
             first = loss if first is None else first
             t0 = time.perf_counter()
-            if dg is None and flat_dg is not None:
-                dg = self.views(flat_dg)
             # list arithmetic as multi-tensor ops: ~10 µs each against ~3 µs per parameter and op
             g = gl if dg is None else torch._foreach_add(gl, dg)
             if observe is not None:
@@ -336,6 +332,11 @@ class Level:
         g *= group["lr"]
         self._theta -= g
         self._version += 1
+
+
+def _as_vector(values) -> np.ndarray:
+    """A list of CPU tensors in θ's order as one vector (a vector as it is)."""
+    return values if isinstance(values, np.ndarray) else torch.cat([v.reshape(-1) for v in values]).numpy()
 
 
 def _flatten(params) -> np.ndarray | None:
@@ -478,8 +479,7 @@ class VCycle:
         """``_cycle`` where level i and i-1 are CPU vectors θ on the same ranks and the transfers
         are constant: the same steps as index maps and numpy ops on θ (``IndexTransfers``)."""
         lev, coarse, maps = self.levels[i], self.levels[i - 1], self._index[i]
-        if dg is not None and not isinstance(dg, np.ndarray):
-            dg = torch.cat([d.reshape(-1) for d in dg]).numpy()
+        dg = None if dg is None else _as_vector(dg)
         pre, post = self.setup.steps[len(self.levels) - 1 - i]
         first = lev.smooth(pre, dg, batch, batch_id)
         loss, gl = lev.gradient_vector(batch, batch_id)
